@@ -1,0 +1,18 @@
+"""Command line of the pipeline: one command per DVC stage (``python cli.py --help``)."""
+
+import typer
+
+from stages import make_demo, prepare_fmri
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="NSD fMRI -> CLIP feature caches -> adapters -> reconstructions -> metrics. "
+    "Options override params.yaml.",
+)
+app.command("make-demo")(make_demo.command)
+app.command("prepare-fmri")(prepare_fmri.command)
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""fMRI -> CLIP-target regressors (stage 2): ridge, BrainMCLIP, Lite-Mind."""

@@ -1,0 +1,395 @@
+"""make-demo: a miniature NSD look-alike with a planted, hierarchical encoding model.
+
+Same relative paths, file formats, dtypes, 1-based ids and axis orders as the real release
+(shared/reference/nsd.md), only smaller. Betas are generated from CLIP features of the images
+themselves, computed with the project's tiny open_clip ViT (random weights saved next to the data):
+
+- ``prf-visualrois`` voxels respond to the tokens of an intermediate block (``mid_block``),
+- ``floc-*`` voxels respond to the final embedding (``encode_image``),
+- other ``nsdgeneral`` voxels respond to neither (noise only),
+
+plus independent trial noise (so repeats differ), a per-session offset and gain per voxel (so
+z-scoring matters) and a few voxels that are 0 for a whole session (invalid there). The planted
+weights and noise level are saved in ``demo/planted.npz`` so tests can compute the ceiling.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import scipy.io
+import torch
+from safetensors.torch import save_file
+
+from . import clip
+from .nsd import NSDLayout
+
+SHAPES = ("circle", "square", "triangle", "cross", "ring", "stripes", "diamond", "dots")
+COLOURS = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 215, 40),
+    "purple": (140, 50, 170), "orange": (240, 140, 30), "white": (240, 240, 240), "black": (20, 20, 20),
+}
+CAPTION_TEMPLATES = (
+    "a {fg} {shape} on a {bg} background",
+    "a picture of a {fg} {shape}",
+    "a {shape} drawn in {fg} over {bg}",
+    "{fg} {shape} in front of a plain {bg} wall",
+    "a simple {shape} shape coloured {fg}",
+    "an image showing one {fg} {shape}",
+)
+ROI_TABLES = {
+    "nsdgeneral": ["nsdgeneral"],
+    "prf-visualrois": ["V1v", "V1d", "V2v", "V2d", "V3v", "V3d", "hV4"],
+    "prf-eccrois": ["ecc0pt5", "ecc1", "ecc2", "ecc4", "ecc4+"],
+    "floc-faces": ["OFA", "FFA-1", "FFA-2", "mTL-faces", "aTL-faces"],
+    "floc-bodies": ["EBA", "FBA-1", "FBA-2", "mTL-bodies"],
+    "floc-places": ["OPA", "PPA", "RSC"],
+    "floc-words": ["OWFA", "VWFA-1", "VWFA-2", "mfs-words", "mTL-words"],
+    "streams": ["early", "midventral", "midlateral", "midparietal", "ventral", "lateral", "parietal"],
+}
+FLOC = ("floc-faces", "floc-bodies", "floc-places", "floc-words")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes of the look-alike; defaults run the whole demo pipeline in minutes on 2 CPU cores."""
+
+    n_images: int = 360  # the "73k" pool
+    image_size: int = 64  # NSD is 425; every reader resizes anyway
+    sessions: tuple[int, ...] = (3, 2)  # per subject; subject 2 has fewer, like subj03/04/06/08
+    trials_per_session: int = 150  # NSD: 750
+    n_shared: int = 30  # NSD: 1000 (each 10k index appears 3x in masterordering)
+    volume: tuple[int, int, int] = (14, 16, 12)  # (X, Y, Z); NSD subj01: 81x104x83
+    noise: float = 0.7  # trial noise sd, relative to a unit-variance planted signal
+    amplitude: float = 2.0  # percent signal change of one signal sd
+    invalid_fraction: float = 0.02  # nsdgeneral voxels zeroed for one whole session
+    model: str = "nsd-tiny-vit"
+    mid_block: int = 3  # the "intermediate" layer prf voxels see (1-based)
+    seed: int = 0
+    nifti_subjects: tuple[int, ...] = (1,)  # subjects that also get .nii.gz betas (all get .hdf5)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_10k(self) -> int:
+        return max(self.sessions) * self.trials_per_session // 3
+
+
+# ---- images and captions ----------------------------------------------------------------------------
+def draw_image(rng: np.random.Generator, size: int, shape: str, fg: str, bg: str) -> np.ndarray:
+    """One (size, size, 3) uint8 picture of a coloured shape on a plain, slightly noisy background."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    cx, cy = rng.uniform(0.3, 0.7, 2)
+    r = rng.uniform(0.15, 0.3)
+    dx, dy = xx - cx, yy - cy
+    masks = {
+        "circle": dx**2 + dy**2 < r**2,
+        "square": (abs(dx) < r) & (abs(dy) < r),
+        "triangle": (dy < r) & (dy > -r) & (abs(dx) < (dy + r) / 2),
+        "cross": ((abs(dx) < r / 3) & (abs(dy) < r)) | ((abs(dy) < r / 3) & (abs(dx) < r)),
+        "ring": (dx**2 + dy**2 < r**2) & (dx**2 + dy**2 > (0.6 * r) ** 2),
+        "stripes": (np.sin((xx + yy) * rng.uniform(15, 30)) > 0.3),
+        "diamond": abs(dx) + abs(dy) < r,
+        "dots": (np.sin(xx * 40) > 0.7) & (np.sin(yy * 40) > 0.7),
+    }
+    img = np.empty((size, size, 3), np.float64)
+    img[:] = COLOURS[bg]
+    img[masks[shape]] = COLOURS[fg]
+    img += rng.normal(0, 8, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_images(cfg: DemoConfig, rng: np.random.Generator) -> tuple[np.ndarray, pd.DataFrame]:
+    """The image pool and its planted attributes (class = shape, colours)."""
+    names = list(COLOURS)
+    rows, images = [], np.empty((cfg.n_images, cfg.image_size, cfg.image_size, 3), np.uint8)
+    for i in range(cfg.n_images):
+        shape = SHAPES[i % len(SHAPES)]
+        fg, bg = rng.choice(names, 2, replace=False)
+        images[i] = draw_image(rng, cfg.image_size, shape, fg, bg)
+        rows.append({"shape": shape, "fg": fg, "bg": bg})
+    return images, pd.DataFrame(rows)
+
+
+def captions_for(attrs: pd.Series, rng: np.random.Generator) -> list[str]:
+    n = int(rng.choice([5, 5, 5, 6]))  # COCO has 5 captions per image, sometimes more
+    picks = rng.choice(len(CAPTION_TEMPLATES), n, replace=False)
+    return [CAPTION_TEMPLATES[p].format(**attrs) for p in picks]
+
+
+# ---- volumes --------------------------------------------------------------------------------------
+def make_rois(shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
+    """ROI volumes with the NSD value convention: -1 outside cortex, 0 unlabelled cortex, 1..N labels."""
+    i, j, k = np.indices(shape, dtype=np.float64)
+    c = (np.array(shape) - 1) / 2
+    rad = np.array(shape) / 2
+    d = np.sqrt(((i - c[0]) / rad[0]) ** 2 + ((j - c[1]) / rad[1]) ** 2 + ((k - c[2]) / rad[2]) ** 2)
+    cortex = (d <= 1.0) & (d >= 0.55)
+    y = j / shape[1]  # 0 = posterior
+    general = cortex & (y < 0.55)
+    early = general & (y < 0.25)
+    ventral = general & (y >= 0.28) & (k < c[2] + 0.5)
+    left, front = i < c[0], y >= 0.42
+
+    def volume(sel: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        vol = np.where(cortex, 0.0, -1.0)
+        vol[sel] = labels[sel]
+        return vol
+
+    angle = np.arctan2(k - c[2], i - c[0])
+    depth = np.floor((j - j[ventral].min()) % 5) if ventral.any() else j
+    floc_sel = {
+        "floc-faces": ventral & left & ~front, "floc-bodies": ventral & ~left & ~front,
+        "floc-places": ventral & left & front, "floc-words": ventral & ~left & front,
+    }
+    rois = {
+        "nsdgeneral": volume(general, np.ones(shape)),
+        "prf-visualrois": volume(early, np.floor((angle + np.pi) / (2 * np.pi) * 7 - 1e-9) + 1),
+        "prf-eccrois": volume(early, np.minimum(np.floor(y / 0.05), 4) + 1),
+        "streams": volume(general, np.where(early, 1, np.where(ventral, 5, np.where(k >= c[2], 7, 6)))),
+    }
+    for name, sel in floc_sel.items():
+        rois[name] = volume(sel, depth % len(ROI_TABLES[name]) + 1)
+    return rois
+
+
+def write_ctab(path: Path, names: list[str]) -> None:
+    """FreeSurfer label table, with the trailing tabs/spaces real NSD tables carry."""
+    lines = ["0 Unknown"] + [f"{n} {name}\t    " for n, name in enumerate(names, start=1)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _save_nifti(path: Path, data: np.ndarray, tr: float | None = None) -> None:
+    img = nib.Nifti1Image(data, np.diag([1.8, 1.8, 1.8, 1.0]))
+    img.header.set_zooms((1.8, 1.8, 1.8, tr) if tr else (1.8, 1.8, 1.8))
+    nib.save(img, path)
+
+
+# ---- experiment design ----------------------------------------------------------------------------
+def make_design(cfg: DemoConfig, n_subjects: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """``masterordering``/``subjectim``/``sharedix`` with NSD's conventions (1-based, float64)."""
+    n10k, n_total = cfg.n_10k, max(cfg.sessions) * cfg.trials_per_session
+    if n_total != 3 * n10k:
+        raise ValueError("max(sessions) * trials_per_session must be a multiple of 3")
+    order = np.repeat(np.arange(1, n10k + 1), 3)
+    rng.shuffle(order)
+    need = cfg.n_shared + n_subjects * (n10k - cfg.n_shared)
+    if need > cfg.n_images:
+        raise ValueError(f"n_images must be >= {need} for this design")
+    pool = rng.permutation(cfg.n_images) + 1  # 1-based 73k ids
+    shared = pool[: cfg.n_shared]
+    subjectim = np.zeros((n_subjects, n10k), np.float64)
+    for s in range(n_subjects):
+        own = pool[cfg.n_shared + s * (n10k - cfg.n_shared):][: n10k - cfg.n_shared]
+        subjectim[s] = np.concatenate([shared, own])
+    return {
+        "masterordering": order[None, :].astype(np.float64),
+        "subjectim": subjectim,
+        "sharedix": shared[None, :].astype(np.float64),
+        "basiccnt": np.zeros((3, max(cfg.sessions))),  # placeholders, as in NSD (meaning unverified)
+        "stimpattern": np.zeros((max(cfg.sessions), 12, 75)),
+    }
+
+
+# ---- the planted encoding model ----------------------------------------------------------------------
+def planted_features(cfg: DemoConfig, images: np.ndarray, weights: Path) -> dict[str, np.ndarray]:
+    """Intermediate-block tokens (flattened) and final embeddings of every image, z-scored per feature."""
+    loaded = clip.load_model(cfg.model, str(weights))
+    layer = clip.parse_layers(str(cfg.mid_block), loaded.n_blocks)
+    mids, finals = [], []
+    for start in range(0, len(images), 64):
+        px = clip.preprocess_batch(loaded, images[start : start + 64])
+        tokens, embeds = clip.encode_layers(loaded, px, layer, clip.TokenMode("all"))
+        mids.append(tokens[layer[0].name].flatten(1).numpy())
+        finals.append(embeds.numpy())
+    feats = {"mid": np.concatenate(mids), "final": np.concatenate(finals)}
+    return {k: (v - v.mean(0)) / (v.std(0) + 1e-8) for k, v in feats.items()}
+
+
+def planted_signal(feats: np.ndarray, n_vox: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Random linear read-out of features, scaled so each voxel's signal has unit variance over images."""
+    w = rng.normal(size=(feats.shape[1], n_vox))
+    sig = feats @ w
+    scale = sig.std(0)
+    return sig / scale, w / scale
+
+
+def make_demo(out: Path | str, cfg: DemoConfig = DemoConfig()) -> Path:
+    """Write the look-alike under ``out`` (an NSD root); see the module docstring."""
+    out = Path(out)
+    rng = np.random.default_rng(cfg.seed)
+    n_subjects = len(cfg.sessions)
+    root = NSDLayout(out)
+    extras = out / "demo"
+    extras.mkdir(parents=True, exist_ok=True)
+
+    # stimuli, metadata, captions
+    images, attrs = make_images(cfg, rng)
+    root.stimuli_path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(root.stimuli_path, "w") as f:
+        f.create_dataset("imgBrick", data=images, chunks=(1, *images.shape[1:]))
+    design = make_design(cfg, n_subjects, rng)
+    root.expdesign_path.parent.mkdir(parents=True, exist_ok=True)
+    scipy.io.savemat(root.expdesign_path, design)
+    coco_ids = rng.choice(np.arange(1, 600_000), cfg.n_images, replace=False)
+    split = np.where(rng.random(cfg.n_images) < 0.85, "train2017", "val2017")
+    _write_stim_info(root, cfg, design, coco_ids, split)
+    _write_coco(root, attrs, coco_ids, split, rng)
+    _write_responses(root, cfg, design)
+
+    # tiny CLIP weights (the demo's "pretrained" model) and the planted features
+    torch.manual_seed(cfg.seed)
+    model = clip.load_model(cfg.model, "none").model
+    weights = extras / f"{cfg.model}.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    feats = planted_features(cfg, images, weights)
+
+    # subjects: ROIs, betas
+    rois = make_rois(cfg.volume)
+    planted: dict[str, np.ndarray] = {}
+    for s in range(1, n_subjects + 1):
+        planted.update(_write_subject(root, cfg, s, design, rois, feats, rng))
+
+    np.savez_compressed(extras / "planted.npz", **planted, noise=cfg.noise, amplitude=cfg.amplitude)
+    (extras / "planted.json").write_text(
+        json.dumps(
+            {
+                "config": asdict(cfg),
+                "features": {
+                    "mid": f"block {cfg.mid_block} output, all tokens flattened, z-scored over images",
+                    "final": "encode_image (image_embeds), z-scored over images",
+                },
+                "voxels": "prf-visualrois > 0 -> mid features; any floc-* > 0 -> final features; "
+                "other nsdgeneral voxels -> none",
+                "response": "psc = offset[session, v] + gain[session, v] * amplitude * "
+                "(signal[image, v] + noise * N(0, 1)); signal has unit variance over images",
+                "ceiling": "per-voxel r^2 of the signal with the mean of r repeats = 1 / (1 + noise^2 / r)",
+                "weights": f"{weights.name} (random init, seed {cfg.seed}); the model config is "
+                f"pipeline/model_configs/{cfg.model}.json",
+                "classes": list(SHAPES),
+            },
+            indent=2,
+        )
+    )
+    return out
+
+
+def _write_stim_info(root: NSDLayout, cfg: DemoConfig, design: dict, coco_ids: np.ndarray, split: np.ndarray) -> None:
+    n = cfg.n_images
+    df = pd.DataFrame(
+        {
+            "cocoId": coco_ids,
+            "cocoSplit": split,
+            "cropBox": ["(0, 0, 0.125, 0.125)"] * n,
+            "loss": np.zeros(n),
+            "nsdId": np.arange(n),
+            "flagged": np.zeros(n, bool),
+            "BOLD5000": np.zeros(n, bool),
+            "shared1000": np.isin(np.arange(n) + 1, design["sharedix"]),
+        }
+    )
+    order = design["masterordering"].ravel().astype(int)
+    reps = {}
+    for s in range(1, 9):
+        seen = np.zeros(n, int)
+        rep = np.zeros((n, 3), int)
+        if s <= design["subjectim"].shape[0]:
+            n_trials = cfg.sessions[s - 1] * cfg.trials_per_session
+            ids = design["subjectim"][s - 1, order[:n_trials] - 1].astype(int) - 1
+            for trial, img in enumerate(ids):
+                rep[img, seen[img]] = trial + 1  # 1-based global trial number
+                seen[img] += 1
+        df[f"subject{s}"] = (seen > 0).astype(int)
+        for r in range(3):
+            reps[f"subject{s}_rep{r}"] = rep[:, r]
+    df = pd.concat([df, pd.DataFrame(reps)], axis=1)
+    df.to_csv(root.stim_info_path)  # unnamed 0-based index column first, as in NSD
+
+
+def _write_coco(root: NSDLayout, attrs: pd.DataFrame, coco_ids: np.ndarray, split: np.ndarray, rng: np.random.Generator) -> None:
+    root.annotations_path("captions", "train2017").parent.mkdir(parents=True, exist_ok=True)
+    categories = [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(SHAPES)]
+    for sp in ("train2017", "val2017"):
+        idx = np.flatnonzero(split == sp)
+        images = [{"id": int(coco_ids[i]), "file_name": f"{coco_ids[i]:012d}.jpg"} for i in idx]
+        caps, inst = [], []
+        for i in idx:
+            for text in captions_for(attrs.iloc[i], rng):
+                caps.append({"id": len(caps) + 1, "image_id": int(coco_ids[i]), "caption": text})
+            inst.append({"id": len(inst) + 1, "image_id": int(coco_ids[i]),
+                         "category_id": SHAPES.index(attrs.iloc[i]["shape"]) + 1})
+        for kind, anns in (("captions", caps), ("instances", inst)):
+            doc = {"images": images, "annotations": anns, "categories": categories if kind == "instances" else []}
+            root.annotations_path(kind, sp).write_text(json.dumps(doc))
+
+
+def _write_responses(root: NSDLayout, cfg: DemoConfig, design: dict) -> None:
+    order = design["masterordering"].ravel().astype(int)
+    per_run = -(-cfg.trials_per_session // 12)
+    for s, n_sess in enumerate(cfg.sessions, start=1):
+        t = np.arange(n_sess * cfg.trials_per_session)
+        k = t % cfg.trials_per_session
+        cols = {
+            "SUBJECT": s, "SESSION": t // cfg.trials_per_session + 1, "RUN": k // per_run + 1,
+            "TRIAL": k % per_run + 1, "73KID": design["subjectim"][s - 1, order[t] - 1].astype(int),
+            "10KID": order[t], "TIME": np.nan, "ISOLD": 0, "ISCORRECT": np.nan, "RT": np.nan,
+            "CHANGEMIND": np.nan, "MEMORYRECENT": np.nan, "MEMORYFIRST": np.nan, "ISOLDCURRENT": 0,
+            "ISCORRECTCURRENT": np.nan, "TOTAL1": np.nan, "TOTAL2": np.nan, "BUTTON": np.nan, "MISSINGDATA": 0,
+        }
+        path = root.root / f"nsddata/ppdata/subj{s:02d}/behav/responses.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(cols).to_csv(path, sep="\t", index=False)
+
+
+def _write_subject(
+    root: NSDLayout, cfg: DemoConfig, s: int, design: dict, rois: dict[str, np.ndarray],
+    feats: dict[str, np.ndarray], rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    for name, vol in rois.items():
+        path = root.roi_path(s, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _save_nifti(path, vol.astype(np.float64))
+        ctab = root.ctab_path(s, name)
+        ctab.parent.mkdir(parents=True, exist_ok=True)
+        write_ctab(ctab, ROI_TABLES[name])
+    brain = rois["nsdgeneral"] > -1
+    brain |= np.pad(brain[1:], ((0, 1), (0, 0), (0, 0))) | np.pad(brain[:-1], ((1, 0), (0, 0), (0, 0)))
+    _save_nifti(root.root / f"nsddata/ppdata/subj{s:02d}/func1pt8mm/brainmask.nii.gz", brain.astype(np.int16))
+
+    vox = np.argwhere(brain)  # every brain voxel gets a beta; C order over (X, Y, Z)
+    general = rois["nsdgeneral"][brain] == 1
+    prf = general & (rois["prf-visualrois"][brain] > 0)
+    floc = general & np.any([rois[n][brain] > 0 for n in FLOC], axis=0)
+    signal = np.zeros((cfg.n_images, len(vox)), np.float64)
+    signal[:, prf], w_mid = planted_signal(feats["mid"], int(prf.sum()), rng)
+    signal[:, floc], w_final = planted_signal(feats["final"], int(floc.sum()), rng)
+
+    order = design["masterordering"].ravel().astype(int)
+    n_t = cfg.trials_per_session
+    bdir = root.betas_dir(s)
+    bdir.mkdir(parents=True, exist_ok=True)
+    for sess in range(1, cfg.sessions[s - 1] + 1):
+        t = np.arange((sess - 1) * n_t, sess * n_t)
+        ids = design["subjectim"][s - 1, order[t] - 1].astype(int) - 1
+        offset = rng.normal(0, 1.0, len(vox))
+        gain = rng.uniform(0.6, 1.4, len(vox))
+        resp = signal[ids] + cfg.noise * rng.normal(size=(n_t, len(vox)))
+        psc = offset + gain * cfg.amplitude * resp
+        dead = np.flatnonzero(general)[rng.random(int(general.sum())) < cfg.invalid_fraction]
+        psc[:, dead] = 0.0  # outside this session's field of view
+        vol = np.zeros((*cfg.volume, n_t), np.int16)
+        vol[brain] = np.clip(np.rint(psc * 300), -32768, 32767).astype(np.int16).T
+        if s in cfg.nifti_subjects:
+            _save_nifti(root.betas_path(s, sess, "nifti"), vol, tr=1.333)
+        with h5py.File(root.betas_path(s, sess, "hdf5"), "w") as f:
+            f.create_dataset("betas", data=vol.transpose(3, 2, 1, 0), chunks=(n_t, 1, 1, 1))
+    key = f"subj{s:02d}"
+    return {
+        f"{key}_prf_ijk": vox[prf], f"{key}_floc_ijk": vox[floc],
+        f"{key}_w_mid": w_mid.astype(np.float32), f"{key}_w_final": w_final.astype(np.float32),
+    }

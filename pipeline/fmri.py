@@ -1,0 +1,207 @@
+"""prepare-fmri: one subject's NSD betas -> ``cache/fmri/subjNN.zarr`` (train/test, per-voxel ROI labels).
+
+Sessions are streamed one at a time, so memory stays at one session plus the per-image sums.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+from tqdm.auto import tqdm
+
+from . import __version__
+from .errors import UserError
+from .nsd import NSD
+from .store import atomic_store, compressor
+
+ZSCORE_MODES = ("session", "none")
+SPLIT_RECIPE = (
+    "test = trials whose masterordering 10k index <= len(sharedix) (the shared images); train = the rest"
+)
+
+
+def zscore_session(betas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Z-score each voxel over all trials of one session (population std, ddof=0).
+
+    Returns the z-scored (T, V) float32 array and the (V,) mask of invalid voxels, those exactly 0
+    in every trial (outside the session's field of view). Voxels with zero variance are set to 0,
+    so the result is always finite.
+    """
+    invalid = ~np.any(betas != 0, axis=0)
+    mean = betas.mean(axis=0, dtype=np.float64)
+    std = betas.std(axis=0, dtype=np.float64)
+    ok = std > 0
+    z = np.zeros_like(betas, dtype=np.float32)
+    z[:, ok] = ((betas[:, ok] - mean[ok]) / std[ok]).astype(np.float32)
+    return z, invalid
+
+
+@dataclass(frozen=True)
+class Trials:
+    """Chronological trial table of the sessions being prepared."""
+
+    image_ids: np.ndarray  # (n,) 0-based 73k ids
+    is_test: np.ndarray  # (n,) bool
+    session_bounds: list[tuple[int, int]]  # [start, stop) global trial range per session
+
+
+def _trial_table(nsd: NSD, subject: int, sessions: list[int], beta_format: str) -> Trials:
+    bounds, start = [], 0
+    for s in sessions:
+        n = nsd.n_trials(subject, s, beta_format)
+        bounds.append((start, start + n))
+        start += n
+    image_ids, is_test = nsd.expdesign.trials(subject, start)
+    return Trials(image_ids, is_test, bounds)
+
+
+def _select_sessions(nsd: NSD, subject: int, sessions: int | None) -> list[int]:
+    present = nsd.sessions(subject)
+    if sessions is None:
+        return present
+    if not 1 <= sessions <= len(present):
+        raise UserError(
+            f"--sessions {sessions}: subject {subject} has sessions 1..{len(present)} "
+            f"in {nsd.betas_dir(subject)}"
+        )
+    return present[:sessions]
+
+
+def _voxel_labels(nsd: NSD, subject: int, rois: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The nsdgeneral mask and every ROI volume, checked to share one (X, Y, Z) shape."""
+    general = nsd.read_roi(subject, "nsdgeneral")
+    mask = general == 1
+    if not mask.any():
+        raise UserError(f"{nsd.roi_path(subject, 'nsdgeneral')}: no voxel has label 1")
+    volumes = {}
+    for name in rois:
+        vol = general if name == "nsdgeneral" else nsd.read_roi(subject, name)
+        if vol.shape != mask.shape:
+            raise UserError(
+                f"{nsd.roi_path(subject, name)}: volume is {vol.shape} but nsdgeneral is {mask.shape}"
+            )
+        volumes[name] = np.maximum(vol[mask], 0)  # -1 (outside cortex) -> 0 (unlabelled)
+    return mask, volumes
+
+
+def prepare_fmri(
+    nsd_root: Path | str,
+    subject: int,
+    out: Path | str,
+    *,
+    sessions: int | None = None,
+    zscore: str = "session",
+    average_repeats: bool = True,
+    beta_format: str = "auto",
+    betas_version: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Build the fMRI cache of one subject; see shared/DESIGN.md "The fMRI cache" for the layout."""
+    if zscore not in ZSCORE_MODES:
+        raise UserError(f"--zscore must be one of {ZSCORE_MODES}, not {zscore!r}")
+    nsd = NSD(nsd_root, **({"betas": betas_version} if betas_version else {}))
+    nsd.expdesign.trials(subject, 0)  # validates the subject number early
+    used = _select_sessions(nsd, subject, sessions)
+    rois = nsd.available_rois(subject)
+    mask, labels = _voxel_labels(nsd, subject, rois)
+    trials = _trial_table(nsd, subject, used, beta_format)
+    n_vox = int(mask.sum())
+
+    splits = {"train": ~trials.is_test, "test": trials.is_test}
+    if average_repeats:
+        rows = {k: np.unique(trials.image_ids[sel]) for k, sel in splits.items()}
+        sums = {k: np.zeros((len(r), n_vox), np.float64) for k, r in rows.items()}
+        counts = {k: np.zeros(len(r), np.int64) for k, r in rows.items()}
+    else:
+        rows = {k: np.flatnonzero(sel) for k, sel in splits.items()}  # global trial ids
+    invalid_sessions = np.zeros(n_vox, np.int32)
+    sources = []
+
+    out = Path(out)
+    with atomic_store(out) as root:
+        if not average_repeats:
+            betas_out = {k: _create(root, f"{k}/betas", (len(r), n_vox), np.float32) for k, r in rows.items()}
+            row_of_trial = {k: {t: i for i, t in enumerate(r)} for k, r in rows.items()}
+
+        for session, (start, stop) in tqdm(
+            list(zip(used, trials.session_bounds)), desc=f"subj{subject:02d} sessions",
+            unit="session", disable=not progress,
+        ):
+            fmt = nsd.beta_format(subject, session, beta_format)
+            sources.append(str(nsd.betas_path(subject, session, fmt)))
+            betas = nsd.read_betas(subject, session, mask, fmt)
+            if betas.shape[0] != stop - start:
+                raise UserError(f"{sources[-1]}: {betas.shape[0]} trials, header said {stop - start}")
+            if zscore == "session":
+                betas, invalid = zscore_session(betas)
+            else:
+                invalid = ~np.any(betas != 0, axis=0)
+            invalid_sessions += invalid
+            ids, test = trials.image_ids[start:stop], trials.is_test[start:stop]
+            for split, sel in (("train", ~test), ("test", test)):
+                if average_repeats:
+                    pos = np.searchsorted(rows[split], ids[sel])
+                    np.add.at(sums[split], pos, betas[sel])
+                    np.add.at(counts[split], pos, 1)
+                elif sel.any():
+                    local = np.flatnonzero(sel) + start
+                    first = row_of_trial[split][int(local[0])]
+                    betas_out[split][first : first + len(local)] = betas[sel]
+
+        for split in ("train", "test"):
+            if average_repeats:
+                mean = (sums[split] / counts[split][:, None]).astype(np.float32)
+                _create(root, f"{split}/betas", mean.shape, np.float32)[...] = mean
+                _create(root, f"{split}/image_ids", (len(rows[split]),), np.int64)[...] = rows[split]
+                _create(root, f"{split}/n_repeats", counts[split].shape, np.int64)[...] = counts[split]
+            else:
+                _create(root, f"{split}/image_ids", (len(rows[split]),), np.int64)[...] = (
+                    trials.image_ids[rows[split]]
+                )
+                _create(root, f"{split}/trial_ids", (len(rows[split]),), np.int64)[...] = rows[split]
+
+        for name, lab in labels.items():
+            arr = _create(root, f"voxels/{name}", (n_vox,), np.int32)
+            arr[...] = lab
+            arr.attrs["labels"] = {str(k): v for k, v in nsd.roi_labels(subject, name).items()}
+        _create(root, "voxels/ijk", (n_vox, 3), np.int32)[...] = np.argwhere(mask).astype(np.int32)
+        _create(root, "voxels/invalid_sessions", (n_vox,), np.int32)[...] = invalid_sessions
+
+        root.attrs.update(
+            {
+                "subject": subject,
+                "sessions": used,
+                "trials_per_session": [b - a for a, b in trials.session_bounds],
+                "zscore": zscore,
+                "zscore_detail": "per session, per voxel, over all trials of the session, population std"
+                if zscore == "session" else "none (percent signal change)",
+                "average_repeats": average_repeats,
+                "split": SPLIT_RECIPE,
+                "n_shared": nsd.expdesign.n_shared,
+                "volume_shape": list(mask.shape),
+                "voxel_order": "C order over the (X, Y, Z) volume where nsdgeneral == 1",
+                "rois": rois,
+                "betas_version": nsd.betas_version,
+                "sources": {
+                    "nsd_root": str(nsd.root.resolve()),
+                    "expdesign": str(nsd.expdesign_path),
+                    "betas": sources,
+                    "rois": [str(nsd.roi_path(subject, r)) for r in rois],
+                },
+                "package_version": __version__,
+            }
+        )
+    return out
+
+
+def _create(root: zarr.Group, path: str, shape: tuple[int, ...], dtype: type) -> zarr.Array:
+    """An array at ``group/name`` chunked by rows (about 16 MB per chunk) and compressed."""
+    group_name, _, name = path.rpartition("/")
+    group = root.require_group(group_name) if group_name else root
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize or 1
+    rows = max(1, min(shape[0] if shape[0] else 1, (16 << 20) // row_bytes))
+    chunks = (rows, *shape[1:])
+    return group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, compressors=[compressor()])

@@ -1,0 +1,35 @@
+"""DVC stage ``make_demo``: write the NSD look-alike (see :mod:`pipeline.demo`)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .params import resolve, user_errors
+
+
+@user_errors
+def command(
+    out: Optional[Path] = typer.Option(None, help="Folder to write the look-alike NSD root into [params: demo.out]."),
+    seed: Optional[int] = typer.Option(None, help="Random seed of images, design, weights and noise [params: demo.seed]."),
+    noise: Optional[float] = typer.Option(None, help="Trial noise sd relative to the planted signal [params: demo.noise]."),
+) -> None:
+    """Write a miniature NSD look-alike with a planted encoding model (the embedded demo data)."""
+    from pipeline.demo import DemoConfig, make_demo  # imports torch: only when run
+
+    p = resolve("demo", out=out, seed=seed, noise=noise)
+    target = Path(p.pop("out", "data/demo"))
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        make_demo(tmp, DemoConfig(**p))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    typer.echo(f"wrote {target}")

@@ -1,0 +1,61 @@
+"""Stage parameters: ``params.yaml`` sections, overridden by options given on the command line."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+import yaml
+
+from pipeline.errors import UserError
+
+PARAMS_FILE = Path("params.yaml")
+
+
+def section(name: str, path: Path = PARAMS_FILE) -> dict[str, Any]:
+    """One top-level section of params.yaml, or {} when there is no params file."""
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({exc})") from None
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: section {name!r} must be a mapping")
+    return value
+
+
+def resolve(name: str, **options: Any) -> dict[str, Any]:
+    """Options given on the command line (not None) win over params.yaml; unset keys are dropped
+    so the pipeline function's own default applies."""
+    params = section(name)
+    merged = {k: (v if v is not None else params.get(k)) for k, v in options.items()}
+    return {k: v for k, v in merged.items() if v is not None}
+
+
+def user_errors(func: Callable) -> Callable:
+    """Turn the failures a user can cause into one line on stderr and exit code 1 (no traceback)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except UserError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                typer.echo(f"error: disk full while writing {exc.filename or ''}".rstrip(), err=True)
+                raise typer.Exit(1) from None
+            raise
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper

@@ -1,0 +1,39 @@
+"""DVC stage ``prepare_fmri``: one subject's betas -> ``cache/fmri/subjNN.zarr`` (see :mod:`pipeline.fmri`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pipeline.fmri import prepare_fmri
+
+from .params import resolve, user_errors
+
+
+@user_errors
+def command(
+    subject: int = typer.Option(..., help="NSD subject number (1-based, as in subj01)."),
+    nsd_root: Optional[Path] = typer.Option(None, help="NSD root folder [params: prepare_fmri.nsd_root]."),
+    out: Optional[Path] = typer.Option(None, help="Output store [default: cache/fmri/subjNN.zarr]."),
+    zscore: Optional[str] = typer.Option(None, help="session (per session, per voxel, population std) or none."),
+    average_repeats: Optional[bool] = typer.Option(
+        None, "--average-repeats/--no-average-repeats", help="One row per image (mean of its trials) or one per trial."
+    ),
+    sessions: Optional[int] = typer.Option(None, help="Use the first K sessions [default: all present]."),
+    beta_format: Optional[str] = typer.Option(None, help="auto (prefer .hdf5), hdf5 or nifti."),
+    betas_version: Optional[str] = typer.Option(None, help="Beta folder, e.g. betas_fithrf_GLMdenoise_RR."),
+) -> None:
+    """Prepare one subject's fMRI cache: z-scored betas split into train/test, ROI labels per voxel."""
+    p = resolve(
+        "prepare_fmri", nsd_root=nsd_root, zscore=zscore, average_repeats=average_repeats,
+        sessions=sessions, beta_format=beta_format, betas_version=betas_version,
+    )
+    p.pop("subjects", None)
+    root = p.pop("nsd_root", None)
+    if root is None:
+        raise typer.BadParameter("give --nsd-root or set prepare_fmri.nsd_root in params.yaml")
+    target = out or Path(f"cache/fmri/subj{subject:02d}.zarr")
+    prepare_fmri(root, subject, target, **p)
+    typer.echo(f"wrote {target}")
