@@ -7,6 +7,7 @@ separately; :func:`encode_layers` converts both and returns CLS first, then the 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -85,6 +86,11 @@ class TokenMode:
     def __str__(self) -> str:
         return f"grid:{self.grid}" if self.kind == "grid" else self.kind
 
+    def check(self, grid_hw: tuple[int, int]) -> None:
+        """Fail early (before any output is written) when ``grid:K`` is finer than the patch grid."""
+        if self.kind == "grid" and self.grid > min(grid_hw):
+            raise UserError(f"--tokens grid:{self.grid} is finer than the model's {grid_hw} patch grid")
+
     def n_tokens(self, n_patches: int) -> int:
         return {"all": 1 + n_patches, "cls": 1, "mean": 1, "grid": 1 + self.grid**2}[self.kind]
 
@@ -96,9 +102,8 @@ class TokenMode:
             return cls_tok
         if self.kind == "mean":
             return patches.mean(dim=1, keepdim=True)
+        self.check(grid_hw)
         b, p, c = patches.shape
-        if self.grid > min(grid_hw):
-            raise UserError(f"--tokens grid:{self.grid} is finer than the model's {grid_hw} patch grid")
         grid = patches.transpose(1, 2).reshape(b, c, *grid_hw)
         pooled = F.adaptive_avg_pool2d(grid, self.grid).flatten(2).transpose(1, 2)
         return torch.cat([cls_tok, pooled], dim=1)
@@ -139,7 +144,8 @@ class LoadedModel:
 
     def preprocess_description(self) -> dict:
         """The resize/crop/normalisation the model's own transform applies (for provenance)."""
-        return {"transform": repr(self.preprocess).replace("\n", " ")}
+        cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in self.model.visual.preprocess_cfg.items()}
+        return {**cfg, "transform": " ".join(repr(self.preprocess).split())}
 
 
 def resolve_model_name(model: str) -> str:
@@ -230,7 +236,12 @@ def load_model(model: str, pretrained: str | None = "openai", device: str = "cpu
 
 def preprocess_batch(loaded: LoadedModel, images: np.ndarray) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, S, S) float, through the model's own open_clip transform."""
-    return torch.stack([loaded.preprocess(Image.fromarray(img)) for img in images])
+    return preprocess_images(loaded.preprocess, images)
+
+
+def preprocess_images(transform: Callable[[Image.Image], torch.Tensor], images: np.ndarray) -> torch.Tensor:
+    """:func:`preprocess_batch` with the transform alone (what a data-loader worker process holds)."""
+    return torch.stack([transform(Image.fromarray(img)) for img in images])
 
 
 # ---- extraction -----------------------------------------------------------------------------------
@@ -258,10 +269,16 @@ def encode_layers(
     return result, out["image_features"]
 
 
+@functools.lru_cache(maxsize=4)
+def _tokenizer(name: str) -> Callable:
+    """open_clip's tokenizer of a model, built once (it parses a BPE vocabulary)."""
+    return open_clip.get_tokenizer(name)
+
+
 @torch.no_grad()
 def encode_captions(loaded: LoadedModel, captions: np.ndarray, device: str = "cpu") -> torch.Tensor:
     """(B, K) caption strings -> (B, K, D) CLIP text embeddings; empty captions give zeros."""
-    tokenizer = open_clip.get_tokenizer(loaded.name)
+    tokenizer = _tokenizer(loaded.name)
     b, k = captions.shape
     flat = [str(c) for c in captions.reshape(-1)]
     emb = loaded.model.encode_text(tokenizer(flat).to(device))

@@ -1,0 +1,187 @@
+"""fit-adapters: train one stage-2 method on an fMRI cache + CLIP cache and predict the test set.
+
+Writes ``runs/<exp>/``::
+
+    run.json              what was fitted: method, stores, targets, input voxels, parameters
+    adapters/<method>/    the fitted adapter (safetensors + JSON config; reloads on its own)
+    predictions.zarr      test/<target> (n_test, ...) float32 and test/image_ids, in the fMRI
+                          store's test row order
+    fit_report.json       per target: Pearson r / cosine, two-way identification and top-1
+                          retrieval of predicted vs true targets among the test images
+
+The run folder is assembled under ``<exp>.tmp-<pid>`` and renamed when complete, so an
+interrupted fit never leaves a run that looks finished. Trained methods keep their per-epoch
+checkpoints in ``<exp>.checkpoints/`` so a rerun resumes; it is removed after success.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from . import __version__, metrics
+from .adapters.base import roi_indices
+from .errors import UserError
+from .pairs import Pairs, open_pairs
+from .store import compressor
+
+METHODS = ("ridge", "mclip", "litemind")
+RIDGE_KEYS = ("alphas", "cv", "alpha_per", "rescale", "n_targets_batch", "backend", "coef_dtype")
+
+
+def fit_adapters(
+    fmri: Path | str,
+    clip: Path | str,
+    method: str,
+    out: Path | str,
+    *,
+    targets: Sequence[str] | None = None,
+    rois: Sequence[str] | None = None,
+    params: Mapping[str, Any] | None = None,
+    train: Mapping[str, Any] | None = None,
+    subject: int | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fit ``method`` and write the run folder; returns the fit report.
+
+    ``targets``: CLIP-cache arrays to predict. Ridge: any list (default ``image_embeds``).
+    litemind: its ``targets``. mclip: ``detail, semantic[, text]`` in that order (default from
+    ``params``). ``rois``: ridge input voxels (labels > 0 in any of these ``voxels/<roi>``
+    arrays; default every nsdgeneral voxel); the trained methods take ROIs from ``params``.
+    ``params``: the method's settings (ridge: alphas, cv, alpha_per, rescale, ...; mclip/litemind:
+    fields of their config dataclass). ``train``: :class:`pipeline.train.TrainConfig` fields.
+    """
+    if method not in METHODS:
+        raise UserError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+    out = Path(out)
+    params = dict(params or {})
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if method == "ridge":
+            pairs = open_pairs(fmri, clip, list(targets or ["image_embeds"]), subject)
+            predictions, info = _fit_ridge(pairs, tmp, rois, params, seed, device, progress)
+        else:
+            if rois:
+                raise UserError(f"--rois applies to ridge; set the ROI fields of {method} in params instead")
+            params = _trained_targets(method, params, targets)
+            from .train import adapter_targets
+
+            pairs = open_pairs(fmri, clip, adapter_targets(method, params), subject)
+            checkpoints = out.with_name(f"{out.name}.checkpoints")
+            predictions, info = _fit_trained(pairs, method, tmp, params, train, seed, device, progress, checkpoints)
+        report = _write_outputs(tmp, pairs, method, predictions, info, params)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    shutil.rmtree(out.with_name(f"{out.name}.checkpoints"), ignore_errors=True)
+    return report
+
+
+def _trained_targets(method: str, params: dict[str, Any], targets: Sequence[str] | None) -> dict[str, Any]:
+    if not targets:
+        return params
+    if method == "litemind":
+        return {**params, "targets": list(targets)}
+    if len(targets) not in (2, 3):
+        raise UserError("--targets for mclip: detail,semantic[,text] (e.g. layers/11-20_mean,image_embeds)")
+    keys = ("detail_target", "semantic_target", "text_target")
+    return {**params, **dict(zip(keys, targets))}
+
+
+def _fit_ridge(pairs: Pairs, run: Path, rois, params, seed, device, progress) -> tuple[dict, dict]:
+    from .adapters.ridge import RidgeAdapter
+
+    unknown = sorted(set(params) - set(RIDGE_KEYS))
+    if unknown:
+        raise UserError(f"unknown ridge parameter(s) {unknown} (known: {', '.join(RIDGE_KEYS)})")
+    voxels = {n: pairs.fmri[f"voxels/{n}"] for n in pairs.fmri["voxels"].array_keys()} if "voxels" in pairs.fmri else None
+    X_train = pairs.betas("train")
+    idx = roi_indices(voxels, rois, X_train.shape[1])
+    ids = pairs.image_ids("train")
+    backend = params.pop("backend", "auto" if device == "auto" else ("torch_cuda" if device.startswith("cuda") else "torch"))
+    adapter = RidgeAdapter(**params, backend=backend, seed=seed, progress=progress)
+    adapter.fit(
+        X_train[:, idx], {t: pairs.target(t) for t in pairs.targets}, groups=ids, rows=ids,
+        out=run / "adapters" / "ridge",
+    )
+    preds = adapter.predict(pairs.betas("test")[:, idx])
+    alphas = {t: _alpha_summary(adapter.alpha(t)) for t in pairs.targets}
+    return preds, {"input_voxels": idx.tolist(), "rois": list(rois or []), "alphas": alphas}
+
+
+def _alpha_summary(alpha: np.ndarray) -> dict[str, float]:
+    return {"median": float(np.median(alpha)), "min": float(alpha.min()), "max": float(alpha.max())}
+
+
+def _fit_trained(pairs: Pairs, method, run: Path, params, train, seed, device, progress, checkpoints: Path):
+    from .train import CacheDataset, TrainConfig, build_adapter, load_adapter, predict, save_adapter
+    from .train import train as train_loop
+
+    data = CacheDataset.from_stores(pairs.fmri, pairs.clip, pairs.targets, split="train")
+    model = build_adapter(method, params, data, seed=seed)
+    cfg = TrainConfig(**{"seed": seed, "device": device, "progress": progress, **dict(train or {}),
+                         "checkpoint_dir": str(checkpoints)})
+    result = train_loop(model, data, cfg)
+    folder = save_adapter(run / "adapters" / method, model, extra={"train": result.as_dict()})
+    reloaded = load_adapter(folder)  # predictions come from what was saved
+    preds = predict(reloaded, pairs.betas("test"))
+    return preds, {"n_params": model.n_params, "parameter_counts": model.parameter_counts(),
+                   "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+                   "train_seconds": round(result.seconds, 2)}
+
+
+def target_report(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
+    """Predicted vs true test targets: quality, two-way identification, n-way top-1 retrieval."""
+    n = len(pred)
+    flat_p, flat_t = pred.reshape(n, -1), true.reshape(n, -1)
+    ret = metrics.retrieval_top1(flat_p, flat_t, pool=n, draws=1, seed=0)
+    return {
+        **metrics.prediction_quality(flat_p, flat_t),
+        "two_way_identification": metrics.two_way_identification(flat_t, flat_p),
+        "top1_retrieval": ret.brain_to_image,
+        "top1_chance": 1.0 / n,
+    }
+
+
+def _true_targets(pairs: Pairs, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Test rows of a target, reduced like the prediction (captions -> mean of present captions)."""
+    rows = pairs.target_rows(name, "test").astype(np.float32)
+    if rows.shape[1:] == shape:
+        return rows
+    present = np.abs(rows).sum(-1, keepdims=True) > 0
+    return (rows * present).sum(1) / np.maximum(present.sum(1), 1)
+
+
+def _write_outputs(run: Path, pairs: Pairs, method: str, predictions: dict[str, np.ndarray], info: dict, params) -> dict:
+    test_ids = pairs.image_ids("test")
+    root = zarr.open_group(run / "predictions.zarr", mode="w", zarr_format=3)
+    report: dict[str, Any] = {"method": method, "n_test": int(len(test_ids)), "targets": {}}
+    for name, pred in predictions.items():
+        pred = np.asarray(pred, np.float32)
+        root.create_array(f"test/{name}", data=pred, chunks=(min(len(pred), 256), *pred.shape[1:]),
+                          compressors=[compressor()])
+        if len(pred) >= 2:
+            report["targets"][name] = target_report(pred, _true_targets(pairs, name, pred.shape[1:]))
+    root.create_array("test/image_ids", data=test_ids)
+    root.attrs.update({"method": method, "fmri": str(pairs.fmri_path), "clip": str(pairs.clip_path)})
+    run_info = {
+        "method": method, "fmri": str(pairs.fmri_path), "clip": str(pairs.clip_path),
+        "subject": pairs.subject, "targets": pairs.targets, "params": params,
+        "clip_model": pairs.clip.attrs.get("model"), "package_version": __version__, **info,
+    }
+    (run / "run.json").write_text(json.dumps(run_info, indent=2, default=str))
+    (run / "fit_report.json").write_text(json.dumps(report, indent=2))
+    return report

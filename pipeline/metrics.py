@@ -1,0 +1,548 @@
+"""Reconstruction and prediction metrics, following the MindEye2 protocol (shared/reference/nsd.md §5).
+
+Metric functions take plain arrays of equal shape and return the mean over images as a float;
+resizing is the caller's step (:func:`resize_images`, or :func:`evaluate`, which applies the whole
+protocol):
+
+- :func:`pixcorr` — Pearson r of all RGB values per image (§5.2), images at 425 px.
+- :func:`ssim` — scikit-image >= 0.20 semantics: 2-D SSIM of ``rgb2gray`` images, Gaussian window,
+  sigma 1.5, population covariance, data range 1 (§5.2), images at 425 px.
+- :func:`two_way_identification` — ME's all-pairs two-way identification on flattened features;
+  ties (and NaN correlations of constant features) count as failures; chance is 0.5 (§5.2).
+- :func:`correlation_distance` — mean ``1 - r`` per image (EffNet-B, SwAV; lower is better).
+- :func:`retrieval_top1` — top-1 among ``pool`` random samples, ``draws`` draws, legacy NumPy seed
+  (§5.4); returns both directions in ME2's code orientation.
+- :func:`prediction_quality` — predicted vs true target arrays: mean Pearson r over columns, mean
+  cosine over rows.
+
+Feature networks (AlexNet, InceptionV3, CLIP ViT-L/14, EfficientNet-B1, SwAV-ResNet50) are
+described as data (:class:`FeatureNet`, :class:`FeatureMetric`, :data:`FEATURE_METRICS`). Their
+weights come from a local file or the user's torch-hub / Hugging Face cache and are never downloaded
+here; a missing file makes the metric ``{"unavailable": reason}`` in :func:`evaluate`, never a number
+from random weights.
+
+Conventions: Pearson r of a constant vector is taken as 0 in :func:`pixcorr`,
+:func:`correlation_distance` and :func:`prediction_quality` (a blank reconstruction carries no
+linear information), whereas :func:`two_way_identification` keeps ME's NaN, i.e. a failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+EVAL_SIZE = 256
+"""ME2 feeds GT and reconstructions to every metric at 256 px (``all_images.pt``)."""
+PIXEL_SIZE = 425
+"""PixCorr and SSIM resize to 425 px, bilinear (§5.2)."""
+
+
+# ---- images -----------------------------------------------------------------------------------------
+def as_float_images(images: np.ndarray, what: str = "images") -> np.ndarray:
+    """(N, H, W, 3) uint8 (0..255) or float (0..1) -> float64 in [0, 1]."""
+    arr = np.asarray(images)
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise UserError(f"{what}: expected (N, H, W, 3) RGB images, got shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float64) / 255.0
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise UserError(f"{what}: expected uint8 or float images, got {arr.dtype}")
+    return arr.astype(np.float64)
+
+
+def _check_pair(gt: np.ndarray, rec: np.ndarray) -> None:
+    if gt.shape != rec.shape:
+        raise UserError(
+            f"ground truth {gt.shape} and reconstructions {rec.shape} differ in shape; resize first"
+        )
+    if len(gt) == 0:
+        raise UserError("no images to evaluate")
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8/float images -> (N, 3, H, W) float32 tensor in [0, 1]."""
+    return torch.from_numpy(as_float_images(images).astype(np.float32)).permute(0, 3, 1, 2).contiguous()
+
+
+def resize_images(images: torch.Tensor, size: int, antialias: bool = False) -> torch.Tensor:
+    """``transforms.Resize(size)``, bilinear, on (N, 3, H, W) float tensors.
+
+    ``antialias=False`` is what ME1/ME2 ran (torchvision 0.15/0.16 tensor default); torchvision
+    >= 0.17 defaults to True, which changes downscaled values slightly (§5.1).
+    """
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.functional import resize
+
+    if images.shape[-2:] == (size, size):
+        return images
+    return resize(images, size, interpolation=InterpolationMode.BILINEAR, antialias=antialias)
+
+
+def _to_hwc(images: torch.Tensor) -> np.ndarray:
+    return images.permute(0, 2, 3, 1).double().numpy()
+
+
+# ---- low-level metrics -------------------------------------------------------------------------------
+def _rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson r of matching rows of two (n, d) arrays; 0 where a row is constant."""
+    a = a - a.mean(1, keepdims=True)
+    b = b - b.mean(1, keepdims=True)
+    den = np.sqrt((a * a).sum(1) * (b * b).sum(1))
+    num = (a * b).sum(1)
+    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+
+
+def pixcorr_each(gt: np.ndarray, rec: np.ndarray) -> np.ndarray:
+    """Per-image Pearson r over all RGB values (see :func:`pixcorr`)."""
+    g, r = as_float_images(gt, "gt"), as_float_images(rec, "rec")
+    _check_pair(g, r)
+    return _rowwise_pearson(g.reshape(len(g), -1), r.reshape(len(r), -1))
+
+
+def pixcorr(gt: np.ndarray, rec: np.ndarray) -> float:
+    """Mean over images of the Pearson r between all RGB values of GT and reconstruction."""
+    return float(pixcorr_each(gt, rec).mean())
+
+
+def ssim_each(gt: np.ndarray, rec: np.ndarray) -> np.ndarray:
+    """Per-image SSIM (see :func:`ssim`)."""
+    from skimage.color import rgb2gray
+    from skimage.metrics import structural_similarity
+
+    g, r = as_float_images(gt, "gt"), as_float_images(rec, "rec")
+    _check_pair(g, r)
+    return np.array([
+        structural_similarity(
+            rgb2gray(ri), rgb2gray(gi), gaussian_weights=True, sigma=1.5,
+            use_sample_covariance=False, data_range=1.0,
+        )
+        for gi, ri in zip(g, r)
+    ])
+
+
+def ssim(gt: np.ndarray, rec: np.ndarray) -> float:
+    """Mean 2-D SSIM of the grayscale images (ME's call as scikit-image >= 0.20 evaluates it)."""
+    return float(ssim_each(gt, rec).mean())
+
+
+# ---- feature comparisons -----------------------------------------------------------------------------
+def _flat64(x: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
+    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if arr.ndim < 2:
+        raise UserError(f"{what}: expected (n, ...) features, got shape {arr.shape}")
+    return arr.reshape(len(arr), -1).astype(np.float64)
+
+
+def _check_feats(gt: np.ndarray, rec: np.ndarray, min_n: int = 1) -> None:
+    if gt.shape != rec.shape:
+        raise UserError(f"features differ in shape: ground truth {gt.shape}, reconstructions {rec.shape}")
+    if len(gt) < min_n:
+        raise UserError(f"need at least {min_n} images, got {len(gt)}")
+
+
+def _centred_unit(x: np.ndarray) -> np.ndarray:
+    """Rows centred and scaled to unit norm, so their dot products are Pearson r (NaN if constant)."""
+    x = x - x.mean(1, keepdims=True)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def two_way_identification(gt_feats: np.ndarray, rec_feats: np.ndarray) -> float:
+    """ME/BD two-way identification: mean over reconstructions j of the fraction of distractor GTs i
+    with ``corr(GT_i, rec_j) < corr(GT_j, rec_j)``; all n(n-1) pairs, ties fail, chance 0.5.
+
+    Works in float64 on the flattened features (n x d; AlexNet(2) at 256 px has d = 184,512).
+    """
+    g, r = _flat64(gt_feats, "gt_feats"), _flat64(rec_feats, "rec_feats")
+    _check_feats(g, r, min_n=2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = _centred_unit(g) @ _centred_unit(r).T  # corr[i, j] = r(GT_i, rec_j); NaN for constant rows
+        success = corr < np.diag(corr)[None, :]
+    n = len(g)
+    return float(success.sum(0).mean() / (n - 1))
+
+
+def correlation_distance(gt_feats: np.ndarray, rec_feats: np.ndarray) -> float:
+    """Mean over images of ``scipy.spatial.distance.correlation`` (1 - Pearson r); lower is better."""
+    g, r = _flat64(gt_feats, "gt_feats"), _flat64(rec_feats, "rec_feats")
+    _check_feats(g, r)
+    return float((1.0 - _rowwise_pearson(g, r)).mean())
+
+
+class Retrieval(NamedTuple):
+    """Top-1 retrieval accuracies in ME2's code orientation (§5.4).
+
+    ``image_to_brain`` is ME2's "fwd": rows are images, so for each image, is its own brain
+    embedding the best match among the pool's brain embeddings. ``brain_to_image`` is "bwd". The
+    ME2 subj01 notebook values (fwd 0.9996, bwd 0.9987) equal the paper's "image retrieval" and
+    "brain retrieval" columns (99.96, 99.87) in that order.
+    """
+
+    image_to_brain: float
+    brain_to_image: float
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norm, 1e-12)  # like torch.nn.functional.normalize
+
+
+def _top1_correct(sim: np.ndarray) -> np.ndarray:
+    """Row i is correct when its diagonal entry beats every other entry of the row (ties fail)."""
+    diag = np.diag(sim)
+    beaten = sim >= diag[:, None]
+    np.fill_diagonal(beaten, False)
+    return ~beaten.any(1)
+
+
+def retrieval_top1(
+    brain: np.ndarray, image: np.ndarray, pool: int = 300, draws: int = 30, seed: int = 42
+) -> Retrieval:
+    """ME2 retrieval: ``draws`` times pick ``pool`` samples without replacement (``np.random.seed(seed)``
+    then ``np.random.choice``), flatten and L2-normalise, cosine similarity, top-1; mean over draws."""
+    b, i = _flat64(brain, "brain"), _flat64(image, "image")
+    if len(b) != len(i):
+        raise UserError(f"brain ({len(b)}) and image ({len(i)}) embeddings must have one row per test sample each")
+    if b.shape[1] != i.shape[1]:
+        raise UserError(f"brain embeddings have {b.shape[1]} values per row, image embeddings {i.shape[1]}")
+    if not 2 <= pool <= len(b):
+        raise UserError(f"retrieval pool must be between 2 and the number of test samples ({len(b)}), not {pool}")
+    if draws < 1:
+        raise UserError(f"retrieval draws must be >= 1, not {draws}")
+    b, i = _unit_rows(b), _unit_rows(i)
+    rng = np.random.RandomState(seed)
+    fwd, bwd = [], []
+    for _ in range(draws):
+        idx = rng.choice(len(b), pool, replace=False)
+        sim = i[idx] @ b[idx].T  # rows = images, columns = brain
+        fwd.append(_top1_correct(sim).mean())
+        bwd.append(_top1_correct(sim.T).mean())
+    return Retrieval(float(np.mean(fwd)), float(np.mean(bwd)))
+
+
+def _axis1_blocks(pred, true, max_values: int) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    """Matching (n, k) float64 blocks of two (n, ...) arrays, cut along axis 1 (numpy or zarr)."""
+    n = pred.shape[0]
+    per_entry = int(np.prod(pred.shape[2:], dtype=np.int64)) if len(pred.shape) > 2 else 1
+    step = max(1, max_values // max(n * per_entry, 1))
+    for start in range(0, pred.shape[1], step):
+        sl = (slice(None), slice(start, start + step))
+        yield (np.asarray(pred[sl]).reshape(n, -1).astype(np.float64),
+               np.asarray(true[sl]).reshape(n, -1).astype(np.float64))
+
+
+def prediction_quality(pred, true, max_values: int = 1 << 24) -> dict[str, float]:
+    """Predicted vs true target arrays (n, ...): mean Pearson r over columns (each feature across
+    samples) and mean cosine over rows (each sample across features).
+
+    Reads both arrays in blocks along axis 1 of at most ``max_values`` values, so large token
+    targets can stay lazy zarr arrays. Constant columns count as r = 0.
+    """
+    if tuple(pred.shape) != tuple(true.shape) or len(pred.shape) < 2:
+        raise UserError(f"predictions {tuple(pred.shape)} and targets {tuple(true.shape)} must be equal (n, ...) arrays")
+    n = pred.shape[0]
+    if n < 2:
+        raise UserError(f"need at least 2 samples to correlate, got {n}")
+    dot, pp, tt = np.zeros(n), np.zeros(n), np.zeros(n)
+    r_sum, n_cols = 0.0, 0
+    for p, t in _axis1_blocks(pred, true, max_values):
+        dot += (p * t).sum(1)
+        pp += (p * p).sum(1)
+        tt += (t * t).sum(1)
+        r_sum += float(_rowwise_pearson(p.T, t.T).sum())
+        n_cols += p.shape[1]
+    cos = np.divide(dot, np.sqrt(pp * tt), out=np.zeros(n), where=pp * tt > 0)
+    return {"pearson_r": r_sum / n_cols, "cosine": float(cos.mean())}
+
+
+# ---- feature networks ----------------------------------------------------------------------------------
+class MetricUnavailable(Exception):
+    """A metric's network weights are not on this machine; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class FeatureNet:
+    """A pretrained network that metrics read features from, and the input it expects.
+
+    ``load(path)`` builds the network in eval mode from a local weights file, or from the user's
+    cache when ``path`` is None; it raises :class:`MetricUnavailable` instead of downloading.
+    """
+
+    key: str  # the key of its local weights file in ``evaluate(weights={...})``
+    load: Callable[[Path | None], nn.Module]
+    size: int  # transforms.Resize(size), bilinear, before normalisation
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass(frozen=True)
+class FeatureMetric:
+    """One reported metric: a network, the node whose output is the feature, and how it is scored."""
+
+    name: str  # the name reported in the results, e.g. "AlexNet(2)"
+    net: FeatureNet
+    node: str | None  # torchvision feature-extraction node; None = the module's own output
+    score: str  # "two_way" (higher is better) or "correlation_distance" (lower is better)
+
+
+def torch_hub_checkpoint(url: str) -> Path:
+    """Where ``torch.hub.load_state_dict_from_url`` caches ``url`` (``$TORCH_HOME/hub/checkpoints``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+
+
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache, read from the environment at call time."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    return Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub"
+
+
+def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+    from .clip import load_state_dict
+
+    try:
+        return load_state_dict(path)
+    except UserError as exc:
+        raise MetricUnavailable(str(exc).removeprefix("--pretrained: ")) from None
+
+
+def _require(path: Path, what: str, how: str) -> Path:
+    if not path.is_file():
+        raise MetricUnavailable(f"{what} not found at {path} ({how})")
+    return path
+
+
+def load_torchvision(arch: str, weights: str, path: Path | None = None, **arch_kwargs) -> nn.Module:
+    """A torchvision classifier with the weights of enum ``weights`` (e.g. ``AlexNet_Weights.IMAGENET1K_V1``),
+    read from ``path`` or torch hub's checkpoint cache, where ``torchvision.models.<arch>(weights=...)``
+    leaves them."""
+    import torchvision
+
+    enum = torchvision.models.get_weight(weights)
+    file = Path(path) if path is not None else torch_hub_checkpoint(enum.url)
+    _require(file, f"{weights} weights", f"download them once with torchvision.models.{arch}(weights='{weights}') "
+             "or pass a local file")
+    model = torchvision.models.get_model(arch, weights=None, num_classes=len(enum.meta["categories"]), **arch_kwargs)
+    try:
+        model.load_state_dict(_state_dict(file))
+    except RuntimeError as exc:
+        raise MetricUnavailable(f"{file} does not fit torchvision {arch}: {str(exc).splitlines()[0]}") from None
+    return model.eval()
+
+
+SWAV_URL = "https://dl.fbaipublicfiles.com/deepcluster/swav_800ep_pretrain.pth.tar"
+"""The checkpoint ``torch.hub.load('facebookresearch/swav:main', 'resnet50')`` loads (its hubconf)."""
+
+
+def load_swav(path: Path | None = None) -> nn.Module:
+    """SwAV ResNet-50, as facebookresearch/swav's hubconf builds it: torchvision resnet50 + the SwAV
+    state dict (``module.`` stripped, projection head ignored, ``fc`` left random: unused here)."""
+    import torchvision
+
+    file = Path(path) if path is not None else torch_hub_checkpoint(SWAV_URL)
+    _require(file, "SwAV ResNet-50 weights", "download them once with torch.hub.load('facebookresearch/swav:main', "
+             "'resnet50') or pass a local file")
+    model = torchvision.models.resnet50(weights=None)
+    missing, _ = model.load_state_dict(_state_dict(file), strict=False)
+    if any(not k.startswith("fc.") for k in missing):
+        raise MetricUnavailable(f"{file} is not a SwAV ResNet-50 checkpoint (missing {missing[:3]}...)")
+    return model.eval()
+
+
+class _EncodeImage(nn.Module):
+    """An open_clip model whose forward is ``encode_image`` (the projected embedding)."""
+
+    def __init__(self, clip_model: nn.Module) -> None:
+        super().__init__()
+        self.clip = clip_model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_image(x)
+
+
+CLIP_ARCH = "ViT-L-14-quickgelu"
+"""OpenAI CLIP ViT-L/14 (QuickGELU, as ``clip.load('ViT-L/14')``) in open_clip."""
+
+
+def load_openai_clip(path: Path | None = None) -> nn.Module:
+    """OpenAI CLIP ViT-L/14 image encoder from an open_clip checkpoint file, or from the Hugging
+    Face cache entry open_clip downloads for ``ViT-L-14``/``openai``."""
+    import open_clip
+    from huggingface_hub import try_to_load_from_cache
+
+    if path is None:
+        repo = open_clip.get_pretrained_cfg(CLIP_ARCH, "openai")["hf_hub"].strip("/")
+        hits = [try_to_load_from_cache(repo, name, cache_dir=hf_hub_cache())
+                for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")]
+        found = [h for h in hits if isinstance(h, str)]
+        if not found:
+            raise MetricUnavailable(
+                f"OpenAI CLIP ViT-L/14 weights not found in {hf_hub_cache()} ({repo}; download them once "
+                "with open_clip.create_model('ViT-L-14-quickgelu', pretrained='openai') or pass a local file)"
+            )
+        path = Path(found[0])
+    _require(Path(path), "OpenAI CLIP ViT-L/14 weights", "pass an open_clip checkpoint file")
+    state = _state_dict(Path(path))  # read first: a bad file fails before ViT-L is built
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # open_clip warns "initialized randomly"; the weights follow
+    try:
+        model = open_clip.create_model(CLIP_ARCH, pretrained=None)
+    finally:
+        logging.disable(previous)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise MetricUnavailable(f"{path} does not fit {CLIP_ARCH}: {str(exc).splitlines()[0]}") from None
+    return _EncodeImage(model).eval()
+
+
+ALEXNET = FeatureNet("alexnet", partial(load_torchvision, "alexnet", "AlexNet_Weights.IMAGENET1K_V1"), 256)
+INCEPTION = FeatureNet(
+    "inception_v3",
+    partial(load_torchvision, "inception_v3", "Inception_V3_Weights.DEFAULT",
+            aux_logits=True, transform_input=True, init_weights=False),  # as built with weights=DEFAULT
+    342,
+)
+OPENAI_CLIP = FeatureNet("clip_vit_l14", load_openai_clip, 224, CLIP_MEAN, CLIP_STD)
+EFFNET = FeatureNet("efficientnet_b1", partial(load_torchvision, "efficientnet_b1", "EfficientNet_B1_Weights.DEFAULT"), 255)
+SWAV = FeatureNet("swav_resnet50", load_swav, 224)
+
+FEATURE_METRICS: tuple[FeatureMetric, ...] = (
+    FeatureMetric("AlexNet(2)", ALEXNET, "features.4", "two_way"),
+    FeatureMetric("AlexNet(5)", ALEXNET, "features.11", "two_way"),
+    FeatureMetric("InceptionV3", INCEPTION, "avgpool", "two_way"),
+    FeatureMetric("CLIP", OPENAI_CLIP, None, "two_way"),
+    FeatureMetric("EffNet-B", EFFNET, "avgpool", "correlation_distance"),
+    FeatureMetric("SwAV", SWAV, "avgpool", "correlation_distance"),
+)
+"""ME2's feature metrics (§5.2-5.3): network, node, input size, scoring."""
+
+SCORES: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "two_way": two_way_identification,
+    "correlation_distance": correlation_distance,
+}
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module, net: FeatureNet, nodes: Sequence[str | None], images: torch.Tensor,
+    device: str = "cpu", batch_size: int = 32,
+) -> dict[str | None, np.ndarray]:
+    """Features (N, d) float32 of (N, 3, H, W) [0, 1] images at each node: Resize(net.size), bilinear,
+    normalise, forward. Node None is the module's own output."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    named = sorted({n for n in nodes if n is not None})
+    model = model.to(device).eval()
+    body = create_feature_extractor(model, return_nodes=named) if named else None
+    mean = torch.tensor(net.mean).view(1, 3, 1, 1)
+    std = torch.tensor(net.std).view(1, 3, 1, 1)
+    out: dict[str | None, list[np.ndarray]] = {n: [] for n in nodes}
+    for start in range(0, len(images), batch_size):
+        x = ((resize_images(images[start : start + batch_size], net.size) - mean) / std).to(device)
+        found = body(x) if body is not None else {}
+        if None in out:
+            found[None] = model(x)
+        for node, feats in out.items():
+            feats.append(found[node].flatten(1).float().cpu().numpy())
+    return {n: np.concatenate(v) for n, v in out.items()}
+
+
+# ---- the whole protocol ----------------------------------------------------------------------------------
+Result = dict[str, float | int | dict[str, str]]
+
+
+def evaluate(
+    gt_images: np.ndarray,
+    rec_images: np.ndarray,
+    *,
+    brain: np.ndarray | None = None,
+    image: np.ndarray | None = None,
+    metrics: Sequence[FeatureMetric] = FEATURE_METRICS,
+    weights: Mapping[str, str | Path] | None = None,
+    device: str = "cpu",
+    batch_size: int = 32,
+    size: int = EVAL_SIZE,
+    antialias: bool = False,
+    pool: int = 300,
+    draws: int = 30,
+    seed: int = 42,
+) -> Result:
+    """Every metric of the ME2 protocol that can run here; the others are ``{"unavailable": reason}``.
+
+    ``gt_images``/``rec_images``: (N, H, W, 3) uint8 or [0, 1] float, row i of each for test image i
+    (sizes may differ between the two). Both are resized to ``size`` (ME2: 256), then to 425 for
+    PixCorr/SSIM and to each network's input size. ``brain``/``image``: (N, ...) predicted and true
+    embeddings for retrieval (§5.4). ``weights`` maps a :class:`FeatureNet` key (``alexnet``,
+    ``inception_v3``, ``clip_vit_l14``, ``efficientnet_b1``, ``swav_resnet50``) to a local file;
+    absent keys are looked up in the torch-hub / Hugging Face caches. ``metrics`` can be replaced,
+    e.g. by a test stand-in, which is then reported under its own name.
+    """
+    weights = dict(weights or {})
+    unknown = sorted(set(weights) - {m.net.key for m in metrics})
+    if unknown:
+        raise UserError(f"metric weights: unknown network {unknown} (known: {sorted({m.net.key for m in metrics})})")
+    gt = resize_images(to_tensor(gt_images), size, antialias)
+    rec = resize_images(to_tensor(rec_images), size, antialias)
+    if len(gt) != len(rec):
+        raise UserError(f"{len(gt)} ground-truth images but {len(rec)} reconstructions")
+    if len(gt) < 2:
+        raise UserError(f"need at least 2 test images to evaluate, got {len(gt)}")
+    results: Result = {"n_images": len(gt)}
+
+    px, ss = [], []
+    for start in range(0, len(gt), batch_size):
+        g = _to_hwc(resize_images(gt[start : start + batch_size], PIXEL_SIZE))
+        r = _to_hwc(resize_images(rec[start : start + batch_size], PIXEL_SIZE))
+        px.append(pixcorr_each(g, r))
+        ss.append(ssim_each(g, r))
+    results["PixCorr"] = float(np.concatenate(px).mean())
+    results["SSIM"] = float(np.concatenate(ss).mean())
+
+    by_net: dict[str, list[FeatureMetric]] = {}
+    for m in metrics:
+        by_net.setdefault(m.net.key, []).append(m)
+    for key, group in by_net.items():
+        net = group[0].net
+        try:
+            model = net.load(Path(weights[key]) if key in weights else None)
+        except MetricUnavailable as exc:
+            results.update({m.name: {"unavailable": str(exc)} for m in group})
+            continue
+        nodes = [m.node for m in group]
+        fg = extract_features(model, net, nodes, gt, device, batch_size)
+        fr = extract_features(model, net, nodes, rec, device, batch_size)
+        for m in group:
+            results[m.name] = SCORES[m.score](fg[m.node], fr[m.node])
+        del model
+
+    results.update(_retrieval(brain, image, len(gt), pool, draws, seed))
+    return results
+
+
+def _retrieval(brain, image, n: int, pool: int, draws: int, seed: int) -> Result:
+    keys = ("retrieval_image_to_brain", "retrieval_brain_to_image")
+    if brain is None or image is None:
+        return {k: {"unavailable": "no brain/image embeddings given"} for k in keys}
+    if len(brain) != n or len(image) != n:
+        raise UserError(f"retrieval needs one brain and one image embedding per test image ({n}); "
+                        f"got {len(brain)} and {len(image)}")
+    if pool > n:
+        return {k: {"unavailable": f"pool of {pool} is larger than the {n} test images"} for k in keys}
+    return dict(zip(keys, retrieval_top1(brain, image, pool=pool, draws=draws, seed=seed)))

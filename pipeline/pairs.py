@@ -1,0 +1,120 @@
+"""Stage 2's input: an fMRI cache and a CLIP cache, checked to fit together.
+
+Rows of the fMRI store (``train/betas``) pair with rows of the CLIP store through
+``train/image_ids`` (0-based 73k ids = CLIP store row numbers). Nothing here runs CLIP; target
+arrays stay lazy zarr arrays, so callers can stream them in blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from .errors import UserError
+from .store import open_existing
+
+SPLITS = ("train", "test")
+
+
+@dataclass
+class Pairs:
+    """fMRI rows and the CLIP-cache targets they index, for one subject."""
+
+    fmri: zarr.Group
+    clip: zarr.Group
+    fmri_path: Path
+    clip_path: Path
+    targets: list[str]
+
+    def betas(self, split: str) -> np.ndarray:
+        return self.fmri[f"{split}/betas"][...]
+
+    def image_ids(self, split: str) -> np.ndarray:
+        return self.fmri[f"{split}/image_ids"][...]
+
+    def target(self, name: str) -> zarr.Array:
+        """A lazy (N, ...) target array of the CLIP store; index rows with :meth:`image_ids`."""
+        return self.clip[name]
+
+    def target_rows(self, name: str, split: str) -> np.ndarray:
+        """The target rows of a split's images, in the fMRI store's row order."""
+        ids = self.image_ids(split)
+        order = np.argsort(ids, kind="stable")
+        rows = np.empty((len(ids), *self.clip[name].shape[1:]), self.clip[name].dtype)
+        rows[order] = self.clip[name].get_orthogonal_selection((ids[order],))
+        return rows
+
+    def roi(self, name: str) -> np.ndarray:
+        key = f"voxels/{name}"
+        if key not in self.fmri:
+            raise UserError(f"{self.fmri_path}: no ROI array {key!r} (has {_members(self.fmri, 'voxels')})")
+        return self.fmri[key][...]
+
+    @property
+    def subject(self) -> int | None:
+        return self.fmri.attrs.get("subject")
+
+
+def _members(group: zarr.Group, path: str) -> list[str]:
+    return sorted(group[path].array_keys()) if path in group else []
+
+
+def available_targets(clip: zarr.Group) -> list[str]:
+    """Every array a stage-2 model can predict: ``image_embeds``, ``text_embeds``, ``layers/<name>``."""
+    names = [n for n in ("image_embeds", "text_embeds") if n in clip]
+    return names + [f"layers/{n}" for n in _members(clip, "layers")]
+
+
+def open_pairs(fmri_path: Path | str, clip_path: Path | str, targets: list[str], subject: int | None = None) -> Pairs:
+    """Open and cross-check the two caches; every mismatch is one clear :class:`UserError`."""
+    fmri_path, clip_path = Path(fmri_path), Path(clip_path)
+    fmri = open_existing(fmri_path, "fMRI cache")
+    clip = open_existing(clip_path, "CLIP cache")
+    for split in SPLITS:
+        for name in ("betas", "image_ids"):
+            if f"{split}/{name}" not in fmri:
+                raise UserError(f"{fmri_path}: no {split}/{name}; is it an fMRI cache made by prepare-fmri?")
+    store_subject = fmri.attrs.get("subject")
+    if subject is not None and store_subject != subject:
+        raise UserError(f"{fmri_path} holds subject {store_subject}, not subject {subject}")
+    known = available_targets(clip)
+    if not targets:
+        raise UserError("--targets: name at least one target")
+    missing = [t for t in targets if t not in known]
+    if missing:
+        raise UserError(f"{clip_path}: no target {', '.join(missing)} (available: {', '.join(known) or 'none'})")
+    n_rows = {clip[t].shape[0] for t in targets}
+    if len(n_rows) != 1:
+        raise UserError(f"{clip_path}: targets have different row counts {sorted(n_rows)}")
+    n = n_rows.pop()
+    for split in SPLITS:
+        ids = fmri[f"{split}/image_ids"][...]
+        if len(ids) != fmri[f"{split}/betas"].shape[0]:
+            raise UserError(f"{fmri_path}: {split}/image_ids and {split}/betas differ in length")
+        if len(ids) and (ids.min() < 0 or ids.max() >= n):
+            raise UserError(
+                f"{fmri_path}: {split} image ids reach {ids.max()} but {clip_path} has rows 0..{n - 1}; "
+                "were the two caches made from the same NSD stimuli?"
+            )
+        _check_filled(clip, clip_path, ids, split)
+        betas = fmri[f"{split}/betas"][...]
+        if not np.isfinite(betas).all():
+            bad = np.unique(np.nonzero(~np.isfinite(betas))[1])
+            raise UserError(f"{fmri_path}: {split}/betas has NaN/inf in {len(bad)} voxels (first: {bad[:5].tolist()})")
+    return Pairs(fmri, clip, fmri_path, clip_path, list(targets))
+
+
+def _check_filled(clip: zarr.Group, clip_path: Path, ids: np.ndarray, split: str) -> None:
+    """Refuse images whose CLIP rows were never extracted (a partial or ``--images`` subset cache)."""
+    if "filled" not in clip:
+        return
+    filled = clip["filled"][...].astype(bool)
+    missing = ids[~filled[ids]]
+    if len(missing):
+        raise UserError(
+            f"{clip_path}: {len(missing)} {split} images were not extracted (first ids {missing[:5].tolist()}); "
+            "rerun extract-clip with --images covering them"
+        )

@@ -1,0 +1,71 @@
+"""DVC stage ``extract_clip``: every stimulus -> per-layer CLIP tokens in ``cache/clip/<model>__<pretrained>.zarr``
+(see :mod:`pipeline.extract`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .params import resolve, user_errors
+
+
+def default_out(model: str, pretrained: str) -> Path:
+    """``cache/clip/<model>__<pretrained>.zarr``, with file names reduced to their stem."""
+    def short(value: str) -> str:
+        return Path(value).stem if Path(value).suffix else value
+
+    return Path("cache/clip") / f"{short(model)}__{short(pretrained)}.zarr"
+
+
+@user_errors
+def command(
+    stimuli: Optional[Path] = typer.Option(
+        None, help="nsd_stimuli.hdf5, or the NSD root holding it (needed for captions, shared, subject:N) "
+        "(params: extract_clip.stimuli)."),
+    out: Optional[Path] = typer.Option(None, help="Output store (default: cache/clip/<model>__<pretrained>.zarr)."),
+    model: Optional[str] = typer.Option(None, help="open_clip architecture name or a model-config JSON (default: ViT-L-14)."),
+    pretrained: Optional[str] = typer.Option(
+        None, help="open_clip pretrained tag, a checkpoint file (state_dict: torch.save or .safetensors) "
+        "or none (default: openai)."),
+    layers: Optional[str] = typer.Option(
+        None, help="1-based blocks and range aggregates, e.g. 8,16,24,11-20:mean (default: 8,16,24)."),
+    tokens: Optional[str] = typer.Option(None, help="all | cls | mean | grid:K (default: all)."),
+    images: Optional[str] = typer.Option(
+        None, help="Rows to fill: all | shared | subject:N | A-B (0-based ids, inclusive); rounded out to "
+        "whole shards (default: all)."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per forward pass (default: 64)."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:K (default: auto)."),
+    dtype: Optional[str] = typer.Option(
+        None, help="Compute precision: auto (float16 on GPU, float32 on CPU) | float16 | bfloat16 | float32; "
+        "layers are always stored float16."),
+    captions: Optional[bool] = typer.Option(
+        None, "--captions/--no-captions", help="Write text_embeds of the COCO captions (default: when present)."),
+    shard_rows: Optional[int] = typer.Option(None, help="Images per shard: one file per array and the unit of "
+                                             "work and resume (default: 1024)."),
+    chunk_rows: Optional[int] = typer.Option(None, help="Images per layer chunk (default: as many as fit in 1 MiB)."),
+    loader_workers: Optional[int] = typer.Option(
+        None, help="Processes reading and preprocessing images (default: 0 on CPU, up to 8 on GPU)."),
+    workers: Optional[int] = typer.Option(None, help="Run on a local dask cluster of N worker processes (one per GPU)."),
+    scheduler: Optional[str] = typer.Option(None, help="Run on a dask.distributed scheduler, e.g. tcp://host:8786."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Rebuild a store made with other settings (default: refuse). Same settings resume."),
+) -> None:
+    """Cache per-layer CLIP tokens, image and caption embeddings of every stimulus (resumable)."""
+    from pipeline.extract import extract_clip  # imports torch: only when run
+
+    p = resolve(
+        "extract_clip", stimuli=stimuli, out=out, model=model, pretrained=pretrained, layers=layers,
+        tokens=tokens, images=images, batch_size=batch_size, device=device, dtype=dtype, captions=captions,
+        shard_rows=shard_rows, chunk_rows=chunk_rows, loader_workers=loader_workers, workers=workers,
+        scheduler=scheduler,
+    )
+    source = p.pop("stimuli", None)
+    if source is None:
+        raise typer.BadParameter("give --stimuli or set extract_clip.stimuli in params.yaml")
+    p.setdefault("model", "ViT-L-14")
+    p.setdefault("pretrained", "openai")
+    target = Path(p.pop("out", None) or default_out(p["model"], p["pretrained"]))
+    extract_clip(source, target, overwrite=overwrite, report=lambda line: typer.echo(line, err=True), **p)
+    typer.echo(f"wrote {target}")

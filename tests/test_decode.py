@@ -1,0 +1,342 @@
+"""Decoders and BrainCLIP tasks: retrieval against brute force, tiny offline Stable unCLIP, PNG output,
+zero-shot category decoding on the demo's planted classes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import open_clip
+import pytest
+import torch
+import zarr
+from PIL import Image
+
+from pipeline import clip, decode, zeroshot
+from pipeline.demo import SHAPES
+from pipeline.errors import UserError
+from pipeline.nsd import NSD
+
+D = 32  # tiny CLIP embedding size (the demo's nsd-tiny-vit has embed_dim 32 too)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models run much faster on one thread than on two contended ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---- file names, PNGs, grid -----------------------------------------------------------------------------
+def test_recon_names_and_png_round_trip(tmp_path: Path):
+    assert decode.recon_name(1234) == "01234.png"
+    assert decode.recon_name(72999, 2) == "72999_2.png"
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (3, 2, 8, 8, 3), dtype=np.uint8)
+    paths = decode.write_reconstructions(tmp_path / "recon", [5, 70, 123], imgs)
+    assert sorted(p.name for p in paths) == sorted(
+        ["00005.png", "00005_1.png", "00070.png", "00070_1.png", "00123.png", "00123_1.png"]
+    )
+    np.testing.assert_array_equal(decode.read_reconstructions(tmp_path / "recon", [123, 5]), imgs[[2, 0], 0])
+    np.testing.assert_array_equal(decode.read_reconstructions(tmp_path / "recon", [70], sample=1), imgs[[1], 1])
+    with pytest.raises(UserError, match="reconstruction of image 6 not found: .*00006.png"):
+        decode.read_reconstructions(tmp_path / "recon", [5, 6])
+    with pytest.raises(UserError, match="3 reconstructions but 2 image ids"):
+        decode.write_reconstructions(tmp_path / "x", [1, 2], imgs)
+
+
+def test_grid_puts_ground_truth_above_reconstruction(tmp_path: Path):
+    gt = np.zeros((3, 10, 10, 3), np.uint8)
+    gt[..., 0] = 255  # red
+    rec = np.zeros((3, 10, 10, 3), np.float32)
+    rec[..., 2] = 1.0  # blue, float input
+    path = decode.write_grid(tmp_path / "grid.png", gt, rec, per_row=2, tile=16)
+    grid = np.asarray(Image.open(path))
+    gap = 1
+    assert grid.shape == (2 * (2 * 16 + 3 * gap) + gap, 2 * (16 + gap) + gap, 3)
+    assert tuple(grid[gap + 8, gap + 8]) == (255, 0, 0)  # first pair, top: GT
+    assert tuple(grid[gap + 16 + gap + 8, gap + 8]) == (0, 0, 255)  # below it: reconstruction
+    assert tuple(grid[gap + 35 + 8, gap + 8]) == (255, 0, 0)  # third image starts the second row pair
+
+
+# ---- retrieval ------------------------------------------------------------------------------------------
+def test_nearest_rows_matches_brute_force(tmp_path: Path):
+    rng = np.random.default_rng(1)
+    bank = rng.normal(size=(50, 3, 4)).astype(np.float32)
+    bank[7] = bank[3] * 2.0  # same direction as row 3: equal cosine, the lower id wins
+    queries = rng.normal(size=(6, 3, 4))
+    queries[0] = bank[3]
+    exclude = [10, 20, 30]
+    z = zarr.create_array(tmp_path / "bank.zarr", shape=bank.shape, chunks=(8, 3, 4), dtype="float32")
+    z[...] = bank
+    ids, sims = decode.nearest_rows(queries, z, exclude=exclude, k=4, max_values=7 * 12)  # 8 blocks
+
+    b = bank.reshape(50, -1).astype(np.float64)
+    q = queries.reshape(6, -1)
+    cos = (q @ b.T) / np.linalg.norm(q, axis=1)[:, None] / np.linalg.norm(b, axis=1)[None]
+    cos[:, exclude] = -np.inf
+    expected = np.array([sorted(range(50), key=lambda j: (-round(cos[i, j], 5), j))[:4] for i in range(6)])
+    np.testing.assert_array_equal(ids, expected)
+    np.testing.assert_allclose(sims, np.take_along_axis(cos, expected, 1), atol=1e-5)
+    assert ids[0, 0] == 3 and ids[0, 1] == 7
+
+    with pytest.raises(UserError, match="12 values per image but the cached array has 8"):
+        decode.nearest_rows(queries, bank[:, :2])
+    with pytest.raises(UserError, match="excluded image ids must be in 0..49"):
+        decode.nearest_rows(queries, bank, exclude=[50])
+    with pytest.raises(UserError, match="cannot retrieve 48 images from 47 candidates"):
+        decode.nearest_rows(queries, bank, exclude=exclude, k=48)
+
+
+def test_take_rows_reads_h5py_in_any_order(tmp_path: Path):
+    data = np.arange(10 * 2).reshape(10, 2)
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        f["x"] = data
+    with h5py.File(tmp_path / "x.h5", "r") as f:
+        np.testing.assert_array_equal(decode.take_rows(f["x"], [7, 2, 7, 0]), data[[7, 2, 7, 0]])
+        with pytest.raises(UserError, match=r"image ids must be in 0..9, got 2..10"):
+            decode.take_rows(f["x"], [2, 10])
+
+
+@pytest.fixture(scope="module")
+def demo_clip(demo_root: Path) -> dict:
+    """A small CLIP cache of the demo made with pipeline.clip (image_embeds, captions) and its model."""
+    loaded = clip.load_model("nsd-tiny-vit", str(demo_root / "demo/nsd-tiny-vit.safetensors"))
+    nsd = NSD(demo_root)
+    with nsd.stimuli() as stim:
+        images = stim[...]
+    layer = clip.parse_layers("3", loaded.n_blocks)
+    _, embeds = clip.encode_layers(loaded, clip.preprocess_batch(loaded, images), layer, clip.TokenMode("cls"))
+    test_ids = np.sort(nsd.expdesign.sharedix - 1)
+    return {"loaded": loaded, "nsd": nsd, "images": images, "image_embeds": embeds.numpy(), "test_ids": test_ids}
+
+
+def test_retrieval_decode_on_the_demo(demo_clip: dict):
+    emb, images, test_ids = demo_clip["image_embeds"], demo_clip["images"], demo_clip["test_ids"]
+    pred = emb[test_ids] + np.random.default_rng(2).normal(scale=1e-3, size=(len(test_ids), emb.shape[1]))
+    recon, ids = decode.retrieval_decode(pred, emb, images)  # the test images themselves are allowed
+    np.testing.assert_array_equal(ids[:, 0], test_ids)
+    np.testing.assert_array_equal(recon[:, 0], images[test_ids])
+
+    recon, ids = decode.retrieval_decode(pred, emb, images, exclude=test_ids, k=2)
+    assert recon.shape == (len(test_ids), 2, *images.shape[1:])
+    assert not np.isin(ids, test_ids).any()
+    np.testing.assert_array_equal(recon[3, 1], images[ids[3, 1]])
+    with pytest.raises(UserError, match="the cache has 360 rows but the stimulus file 359"):
+        decode.retrieval_decode(pred, emb, images[:-1])
+
+
+# ---- zero-shot and text targets --------------------------------------------------------------------------
+def test_coco_categories_are_the_planted_classes(demo_clip: dict):
+    ids = np.array([0, 9, 13, 200, 359])
+    names, labels = zeroshot.coco_categories(demo_clip["nsd"], ids)
+    assert names == list(SHAPES)
+    expected = np.zeros((5, len(SHAPES)), bool)
+    expected[np.arange(5), ids % len(SHAPES)] = True  # the demo draws shape i % 8 for image i
+    np.testing.assert_array_equal(labels, expected)
+    with pytest.raises(UserError, match=r"image ids \[360\] are not in .*nsd_stim_info_merged.csv"):
+        zeroshot.coco_categories(demo_clip["nsd"], [3, 360])
+
+
+def test_class_embeddings_use_the_clip_text_tower(demo_clip: dict):
+    loaded = demo_clip["loaded"]
+    emb = zeroshot.class_embeddings(loaded, ["circle", "ring"], templates=("a photo of a {}.", "a {} shape"))
+    tok = open_clip.get_tokenizer("nsd-tiny-vit")
+    with torch.no_grad():
+        raw = loaded.model.encode_text(tok(["a photo of a ring.", "a ring shape"])).numpy().astype(np.float64)
+    raw /= np.linalg.norm(raw, axis=1, keepdims=True)
+    ring = raw.mean(0) / np.linalg.norm(raw.mean(0))
+    np.testing.assert_allclose(emb[1], ring, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-6)
+
+
+def test_zero_shot_accuracy_matches_brute_force():
+    rng = np.random.default_rng(3)
+    classes = rng.normal(size=(6, 4))
+    labels = np.zeros((20, 6), bool)
+    labels[np.arange(20), rng.integers(0, 6, 20)] = True
+    labels[:5, 0] = True  # multi-label: any of an image's categories counts
+    labels[19] = False  # an image without categories is left out
+    pred = rng.normal(size=(20, 4))
+    got = zeroshot.zero_shot_accuracy(pred, classes, labels, topk=(1, 3))
+    cos = pred @ classes.T / np.linalg.norm(pred, axis=1)[:, None] / np.linalg.norm(classes, axis=1)[None]
+    ranked = [np.argsort(-c)[:3] for c in cos[:19]]
+    assert got["top1"] == pytest.approx(np.mean([labels[i, r[0]] for i, r in enumerate(ranked)]))
+    assert got["top3"] == pytest.approx(np.mean([labels[i, r].any() for i, r in enumerate(ranked)]))
+    assert (got["n_scored"], got["n_unlabelled"]) == (19, 1)
+    perfect = zeroshot.zero_shot_accuracy(classes[labels[:19].argmax(1)], classes, labels[:19], topk=(1,))
+    assert perfect["top1"] == 1.0
+    with pytest.raises(UserError, match="between 1 and the 6 categories, not \\[7\\]"):
+        zeroshot.zero_shot_accuracy(pred, classes, labels, topk=(1, 7))
+    with pytest.raises(UserError, match="labels must be"):
+        zeroshot.zero_shot_accuracy(pred, classes, labels[:5])
+
+
+def test_caption_targets_average_present_captions():
+    emb = np.zeros((2, 3, 2))
+    emb[0, 0], emb[0, 1] = [3.0, 0.0], [0.0, 0.5]  # third caption absent (zeros)
+    emb[1, :] = [1.0, 1.0]
+    np.testing.assert_allclose(zeroshot.caption_targets(emb), [[0.5, 0.5], [2**-0.5, 2**-0.5]])
+    emb[1] = 0
+    with pytest.raises(UserError, match="1 images have no caption embedding"):
+        zeroshot.caption_targets(emb)
+
+
+# ---- Stable unCLIP with tiny offline components ----------------------------------------------------------
+def tiny_text_tower(folder: Path):
+    """A real CLIPTokenizer over a 4-token vocabulary written here, and a tiny random CLIPTextModel."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    (folder / "vocab.json").write_text(json.dumps({"<|startoftext|>": 0, "<|endoftext|>": 1, "a": 2, "a</w>": 3}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=6)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=4, hidden_size=D, intermediate_size=37, num_attention_heads=2, num_hidden_layers=1,
+        max_position_embeddings=6, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=D,
+    )).eval()
+    return tokenizer, text_encoder
+
+
+def tiny_unclip(with_image_encoder: bool = False, text_tower: tuple | None = None):
+    """diffusers-style dummy components: tiny UNet and VAE, DDIM + DDPM, no tokenizer/text encoder
+    unless ``text_tower`` is given."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableUnCLIPImg2ImgPipeline, UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(8, 16), attention_head_dim=(2, 4), cross_attention_dim=D,
+        class_embed_type="projection", projection_class_embeddings_input_dim=2 * D,
+        upcast_attention=True, use_linear_projection=True,
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, norm_num_groups=8,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, sample_size=32,
+    )
+    torch.manual_seed(0)
+    normalizer = StableUnCLIPImageNormalizer(embedding_dim=D)
+    normalizer.mean.data.normal_()
+    normalizer.std.data.uniform_(0.5, 2.0)
+    encoder = None
+    if with_image_encoder:  # only pipe.__call__ needs it (for its parameters' dtype)
+        encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+            hidden_size=D, projection_dim=D, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+            intermediate_size=37, patch_size=8,
+        )).eval()
+    pipe = StableUnCLIPImg2ImgPipeline(
+        feature_extractor=None, image_encoder=encoder, image_normalizer=normalizer.eval(),
+        image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
+        tokenizer=text_tower[0] if text_tower else None, text_encoder=text_tower[1] if text_tower else None,
+        unet=unet.eval(),
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                prediction_type="v_prediction", set_alpha_to_one=False, steps_offset=1),
+        vae=vae.eval(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def unclip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("unclip") / "tiny-unclip"
+    tiny_unclip().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def unclip_inputs() -> dict:
+    rng = np.random.default_rng(4)
+    return {
+        "embeds": rng.normal(size=(3, D)).astype(np.float32),
+        "ids": [11, 42, 7],
+        "prompt": torch.from_numpy(rng.normal(size=(1, 5, D)).astype(np.float32)),
+        "init": rng.integers(0, 256, (3, 48, 48, 3), dtype=np.uint8),
+    }
+
+
+def test_denoise_reproduces_the_diffusers_pipeline(unclip_inputs: dict):
+    pipe = tiny_unclip(with_image_encoder=True)
+    emb = torch.from_numpy(unclip_inputs["embeds"][:2])
+    pe = unclip_inputs["prompt"].expand(2, -1, -1)
+    neg = torch.zeros_like(pe)
+    gens = lambda: [decode.sample_generator(0, i, 0) for i in (3, 5)]  # noqa: E731
+    ref = pipe(image_embeds=emb, prompt_embeds=pe, negative_prompt_embeds=neg, num_inference_steps=2,
+               guidance_scale=3.0, noise_level=25, generator=gens(), output_type="np").images
+    ours = decode.denoise(pipe, emb, pe, neg, gens(), steps=2, guidance=3.0, noise_level=25)
+    np.testing.assert_array_equal(ours, ref)
+
+
+def test_unclip_decode_is_deterministic_and_detail_switch_acts(unclip_dir: Path, unclip_inputs: dict):
+    pipe = decode.load_unclip(unclip_dir, local_files_only=True)
+    assert decode.embed_dim(pipe) == D and pipe.tokenizer is None and pipe.image_encoder is None
+    kw = dict(steps=2, prompt_embeds=unclip_inputs["prompt"], noise_level=10)
+    emb, ids = unclip_inputs["embeds"], unclip_inputs["ids"]
+    first = decode.unclip_decode(pipe, emb, ids, samples=2, batch_size=4, **kw)
+    assert first.shape == (3, 2, 32, 32, 3) and first.dtype == np.uint8
+    # same seeds per (id, sample) whatever the batching and the other images in the batch
+    again = decode.unclip_decode(pipe, emb, ids, samples=2, batch_size=3, **kw)
+    assert np.abs(first.astype(int) - again).max() <= 1
+    assert np.abs(first[:, 0].astype(int) - first[:, 1]).mean() > 1  # samples differ
+    other_seed = decode.unclip_decode(pipe, emb[:1], ids[:1], seed=1, **kw)
+    assert np.abs(first[0, 0].astype(int) - other_seed[0, 0]).mean() > 1
+
+    # the detail branch: starting from init images changes the output, and which init matters
+    init = unclip_inputs["init"]
+    with_init = decode.unclip_decode(pipe, emb, ids, init_images=init, strength=0.5, **kw)
+    swapped = decode.unclip_decode(pipe, emb, ids, init_images=init[::-1], strength=0.5, **kw)
+    assert np.abs(with_init[:, 0].astype(int) - first[:, 0]).mean() > 1
+    assert np.abs(with_init[0].astype(int) - swapped[0]).mean() > 1
+    assert np.abs(with_init[1].astype(int) - swapped[1]).max() <= 1  # same init for the middle image
+
+
+def test_empty_prompt_goes_through_the_text_encoder(unclip_inputs: dict, tmp_path: Path):
+    tokenizer, text_encoder = tiny_text_tower(tmp_path)
+    pipe = tiny_unclip(text_tower=(tokenizer, text_encoder))
+    pos, neg = decode.prompt_embeddings(pipe, "")
+    ids = tokenizer("", padding="max_length", max_length=6, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = text_encoder(ids)[0]
+    torch.testing.assert_close(pos, expected)
+    torch.testing.assert_close(neg, expected)  # the unconditional branch is the empty prompt too
+    emb, image_ids = unclip_inputs["embeds"][:1], unclip_inputs["ids"][:1]
+    np.testing.assert_array_equal(
+        decode.unclip_decode(pipe, emb, image_ids, steps=1),
+        decode.unclip_decode(pipe, emb, image_ids, steps=1, prompt_embeds=expected),
+    )
+
+
+def test_unclip_errors(unclip_dir: Path, unclip_inputs: dict, tmp_path: Path):
+    pipe = decode.load_unclip(unclip_dir, local_files_only=True)
+    emb, ids, pe = unclip_inputs["embeds"], unclip_inputs["ids"], unclip_inputs["prompt"]
+    with pytest.raises(UserError, match="are 16-d but this unCLIP model takes 32-d"):
+        decode.unclip_decode(pipe, emb[:, :16], ids, prompt_embeds=pe, steps=1)
+    with pytest.raises(UserError, match=r"expected \(2, D\) image_embeds for 2 image ids"):
+        decode.unclip_decode(pipe, emb, ids[:2], prompt_embeds=pe, steps=1)
+    with pytest.raises(UserError, match="no tokenizer/text encoder: pass prompt_embeds"):
+        decode.unclip_decode(pipe, emb, ids, steps=1)
+    with pytest.raises(UserError, match="2 init images for 3 image ids"):
+        decode.unclip_decode(pipe, emb, ids, prompt_embeds=pe, init_images=unclip_inputs["init"][:2])
+    with pytest.raises(UserError, match="strength must be in"):
+        decode.unclip_decode(pipe, emb, ids, prompt_embeds=pe, init_images=unclip_inputs["init"], strength=0.1, steps=2)
+    with pytest.raises(UserError, match="noise_level must be in 0..999"):
+        decode.unclip_decode(pipe, emb, ids, prompt_embeds=pe, noise_level=1000)
+
+
+def test_load_unclip_missing_weights(tmp_path: Path):
+    with pytest.raises(UserError, match="local folder not found"):
+        decode.load_unclip(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not a diffusers pipeline folder"):
+        decode.load_unclip(tmp_path / "empty")
+    with pytest.raises(UserError, match="stable-diffusion-2-1-unclip-small.*not in .*hub-cache"):
+        decode.load_unclip("stabilityai/stable-diffusion-2-1-unclip-small", local_files_only=True,
+                           cache_dir=tmp_path / "hub-cache")

@@ -1,0 +1,362 @@
+"""BrainMCLIP and Lite-Mind on the demo: losses against numpy references, learning the planted model,
+exact reload, and clear errors for bad input.
+
+The CLIP cache is built here with the tiny demo ViT (the contract's array names and dtypes), so these
+tests do not depend on the extract-clip stage. The demo plants prf-visualrois voxels on block-3 tokens
+and floc-* voxels on the final embedding; the detail target ``layers/2-4_mean`` contains block 3.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pipeline import clip as clip_lib
+from pipeline.adapters.base import FLOC, roi_indices
+from pipeline.adapters.litemind import FrequencyBlock
+from pipeline.adapters.losses import caption_mean, info_nce, token_cosine
+from pipeline.errors import UserError
+from pipeline.fmri import prepare_fmri
+from pipeline.metrics import retrieval_top1
+from pipeline.nsd import NSD
+from pipeline.train import (
+    CacheDataset,
+    adapter_targets,
+    build_adapter,
+    load_adapter,
+    predict,
+    save_adapter,
+    split_by_image,
+    target_statistics,
+    train,
+)
+
+DETAIL, SEMANTIC, TEXT = "layers/2-4_mean", "image_embeds", "text_embeds"
+TINY_MCLIP = {"detail_target": DETAIL, "text_target": TEXT, "width": 64, "depth": 1, "token_rank": 8}
+TINY_LITEMIND = {"targets": [DETAIL, SEMANTIC]}
+FAST = {"epochs": 30, "batch_size": 16, "lr": 3e-3, "patience": None, "progress": False}
+
+
+def write_clip_cache(root: Path, out: Path) -> None:
+    """What extract-clip writes, for the whole demo pool: layers/<name> (N, T, C) float16,
+    image_embeds (N, D), text_embeds (N, K, D) (zero rows where an image has fewer captions)."""
+    nsd = NSD(root)
+    loaded = clip_lib.load_model("nsd-tiny-vit", str(root / "demo" / "nsd-tiny-vit.safetensors"))
+    layers = clip_lib.parse_layers("2-4:mean,6", loaded.n_blocks)
+    with nsd.stimuli() as stimuli:
+        images = stimuli[...]
+    tokens, embeds = clip_lib.encode_layers(
+        loaded, clip_lib.preprocess_batch(loaded, images), layers, clip_lib.TokenMode("all")
+    )
+    text = clip_lib.encode_captions(loaded, nsd.captions(np.arange(len(images))))
+    group = zarr.open_group(out, mode="w", zarr_format=3)
+    arrays = {f"layers/{k}": v for k, v in tokens.items()} | {SEMANTIC: embeds, TEXT: text}
+    for name, value in arrays.items():
+        data = value.numpy().astype(np.float16)
+        group.create_array(name, data=data, chunks=(32, *data.shape[1:]))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models train fastest on one thread; more only fight the other tests for 2 cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def caches(demo_root, tmp_path_factory) -> tuple[zarr.Group, zarr.Group]:
+    base = tmp_path_factory.mktemp("adapters")
+    fmri = zarr.open_group(prepare_fmri(demo_root, 1, base / "subj01.zarr", progress=False), mode="r")
+    write_clip_cache(demo_root, base / "clip.zarr")
+    return fmri, zarr.open_group(base / "clip.zarr", mode="r")
+
+
+def true_rows(clip: zarr.Group, name: str, ids: np.ndarray) -> np.ndarray:
+    rows = clip[name][...][ids].astype(np.float32)
+    if name == TEXT:  # the caption target is each image's mean present caption
+        present = np.abs(rows).sum(-1) > 0
+        rows = (rows * present[..., None]).sum(1) / present.sum(1, keepdims=True)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def trained(caches) -> dict:
+    """One tiny mclip (with the text branch) and one tiny litemind, trained on the demo's subject 1."""
+    fmri, clip = caches
+    out = {}
+    for method, config in (("mclip", TINY_MCLIP), ("litemind", TINY_LITEMIND)):
+        targets = adapter_targets(method, config)
+        data = CacheDataset.from_stores(fmri, clip, targets)
+        model = build_adapter(method, config, data, seed=0)
+        out[method] = (model, train(model, data, FAST), targets)
+    return out
+
+
+# ---- losses and metric against numpy -------------------------------------------------------------
+def test_info_nce_matches_numpy_reference():
+    rng = np.random.default_rng(0)
+    pred, true = rng.normal(size=(6, 3, 4)), rng.normal(size=(6, 3, 4))
+    groups = np.array([0, 1, 1, 2, 3, 3])
+    p = pred.reshape(6, -1) / np.linalg.norm(pred.reshape(6, -1), axis=1, keepdims=True)
+    t = true.reshape(6, -1) / np.linalg.norm(true.reshape(6, -1), axis=1, keepdims=True)
+    logits = p @ t.T / 0.1
+
+    def ce(lg: np.ndarray) -> float:
+        same = (groups[:, None] == groups[None, :]).astype(float)
+        q = same / same.sum(1, keepdims=True)
+        logp = lg - np.log(np.exp(lg).sum(1, keepdims=True))
+        return float(-(q * logp).sum(1).mean())
+
+    tp, tt, tg = torch.tensor(pred), torch.tensor(true), torch.tensor(groups)
+    assert info_nce(tp, tt, 0.1, symmetric=False, groups=tg).item() == pytest.approx(ce(logits), rel=1e-5)
+    assert info_nce(tp, tt, 0.1, groups=tg).item() == pytest.approx((ce(logits) + ce(logits.T)) / 2, rel=1e-5)
+    eye = np.arange(6)
+    plain = float(np.mean(np.log(np.exp(logits).sum(1)) - logits[eye, eye]))
+    assert info_nce(tp, tt, 0.1, symmetric=False).item() == pytest.approx(plain, rel=1e-5)
+
+
+def test_token_cosine_and_caption_mean():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(4, 5, 3)), rng.normal(size=(4, 5, 3))
+    cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    assert token_cosine(torch.tensor(a), torch.tensor(b)).item() == pytest.approx(1 - cos.mean(), rel=1e-6)
+
+    text = rng.normal(size=(3, 4, 2))
+    text[0, 1:] = 0  # one caption
+    text[2] = 0  # none
+    mean, has = caption_mean(torch.tensor(text))
+    assert has.tolist() == [True, True, False]
+    np.testing.assert_allclose(mean[0], text[0, 0])
+    np.testing.assert_allclose(mean[1], text[1].mean(0))
+
+
+def test_frequency_block_parts_match_numpy_fft():
+    torch.manual_seed(0)
+    block = FrequencyBlock(n_patches=7, dim=5, mlp_ratio=2, dropout=0.0, sparsity=0.01)
+    with torch.no_grad():
+        for p in (block.filter, block.w_real, block.w_imag, block.b_real, block.b_imag):
+            p.normal_()
+    x = torch.randn(2, 7, 5)
+    xn = x.double().numpy()
+    spec = np.fft.rfft(xn, axis=1, norm="ortho")
+    w = block.filter.detach().double().numpy()
+    ref = np.fft.irfft(spec * (w[..., 0] + 1j * w[..., 1]), n=7, axis=1, norm="ortho")
+    np.testing.assert_allclose(block.global_filter(x).detach().numpy(), ref, atol=1e-5)
+
+    z = spec @ (block.w_real.detach().double().numpy() + 1j * block.w_imag.detach().double().numpy())
+    z = z + block.b_real.detach().double().numpy() + 1j * block.b_imag.detach().double().numpy()
+
+    def shrink(v: np.ndarray) -> np.ndarray:
+        v = np.maximum(v, 0)
+        return np.sign(v) * np.maximum(np.abs(v) - 0.01, 0)
+
+    ref = np.fft.irfft(shrink(z.real) + 1j * shrink(z.imag), n=7, axis=1, norm="ortho")
+    np.testing.assert_allclose(block.frequency_mlp(x).detach().numpy(), ref, atol=1e-4)
+
+
+# ---- data -----------------------------------------------------------------------------------------
+def test_dataset_reads_rows_by_image_id_from_zarr_or_numpy(caches):
+    fmri, clip = caches
+    targets = [DETAIL, SEMANTIC, TEXT]
+    lazy = CacheDataset.from_stores(fmri, clip, targets)
+    ids = fmri["train/image_ids"][...]
+    eager = CacheDataset(fmri["train/betas"][...], ids, {t: clip[t][...] for t in targets}, targets)
+    rows = [5, 0, 17, 5]
+    for ds in (lazy, eager):
+        batch = ds.__getitems__(rows)
+        np.testing.assert_array_equal(batch["x"].numpy(), fmri["train/betas"][...][rows])
+        np.testing.assert_array_equal(batch["image_id"].numpy(), ids[rows])
+        for t in targets:
+            np.testing.assert_array_equal(batch["targets"][t].numpy(), clip[t][...][ids[rows]].astype(np.float32))
+    sub = lazy.subset(np.array([3, 4]))
+    np.testing.assert_array_equal(sub[1]["x"].numpy(), fmri["train/betas"][4])
+
+
+def test_target_statistics_match_numpy(caches):
+    fmri, clip = caches
+    data = CacheDataset.from_stores(fmri, clip, [DETAIL, TEXT])
+    stats = target_statistics(data, [DETAIL, TEXT], batch_size=7)
+    for name in (DETAIL, TEXT):
+        rows = true_rows(clip, name, data.image_ids).astype(np.float64)
+        np.testing.assert_allclose(stats[name][0].numpy(), rows.mean(0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(stats[name][1].numpy(), rows.std(0), rtol=1e-4, atol=1e-5)
+
+
+def test_split_by_image_keeps_repeats_together():
+    ids = np.repeat(np.arange(20), 3)[np.random.default_rng(0).permutation(60)]
+    tr, va = split_by_image(ids, 0.25, seed=3)
+    assert len(np.unique(ids[va])) == 5
+    assert not set(ids[tr]) & set(ids[va])
+    assert sorted(np.concatenate([tr, va]).tolist()) == list(range(60))
+    np.testing.assert_array_equal(split_by_image(ids, 0.25, seed=3)[1], va)
+
+
+def test_roi_assignment_follows_labels(caches):
+    fmri, clip = caches
+    labels = {k: fmri[f"voxels/{k}"][...] for k in fmri["voxels"].array_keys()}
+    flat = {f"voxels/{k}": v for k, v in labels.items()} | {k: fmri[k][...] for k in ("train/betas", "train/image_ids")}
+    data = CacheDataset.from_stores(flat, clip, adapter_targets("mclip", TINY_MCLIP))  # numpy, not zarr
+    semantic = np.flatnonzero(np.any([labels[r] > 0 for r in FLOC], axis=0))
+    low = build_adapter("mclip", {**TINY_MCLIP, "detail_rois": ["prf-visualrois"]}, data)
+    np.testing.assert_array_equal(low.voxels_semantic.numpy(), semantic)
+    np.testing.assert_array_equal(low.voxels_detail.numpy(), np.flatnonzero(labels["prf-visualrois"] > 0))
+    np.testing.assert_array_equal(roi_indices(labels, None, data.n_voxels), np.arange(data.n_voxels))
+
+
+# ---- learning, reloading --------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["mclip", "litemind"])
+def test_beats_chance_on_test_retrieval(caches, trained, method):
+    fmri, clip = caches
+    model, result, targets = trained[method]
+    test_ids = fmri["test/image_ids"][...]
+    preds = predict(model, fmri["test/betas"][...])
+    chance = 1 / len(test_ids)
+    for name in (DETAIL, SEMANTIC):
+        top1 = retrieval_top1(preds[name], true_rows(clip, name, test_ids), pool=len(test_ids), draws=1).brain_to_image
+        assert top1 >= 7 * chance, (method, name, top1)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.n_params == sum(p.numel() for p in model.parameters())
+    assert sum(model.parameter_counts().values()) == result.n_params
+    if method == "mclip":
+        assert preds[TEXT].shape == (len(test_ids), clip[TEXT].shape[2])
+        assert result.history[-1]["train_text"] < result.history[0]["train_text"]
+        assert {"train_self_rec", "train_cross_rec", "train_tokens"} <= set(result.history[0])
+
+
+@pytest.mark.parametrize("method", ["mclip", "litemind"])
+def test_saved_adapter_reloads_and_reproduces_predictions(caches, trained, method, tmp_path):
+    fmri, _ = caches
+    model, result, _ = trained[method]
+    betas = fmri["test/betas"][...]
+    save_adapter(tmp_path / method, model, extra={"train": result.as_dict()})
+    spec = (tmp_path / method / "adapter.json").read_text()
+    assert '"width": 64' in spec or '"dims": [' in spec  # the full config, not the code's defaults
+    again = load_adapter(tmp_path / method)
+    before, after = predict(model, betas), predict(again, betas)
+    assert before.keys() == after.keys()
+    for name in before:
+        np.testing.assert_array_equal(before[name], after[name])
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(caches, tmp_path, monkeypatch):
+    fmri, clip = caches
+    config = {**TINY_MCLIP, "text_target": None}
+    data = CacheDataset.from_stores(fmri, clip, adapter_targets("mclip", config))
+    settings = {**FAST, "epochs": 4, "batch_size": 32}
+
+    straight = build_adapter("mclip", config, data, seed=1)
+    full = train(straight, data, settings)
+
+    import pipeline.train as train_module
+
+    real = train_module.evaluate_loss
+    calls = {"n": 0}
+
+    def interrupt_in_epoch_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate_loss", interrupt_in_epoch_3)
+    ckpt = {**settings, "checkpoint_dir": str(tmp_path / "ckpt")}
+    with pytest.raises(KeyboardInterrupt):
+        train(build_adapter("mclip", config, data, seed=1), data, ckpt)
+    monkeypatch.setattr(train_module, "evaluate_loss", real)
+    resumed_model = build_adapter("mclip", config, data, seed=1)
+    resumed = train(resumed_model, data, ckpt)
+
+    assert resumed.resumed_from == 2
+    assert [h["val_loss"] for h in resumed.history] == [h["val_loss"] for h in full.history]
+    for (k, a), b in zip(straight.state_dict().items(), resumed_model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    with pytest.raises(UserError, match="other settings"):
+        train(build_adapter("mclip", config, data, seed=1), data, {**ckpt, "lr": 1e-3})
+
+
+def test_early_stopping_restores_best_epoch(caches):
+    fmri, clip = caches
+    config = {**TINY_MCLIP, "text_target": None}
+    targets = adapter_targets("mclip", config)
+    data = CacheDataset.from_stores(fmri, clip, targets)
+    # validation targets shuffled across images: fitting the training set makes them worse
+    ids = fmri["test/image_ids"][...]
+    shuffled = CacheDataset(fmri["test/betas"], np.roll(ids, 7), clip, targets)
+    model = build_adapter("mclip", config, data)
+    result = train(model, data, {**FAST, "epochs": 40, "patience": 3}, val=shuffled)
+    assert result.stopped_early and result.epochs_run == result.best_epoch + 3 < 40
+    losses = [h["val_loss"] for h in result.history]
+    assert result.best_val_loss == min(losses) == losses[result.best_epoch - 1]
+
+
+@pytest.mark.parametrize("method", ["mclip", "litemind"])
+def test_losses_under_autocast_match_float32(caches, trained, method):
+    """The mixed-precision path (bf16 autocast, exercised on CPU here) keeps losses in float32."""
+    fmri, clip = caches
+    model, _, targets = trained[method]
+    batch = CacheDataset.from_stores(fmri, clip, targets).__getitems__(list(range(32)))
+    args = (batch["x"], batch["targets"], batch["image_id"])
+    with torch.no_grad():
+        ref = model.loss(*args)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model.loss(*args)
+    assert ref.keys() == low.keys()
+    for k in ref:
+        assert low[k].dtype == torch.float32
+        assert float(low[k]) == pytest.approx(float(ref[k]), rel=0.02, abs=1e-3), k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_mixed_precision_trains(caches):
+    fmri, clip = caches
+    data = CacheDataset.from_stores(fmri, clip, adapter_targets("litemind", TINY_LITEMIND))
+    model = build_adapter("litemind", TINY_LITEMIND, data)
+    result = train(model, data, {**FAST, "epochs": 3, "device": "cuda", "amp": True})
+    assert all(np.isfinite(h["train_loss"]) for h in result.history)
+    preds = predict(model, fmri["test/betas"][...])
+    assert all(np.isfinite(v).all() for v in preds.values())
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+def test_bad_input_gives_clear_user_errors(caches, trained, tmp_path):
+    fmri, clip = caches
+    betas, ids = fmri["train/betas"][...], fmri["train/image_ids"][...]
+    arrays = {t: clip[t][...] for t in (DETAIL, SEMANTIC)}
+
+    nan = betas.copy()
+    nan[4, [10, 20]] = np.nan
+    with pytest.raises(UserError, match=r"NaN/inf in 2 voxels \(first: \[10, 20\]\)"):
+        CacheDataset(nan, ids, arrays, [DETAIL])
+    with pytest.raises(UserError, match=r"no target 'layers/11-20_mean' \(available: image_embeds, layers/2-4_mean"):
+        CacheDataset.from_stores(fmri, clip, ["layers/11-20_mean"])
+    far = ids.copy()
+    far[0] = clip[DETAIL].shape[0]
+    with pytest.raises(UserError, match=f"outside the CLIP cache's rows 0..{clip[DETAIL].shape[0] - 1}"):
+        CacheDataset(betas, far, arrays, [DETAIL])
+
+    model = trained["litemind"][0]
+    with pytest.raises(UserError, match="NaN/inf"):
+        predict(model, nan)
+    with pytest.raises(UserError, match=f"expects \\(n, {betas.shape[1]}\\)"):
+        predict(model, betas[:, :-1])
+
+    data = CacheDataset(betas, ids, arrays, [DETAIL, SEMANTIC])
+    with pytest.raises(UserError, match="unknown adapter method 'ridge2'"):
+        build_adapter("ridge2", {}, data)
+    with pytest.raises(UserError, match="unknown mclip parameter 'widht'"):
+        build_adapter("mclip", {"widht": 3}, data)
+    with pytest.raises(UserError, match="mclip needs target 'text_embeds'"):
+        build_adapter("mclip", TINY_MCLIP, data)
+    with pytest.raises(UserError, match="needs the fMRI cache's voxels"):
+        build_adapter("mclip", {**TINY_MCLIP, "text_target": None}, data)  # no ROI labels given
+    with_rois = CacheDataset(betas, ids, arrays, [DETAIL, SEMANTIC], fmri["voxels"])
+    with pytest.raises(UserError, match="must hold \\(N, T, C\\) tokens"):
+        build_adapter("mclip", {**TINY_MCLIP, "text_target": None, "detail_target": SEMANTIC}, with_rois)
+    with pytest.raises(UserError, match="adapter.json not found"):
+        load_adapter(tmp_path / "nothing")
