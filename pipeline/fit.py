@@ -27,7 +27,7 @@ import numpy as np
 import zarr
 
 from . import __version__, metrics
-from .adapters.base import roi_indices
+from .adapters.base import make_config, roi_indices
 from .errors import UserError
 from .pairs import Pairs, open_pairs
 from .store import compressor
@@ -132,8 +132,8 @@ def _fit_trained(pairs: Pairs, method, run: Path, params, train, seed, device, p
 
     data = CacheDataset.from_stores(pairs.fmri, pairs.clip, pairs.targets, split="train")
     model = build_adapter(method, params, data, seed=seed)
-    cfg = TrainConfig(**{"seed": seed, "device": device, "progress": progress, **dict(train or {}),
-                         "checkpoint_dir": str(checkpoints)})
+    cfg = make_config(TrainConfig, {"seed": seed, "device": device, "progress": progress, **dict(train or {}),
+                                    "checkpoint_dir": str(checkpoints)}, "train")
     result = train_loop(model, data, cfg)
     folder = save_adapter(run / "adapters" / method, model, extra={"train": result.as_dict()})
     reloaded = load_adapter(folder)  # predictions come from what was saved
