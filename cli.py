@@ -2,7 +2,7 @@
 
 import typer
 
-from stages import extract_clip, fit_adapters, make_demo, prepare_fmri
+from stages import decode, evaluate, extract_clip, fit_adapters, make_demo, prepare_fmri
 
 app = typer.Typer(
     add_completion=False,
@@ -15,6 +15,8 @@ app.command("make-demo")(make_demo.command)
 app.command("prepare-fmri")(prepare_fmri.command)
 app.command("extract-clip")(extract_clip.command)
 app.command("fit-adapters")(fit_adapters.command)
+app.command("decode")(decode.command)
+app.command("evaluate")(evaluate.command)
 
 if __name__ == "__main__":
     app()

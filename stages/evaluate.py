@@ -1,0 +1,31 @@
+"""DVC stage ``evaluate``: reconstructions + predictions -> ``runs/<exp>/metrics.json`` (see :mod:`pipeline.evaluation`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .params import resolve, user_errors
+
+
+@user_errors
+def command(
+    run: Path = typer.Option(..., help="Run folder that decode has filled."),
+    nsd_root: Optional[Path] = typer.Option(None, help="NSD root holding nsd_stimuli.hdf5 [params: evaluate.nsd_root]."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda for the feature networks."),
+) -> None:
+    """Score reconstructions with the MindEye2 protocol (metrics without local weights are reported unavailable)."""
+    from pipeline.evaluation import evaluate_run  # imports torch: only when run
+
+    p = resolve("evaluate", nsd_root=nsd_root, device=device)
+    root = p.pop("nsd_root", None)
+    if root is None:
+        raise typer.BadParameter("give --nsd-root or set evaluate.nsd_root in params.yaml")
+    weights = p.pop("weights", None) or None
+    out = evaluate_run(run, root, weights=weights, **{k: v for k, v in p.items() if k in ("device", "pool", "draws", "seed")})
+    typer.echo(json.dumps(out["reconstruction"], indent=1))
+    for name, reason in out["unavailable"].items():
+        typer.echo(f"{name}: unavailable ({reason})")
