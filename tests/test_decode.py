@@ -22,14 +22,6 @@ from pipeline.nsd import NSD
 D = 32  # tiny CLIP embedding size (the demo's nsd-tiny-vit has embed_dim 32 too)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models run much faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ---- file names, PNGs, grid -----------------------------------------------------------------------------
 def test_recon_names_and_png_round_trip(tmp_path: Path):

@@ -33,14 +33,6 @@ KW = dict(model="nsd-tiny-vit", layers=LAYERS, shard_rows=64, batch_size=24, pro
 # 360 images -> 6 shards (the last one 40 rows); 64 = 24 + 24 + 16, so batches never cross a shard
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: fast on a shared 2-core machine and the same in every process we start."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def weights(demo_root) -> Path:

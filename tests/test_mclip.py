@@ -60,14 +60,6 @@ def write_clip_cache(root: Path, out: Path) -> None:
         group.create_array(name, data=data, chunks=(32, *data.shape[1:]))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models train fastest on one thread; more only fight the other tests for 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="session")
 def caches(demo_root, tmp_path_factory) -> tuple[zarr.Group, zarr.Group]:

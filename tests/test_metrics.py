@@ -19,14 +19,6 @@ from pipeline import metrics as M
 from pipeline.errors import UserError
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models run much faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture
 def images() -> tuple[np.ndarray, np.ndarray]:
