@@ -47,7 +47,7 @@ torch.set_num_threads(args["threads"])
 model, _, preprocess = open_clip.create_model_and_transforms(args["model"], pretrained=None)
 model.load_state_dict(torch.load(args["weights"], map_location="cpu"))
 visual = model.visual.eval()
-extractor = get_extractor_from_model(model=visual, device=args["device"], transforms=preprocess, backend="pt")
+extractor = get_extractor_from_model(model=visual, device=args["device"], preprocess=preprocess, backend="pt")
 modules = [f"transformer.resblocks.{k - 1}" for k in args["blocks"]]
 
 def run():
