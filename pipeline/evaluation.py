@@ -103,15 +103,39 @@ def evaluate_run(
     n = len(test_ids)
     results = metrics.evaluate(gt, rec, brain=brain, image=image, weights=weights, device=device,
                                pool=min(pool, n), draws=draws, seed=seed)
+    brainclip = brainclip_tasks(preds, info, NSD(nsd_root), test_ids, device, pool=min(pool, n), draws=draws, seed=seed)
     fit = json.loads((run / "fit_report.json").read_text()) if (run / "fit_report.json").is_file() else {}
     numbers = {k: v for k, v in results.items() if not isinstance(v, dict)}
     missing = {k: v["unavailable"] for k, v in results.items() if isinstance(v, dict)}
     out = {"method": info.get("method"), "retrieval_pool": min(pool, n), "reconstruction": numbers,
-           "targets": fit.get("targets", {}), "unavailable": missing}
+           "brainclip": brainclip, "targets": fit.get("targets", {}), "unavailable": missing}
     (run / "metrics.json").write_text(json.dumps(out, indent=2))
     plots = run / "plots"
     plots.mkdir(exist_ok=True)
     (plots / "targets.json").write_text(json.dumps(
         [{"target": t, **{k: v for k, v in r.items() if isinstance(v, float)}} for t, r in out["targets"].items()],
         indent=2))
+    return out
+
+
+def brainclip_tasks(preds: zarr.Group, info: dict, nsd: NSD, test_ids: np.ndarray, device: str, *,
+                    pool: int, draws: int, seed: int) -> dict[str, Any]:
+    """Zero-shot category decoding (class-name prompts through the cache's own CLIP text tower)
+    from predicted ``image_embeds``, and fMRI->text retrieval from predicted ``text_embeds``."""
+    from . import clip as clip_models
+    from .zeroshot import caption_targets, class_embeddings, coco_categories, zero_shot_accuracy
+
+    out: dict[str, Any] = {}
+    store = open_existing(Path(info["clip"]), "CLIP cache of the run")
+    if "test/image_embeds" in preds:
+        names, labels = coco_categories(nsd, test_ids)
+        loaded = clip_models.load_model(store.attrs["model"], store.attrs["pretrained"], device)
+        classes = class_embeddings(loaded, names, device=device)
+        out["zero_shot"] = zero_shot_accuracy(preds["test/image_embeds"][...], classes, labels,
+                                              topk=[k for k in (1, 5) if k <= len(names)])
+        out["zero_shot"]["chance_top1"] = float(labels.sum(1).mean() / len(names))
+    if "test/text_embeds" in preds and "text_embeds" in store:
+        truth = caption_targets(decode.take_rows(store["text_embeds"], test_ids))
+        ret = metrics.retrieval_top1(preds["test/text_embeds"][...], truth, pool=pool, draws=draws, seed=seed)
+        out["fmri_to_text_top1"] = ret.brain_to_image
     return out

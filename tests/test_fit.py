@@ -65,6 +65,8 @@ def test_decode_retrieval_and_evaluate(stores, demo_root, tmp_path):
     out = evaluate_run(tmp_path / "run", demo_root)
     assert 0 < out["reconstruction"]["SSIM"] <= 1 and "AlexNet(2)" in out["unavailable"]
     assert json.loads((tmp_path / "run/metrics.json").read_text())["method"] == "ridge"
+    zero = out["brainclip"]["zero_shot"]
+    assert zero["n_scored"] == len(test_ids) and 0 <= zero["top1"] <= zero["top5"] <= 1
 
 
 def test_bad_inputs(stores, tmp_path):
