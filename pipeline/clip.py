@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import json
 import re
 from dataclasses import dataclass
@@ -196,6 +197,13 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+class _NoRandomInitWarning(logging.Filter):
+    """Hide open_clip's "initialized randomly" warning when a checkpoint file is loaded right after."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Model initialized randomly" not in record.getMessage()
+
+
 def load_model(model: str, pretrained: str | None = "openai", device: str = "cpu") -> LoadedModel:
     """Build an open_clip model by name or config and load weights from a tag, a file or none.
 
@@ -211,10 +219,15 @@ def load_model(model: str, pretrained: str | None = "openai", device: str = "cpu
     if tag is not None and tag not in open_clip.list_pretrained_tags_by_model(name):
         known = open_clip.list_pretrained_tags_by_model(name) or ["none"]
         raise UserError(f"--pretrained: {name} has no pretrained tag {tag!r} (known: {', '.join(known)})")
+    quiet = _NoRandomInitWarning()
+    if ckpt is not None:  # the file's weights are loaded right below
+        logging.getLogger().addFilter(quiet)
     try:
         net, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, device="cpu")
     except RuntimeError as exc:  # missing download, no network
         raise UserError(f"cannot load weights {name}/{tag}: {exc}") from None
+    finally:
+        logging.getLogger().removeFilter(quiet)
     sha = None
     if ckpt is not None:
         try:

@@ -537,9 +537,12 @@ def extract_clip(
     ``captions``: None = write ``text_embeds`` when the NSD root has the stim-info table and COCO
     annotations, True = require them, False = skip. ``workers``/``scheduler`` run the shards on
     dask.distributed (a local cluster of N processes, or a running scheduler whose workers see
-    the same ``stimuli`` and ``out`` paths). ``report`` receives the size projection and notes.
+    the same ``stimuli`` and ``out`` paths; ``device=auto`` is then resolved on each worker, so pass
+    ``dtype`` when this process has no GPU but the workers do). ``report`` receives the size
+    projection line.
     """
     out = Path(out)
+    pretrained = "none" if pretrained in (None, "") else str(pretrained)
     token_mode = clip.TokenMode.parse(str(tokens))
     for name, value in (("--batch-size", batch_size), ("--shard-rows", shard_rows)):
         if int(value) < 1:
