@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import clip  # noqa: E402
 from pipeline.demo import DemoConfig, make_images  # noqa: E402
 from pipeline.extract import cached_model, extract_clip, resolve_device, resolve_dtype  # noqa: E402
+from report import emit  # noqa: E402  (benchmarks/ is the script's folder)
 
 THINGSVISION_SCRIPT = r'''
 import json, sys, time
@@ -201,10 +202,7 @@ def main() -> None:
     else:
         result["thingsvision"] = {"skipped": f"{args.tv_python} not found; see the module docstring to set it up"}
 
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

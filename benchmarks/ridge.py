@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from report import emit  # noqa: E402  (benchmarks/ is the script's folder)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -275,10 +276,7 @@ def main() -> None:
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    emit(report, args.json)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Prints one JSON object. The tiny ViT has random weights: only the timings mean a
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -35,6 +34,7 @@ from pipeline.fmri import prepare_fmri  # noqa: E402
 from pipeline.nsd import NSD  # noqa: E402
 from pipeline.store import compressor  # noqa: E402
 from pipeline.train import CacheDataset, adapter_targets, build_adapter, resolve_device, take_rows, train  # noqa: E402
+from report import emit  # noqa: E402  (benchmarks/ is the script's folder)
 
 LAYERS = "2-4:mean"
 MODEL = {
@@ -181,10 +181,7 @@ def main() -> None:
         "cache_build_seconds_once": round(build_s, 3),
         "cache_vs_online_target_max_abs_diff": diff,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":
