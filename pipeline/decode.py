@@ -38,6 +38,7 @@ from PIL import Image
 
 from .errors import UserError
 from .metrics import as_float_images, hf_hub_cache
+from .store import take_rows  # noqa: F401  (part of this module's API)
 
 ID_WIDTH = 5
 """Digits of the zero-padded 0-based 73k id in file names (NSD ids run 0..72999)."""
@@ -172,15 +173,6 @@ def _top_k(sims: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
         order = cols[np.lexsort((idx[r, cols], -sims[r, cols]))][:k]
         out_sim[r], out_idx[r] = sims[r, order], idx[r, order]
     return out_sim, out_idx
-
-
-def take_rows(array, ids: Sequence[int]) -> np.ndarray:
-    """``array[ids]`` for numpy, zarr or h5py arrays (h5py needs sorted unique indices)."""
-    ids = np.asarray(ids, dtype=np.int64)
-    if ids.size and (ids.min() < 0 or ids.max() >= array.shape[0]):
-        raise UserError(f"image ids must be in 0..{array.shape[0] - 1}, got {ids.min()}..{ids.max()}")
-    uniq, inverse = np.unique(ids, return_inverse=True)
-    return np.asarray(array[uniq])[inverse] if uniq.size else np.asarray(array[:0])
 
 
 def retrieval_decode(

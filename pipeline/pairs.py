@@ -14,7 +14,7 @@ import numpy as np
 import zarr
 
 from .errors import UserError
-from .store import open_existing
+from .store import open_existing, take_rows
 
 SPLITS = ("train", "test")
 
@@ -41,11 +41,7 @@ class Pairs:
 
     def target_rows(self, name: str, split: str) -> np.ndarray:
         """The target rows of a split's images, in the fMRI store's row order."""
-        ids = self.image_ids(split)
-        order = np.argsort(ids, kind="stable")
-        rows = np.empty((len(ids), *self.clip[name].shape[1:]), self.clip[name].dtype)
-        rows[order] = self.clip[name].get_orthogonal_selection((ids[order],))
-        return rows
+        return take_rows(self.clip[name], self.image_ids(split))
 
     def roi(self, name: str) -> np.ndarray:
         key = f"voxels/{name}"

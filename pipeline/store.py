@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
@@ -52,3 +53,22 @@ def open_existing(path: Path, what: str) -> zarr.Group:
         return zarr.open_group(path, mode="r")
     except Exception as exc:  # zarr raises several types for a non-store folder
         raise UserError(f"{what} is not a readable Zarr group: {path} ({exc})") from None
+
+
+def take_rows(array, rows) -> np.ndarray:
+    """``array[rows]`` in the order asked, for numpy, zarr or h5py arrays.
+
+    Lazy stores are read once per distinct row, in sorted order (h5py needs that); rows outside
+    the array are one clear error.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size and (rows.min() < 0 or rows.max() >= array.shape[0]):
+        raise UserError(f"image ids must be in 0..{array.shape[0] - 1}, got {rows.min()}..{rows.max()}")
+    if isinstance(array, np.ndarray):
+        return array[rows]
+    unique, inverse = np.unique(rows, return_inverse=True)
+    if isinstance(array, zarr.Array):
+        block = array.get_orthogonal_selection((unique,))
+    else:
+        block = np.asarray(array[unique]) if unique.size else np.asarray(array[:0])
+    return block[inverse.reshape(rows.shape)]

@@ -50,6 +50,7 @@ from .adapters.litemind import LiteMind
 from .adapters.losses import caption_mean
 from .adapters.mclip import BrainMCLIP
 from .errors import UserError
+from .store import take_rows
 
 ADAPTERS: dict[str, type[Adapter]] = {"mclip": BrainMCLIP, "litemind": LiteMind}
 WEIGHTS_FILE, SPEC_FILE = "adapter.safetensors", "adapter.json"
@@ -58,18 +59,6 @@ CHECKPOINT_PARTS = ("model", "optimizer", "scheduler", "scaler")
 
 
 # ---- data -----------------------------------------------------------------------------------------
-def take_rows(array: Any, rows: np.ndarray) -> np.ndarray:
-    """Rows of a numpy, zarr or h5py array, in the order asked (lazy stores read sorted, once each)."""
-    if isinstance(array, np.ndarray):
-        return array[rows]
-    unique, inverse = np.unique(rows, return_inverse=True)
-    if isinstance(array, zarr.Array):
-        block = array.get_orthogonal_selection((unique,))
-    else:
-        block = np.asarray(array[unique])
-    return block[inverse]
-
-
 def _array_names(store: Mapping[str, Any] | zarr.Group) -> list[str]:
     if isinstance(store, zarr.Group):
         return sorted(name for name, node in store.members(max_depth=None) if isinstance(node, zarr.Array))
