@@ -34,10 +34,11 @@ import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import clip  # noqa: E402
-from pipeline.demo import DemoConfig, make_images  # noqa: E402
-from pipeline.extract import cached_model, extract_clip, resolve_device, resolve_dtype  # noqa: E402
 from report import emit  # noqa: E402  (benchmarks/ is the script's folder)
+
+from pipeline.data.demo import DemoConfig, make_images  # noqa: E402
+from pipeline.features import clip  # noqa: E402
+from pipeline.features.extract import cached_model, extract_clip, resolve_device, resolve_dtype  # noqa: E402
 
 THINGSVISION_SCRIPT = r'''
 import json, sys, time

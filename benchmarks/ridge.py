@@ -78,7 +78,7 @@ def make_problem(args: argparse.Namespace, work: Path) -> dict:
     """Write X, groups, folds and the float16 target arrays; targets are generated in blocks."""
     import zarr
 
-    from pipeline.adapters.ridge import grouped_folds
+    from pipeline.fitting.adapters.ridge import grouped_folds
     from pipeline.store import compressor
 
     rng = np.random.default_rng(args.seed)
@@ -146,7 +146,7 @@ def r2_columns(Y: np.ndarray, P: np.ndarray) -> np.ndarray:
 def worker(args: argparse.Namespace) -> dict:
     import zarr  # threads come from OMP_NUM_THREADS (set by run_worker); torch is imported only if used
 
-    from pipeline.adapters.ridge import RidgeAdapter
+    from pipeline.fitting.adapters.ridge import RidgeAdapter
 
     work = args.workdir
     X, X_test, groups = np.load(work / "X.npy"), np.load(work / "X_test.npy"), np.load(work / "groups.npy")

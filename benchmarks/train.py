@@ -28,13 +28,14 @@ import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import clip as clip_lib  # noqa: E402
-from pipeline.demo import make_demo  # noqa: E402
-from pipeline.fmri import prepare_fmri  # noqa: E402
-from pipeline.nsd import NSD  # noqa: E402
-from pipeline.store import compressor  # noqa: E402
-from pipeline.train import CacheDataset, adapter_targets, build_adapter, resolve_device, take_rows, train  # noqa: E402
 from report import emit  # noqa: E402  (benchmarks/ is the script's folder)
+
+from pipeline.data.demo import make_demo  # noqa: E402
+from pipeline.data.fmri import prepare_fmri  # noqa: E402
+from pipeline.data.nsd import NSD  # noqa: E402
+from pipeline.features import clip as clip_lib  # noqa: E402
+from pipeline.fitting.train import CacheDataset, adapter_targets, build_adapter, resolve_device, take_rows, train  # noqa: E402
+from pipeline.store import compressor  # noqa: E402
 
 LAYERS = "2-4:mean"
 MODEL = {

@@ -1,4 +1,4 @@
-"""DVC stage ``evaluate``: reconstructions + predictions -> ``runs/<exp>/metrics.json`` (see :mod:`pipeline.evaluation`)."""
+"""DVC stage ``evaluate``: reconstructions + predictions -> ``runs/<exp>/metrics.json`` (see :mod:`pipeline.evaluation.runs`)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def command(
     device: Optional[str] = typer.Option(None, help="cpu or cuda for the feature networks."),
 ) -> None:
     """Score reconstructions with the MindEye2 protocol (metrics without local weights are reported unavailable)."""
-    from pipeline.evaluation import evaluate_run  # imports torch: only when run
+    from pipeline.evaluation.runs import evaluate_run  # imports torch: only when run
 
     p = resolve("evaluate", nsd_root=nsd_root, device=device)
     root = p.pop("nsd_root", None)

@@ -1,5 +1,5 @@
 """DVC stage ``extract_clip``: every stimulus -> per-layer CLIP tokens in ``cache/clip/<model>__<pretrained>.zarr``
-(see :mod:`pipeline.extract`)."""
+(see :mod:`pipeline.features.extract`)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def command(
         False, "--overwrite", help="Rebuild a store made with other settings (default: refuse). Same settings resume."),
 ) -> None:
     """Cache per-layer CLIP tokens, image and caption embeddings of every stimulus (resumable)."""
-    from pipeline.extract import extract_clip  # imports torch: only when run
+    from pipeline.features.extract import extract_clip  # imports torch: only when run
 
     p = resolve(
         "extract_clip", stimuli=stimuli, out=out, model=model, pretrained=pretrained, layers=layers,

@@ -1,9 +1,9 @@
-"""DVC stage ``fit_adapters``: fMRI cache + CLIP cache -> ``runs/<exp>/`` (see :mod:`pipeline.fit`).
+"""DVC stage ``fit_adapters``: fMRI cache + CLIP cache -> ``runs/<exp>/`` (see :mod:`pipeline.fitting.fit`).
 
 Parameters live in the ``fit_adapters`` section of params.yaml: the two stores, and one entry per
 experiment under ``experiments`` (its method, targets, ROIs); each method's own settings sit in a
 section named after it (``ridge``, ``mclip``, ``litemind``; trained methods carry a ``train``
-sub-section with :class:`pipeline.train.TrainConfig` fields).
+sub-section with :class:`pipeline.fitting.train.TrainConfig` fields).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def command(
     subject: Optional[int] = typer.Option(None, help="Refuse an fMRI cache of another subject."),
 ) -> None:
     """Fit fMRI -> CLIP-layer adapters (ridge, BrainMCLIP, Lite-Mind) from the caches and predict the test set."""
-    from pipeline.fit import fit_adapters  # imports torch: only when run
+    from pipeline.fitting.fit import fit_adapters  # imports torch: only when run
 
     base = section("fit_adapters")
     exp = {}

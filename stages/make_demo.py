@@ -1,4 +1,4 @@
-"""DVC stage ``make_demo``: write the NSD look-alike (see :mod:`pipeline.demo`)."""
+"""DVC stage ``make_demo``: write the NSD look-alike (see :mod:`pipeline.data.demo`)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def command(
     noise: Optional[float] = typer.Option(None, help="Trial noise sd relative to the planted signal [params: demo.noise]."),
 ) -> None:
     """Write a miniature NSD look-alike with a planted encoding model (the embedded demo data)."""
-    from pipeline.demo import DemoConfig, make_demo  # imports torch: only when run
+    from pipeline.data.demo import DemoConfig, make_demo  # imports torch: only when run
 
     p = resolve("demo", out=out, seed=seed, noise=noise)
     target = Path(p.pop("out", "data/demo"))

@@ -1,4 +1,4 @@
-"""DVC stage ``prepare_fmri``: one subject's betas -> ``cache/fmri/subjNN.zarr`` (see :mod:`pipeline.fmri`)."""
+"""DVC stage ``prepare_fmri``: one subject's betas -> ``cache/fmri/subjNN.zarr`` (see :mod:`pipeline.data.fmri`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from pipeline.fmri import prepare_fmri
+from pipeline.data.fmri import prepare_fmri
 
 from .params import resolve, user_errors
 

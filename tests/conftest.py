@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.demo import DemoConfig, make_demo
+from pipeline.data.demo import DemoConfig, make_demo
 
 
 @pytest.fixture(autouse=True)

@@ -14,10 +14,12 @@ import torch
 import zarr
 from PIL import Image
 
-from pipeline import clip, decode, zeroshot
-from pipeline.demo import SHAPES
+from pipeline.data.demo import SHAPES
+from pipeline.data.nsd import NSD
+from pipeline.decoding import decode
 from pipeline.errors import UserError
-from pipeline.nsd import NSD
+from pipeline.evaluation import zeroshot
+from pipeline.features import clip
 
 D = 32  # tiny CLIP embedding size (the demo's nsd-tiny-vit has embed_dim 32 too)
 
@@ -96,7 +98,7 @@ def test_take_rows_reads_h5py_in_any_order(tmp_path: Path):
 
 @pytest.fixture(scope="module")
 def demo_clip(demo_root: Path) -> dict:
-    """A small CLIP cache of the demo made with pipeline.clip (image_embeds, captions) and its model."""
+    """A small CLIP cache of the demo made with pipeline.features.clip (image_embeds, captions) and its model."""
     loaded = clip.load_model("nsd-tiny-vit", str(demo_root / "demo/nsd-tiny-vit.safetensors"))
     nsd = NSD(demo_root)
     with nsd.stimuli() as stim:

@@ -7,9 +7,9 @@ import numpy as np
 import scipy.io
 import zarr
 
-from pipeline.demo import DemoConfig, make_demo
-from pipeline.fmri import prepare_fmri
-from pipeline.nsd import NSD
+from pipeline.data.demo import DemoConfig, make_demo
+from pipeline.data.fmri import prepare_fmri
+from pipeline.data.nsd import NSD
 
 
 def test_formats_dtypes_and_index_bases(demo_root):

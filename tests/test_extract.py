@@ -23,9 +23,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline import clip
 from pipeline.errors import UserError
-from pipeline.extract import extract_clip, filled_rows, open_cache, select_images
+from pipeline.features import clip
+from pipeline.features.extract import extract_clip, filled_rows, open_cache, select_images
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = "2,4,6,2-4:mean"  # the demo's analogue of 8,16,24,11-20:mean
@@ -137,7 +137,7 @@ def test_token_modes_and_image_subsets(demo_root, weights, store, tmp_path):
 
 
 def test_images_selection_follows_expdesign(demo_root):
-    from pipeline.nsd import NSD
+    from pipeline.data.nsd import NSD
 
     mat = scipy.io.loadmat(demo_root / "nsddata/experiments/nsd/nsd_expdesign.mat")
     nsd = NSD(demo_root)
@@ -167,7 +167,7 @@ def test_local_checkpoint_files_load(demo_root, weights, store, tmp_path):
 
 KILL_AT_WRITE = """
 import json, os, signal, sys, torch, zarr
-from pipeline.extract import extract_clip
+from pipeline.features.extract import extract_clip
 torch.set_num_threads(1)
 limit, calls, original = int(sys.argv[1]), [0], zarr.Array.__setitem__
 def setitem(self, key, value):  # kill -9 this process at its limit-th array write
@@ -273,7 +273,7 @@ def test_bad_inputs_fail_with_one_clear_line(demo_root, weights, tmp_path, monke
 
 
 def test_disk_too_small_fails_before_writing(demo_root, weights, tmp_path, monkeypatch):
-    import pipeline.extract as extract
+    import pipeline.features.extract as extract
 
     monkeypatch.setattr(extract.shutil, "disk_usage", lambda p: namedtuple("Usage", "total used free")(1e9, 1e9, 10_000))
     monkeypatch.chdir(tmp_path)

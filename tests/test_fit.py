@@ -12,12 +12,12 @@ import zarr
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.adapters.ridge import RidgeAdapter
+from pipeline.data.fmri import prepare_fmri
 from pipeline.errors import UserError
-from pipeline.evaluation import decode_run, evaluate_run
-from pipeline.extract import extract_clip
-from pipeline.fit import fit_adapters
-from pipeline.fmri import prepare_fmri
+from pipeline.evaluation.runs import decode_run, evaluate_run
+from pipeline.features.extract import extract_clip
+from pipeline.fitting.adapters.ridge import RidgeAdapter
+from pipeline.fitting.fit import fit_adapters
 
 FLOC = "floc-faces,floc-bodies,floc-places,floc-words".split(",")
 RIDGE = {"alphas": [1.0, 10.0, 100.0, 1000.0, 10000.0], "cv": 3}

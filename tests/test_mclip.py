@@ -15,15 +15,15 @@ import pytest
 import torch
 import zarr
 
-from pipeline import clip as clip_lib
-from pipeline.adapters.base import FLOC, roi_indices
-from pipeline.adapters.litemind import FrequencyBlock
-from pipeline.adapters.losses import caption_mean, info_nce, token_cosine
+from pipeline.data.fmri import prepare_fmri
+from pipeline.data.nsd import NSD
 from pipeline.errors import UserError
-from pipeline.fmri import prepare_fmri
-from pipeline.metrics import retrieval_top1
-from pipeline.nsd import NSD
-from pipeline.train import (
+from pipeline.evaluation.metrics import retrieval_top1
+from pipeline.features import clip as clip_lib
+from pipeline.fitting.adapters.base import FLOC, roi_indices
+from pipeline.fitting.adapters.litemind import FrequencyBlock
+from pipeline.fitting.adapters.losses import caption_mean, info_nce, token_cosine
+from pipeline.fitting.train import (
     CacheDataset,
     adapter_targets,
     build_adapter,
@@ -245,7 +245,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(caches, tmp_path, m
     straight = build_adapter("mclip", config, data, seed=1)
     full = train(straight, data, settings)
 
-    import pipeline.train as train_module
+    import pipeline.fitting.train as train_module
 
     real = train_module.evaluate_loss
     calls = {"n": 0}

@@ -15,9 +15,8 @@ import zarr
 from skimage.metrics import structural_similarity
 from torch import nn
 
-from pipeline import metrics as M
 from pipeline.errors import UserError
-
+from pipeline.evaluation import metrics as M
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.data.nsd import NSD, read_ctab
 from pipeline.errors import UserError
-from pipeline.nsd import NSD, read_ctab
 
 
 def test_trial_mapping_matches_stim_info_rep_columns(demo_root):

@@ -15,8 +15,8 @@ import zarr
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.fmri import prepare_fmri, zscore_session
-from pipeline.nsd import NSD
+from pipeline.data.fmri import prepare_fmri, zscore_session
+from pipeline.data.nsd import NSD
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,9 +10,9 @@ import pytest
 import zarr
 from sklearn.linear_model import Ridge, RidgeCV
 
-from pipeline.adapters import ridge
-from pipeline.adapters.ridge import RidgeAdapter, grouped_folds, stage_rows
 from pipeline.errors import UserError
+from pipeline.fitting.adapters import ridge
+from pipeline.fitting.adapters.ridge import RidgeAdapter, grouped_folds, stage_rows
 
 ALPHAS = np.logspace(-1, 4, 11)
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserError
+from ...errors import UserError
 from .base import Adapter, check_positive, check_weights, prediction_shape, roi_indices
 from .losses import info_nce, mse
 

@@ -44,13 +44,13 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from . import __version__
+from .. import __version__
+from ..errors import UserError
+from ..store import take_rows
 from .adapters.base import CAPTIONS, Adapter, make_config, prediction_shape
 from .adapters.litemind import LiteMind
 from .adapters.losses import caption_mean
 from .adapters.mclip import BrainMCLIP
-from .errors import UserError
-from .store import take_rows
 
 ADAPTERS: dict[str, type[Adapter]] = {"mclip": BrainMCLIP, "litemind": LiteMind}
 WEIGHTS_FILE, SPEC_FILE = "adapter.safetensors", "adapter.json"

@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 import zarr
 
-from . import decode, metrics
-from .errors import UserError
-from .nsd import NSD
-from .store import open_existing
+from ..data.nsd import NSD
+from ..decoding import decode
+from ..errors import UserError
+from ..store import open_existing
+from . import metrics
 
 DECODERS = ("retrieval", "unclip")
 
@@ -122,7 +123,7 @@ def brainclip_tasks(preds: zarr.Group, info: dict, nsd: NSD, test_ids: np.ndarra
                     pool: int, draws: int, seed: int) -> dict[str, Any]:
     """Zero-shot category decoding (class-name prompts through the cache's own CLIP text tower)
     from predicted ``image_embeds``, and fMRI->text retrieval from predicted ``text_embeds``."""
-    from . import clip as clip_models
+    from ..features import clip as clip_models
     from .zeroshot import caption_targets, class_embeddings, coco_categories, zero_shot_accuracy
 
     out: dict[str, Any] = {}

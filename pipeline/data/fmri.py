@@ -12,10 +12,10 @@ import numpy as np
 import zarr
 from tqdm.auto import tqdm
 
-from . import __version__
-from .errors import UserError
+from .. import __version__
+from ..errors import UserError
+from ..store import atomic_store, compressor
 from .nsd import NSD
-from .store import atomic_store, compressor
 
 ZSCORE_MODES = ("session", "none")
 SPLIT_RECIPE = (

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import scipy.io
 
-from .errors import UserError
+from ..errors import UserError
 
 BETA_SCALE = 300.0
 """NSD stores betas as int16 percent signal change times 300."""

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import logging
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import UserError
+from ..errors import UserError
 
-MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+MODEL_CONFIG_DIR = Path(__file__).parents[1] / "model_configs"
 """Configs shipped with the project (the demo's tiny ViT), usable by name like open_clip's own."""
 
 

@@ -20,9 +20,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .clip import LoadedModel, encode_captions
-from .errors import UserError
-from .nsd import NSD
+from ..data.nsd import NSD
+from ..errors import UserError
+from ..features.clip import LoadedModel, encode_captions
 
 TEMPLATES = ("a photo of a {}.",)
 """Prompt templates; CLIP's zero-shot ImageNet set is longer, one keeps the task cheap and clear."""

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -314,7 +314,7 @@ def hf_hub_cache() -> Path:
 
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
-    from .clip import load_state_dict
+    from ..features.clip import load_state_dict
 
     try:
         return load_state_dict(path)

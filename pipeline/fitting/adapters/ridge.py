@@ -76,8 +76,8 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ..errors import UserError
-from ..store import compressor
+from ...errors import UserError
+from ...store import compressor
 
 ALPHA_PER = ("target", "token", "array")
 CONFIG = "config.json"

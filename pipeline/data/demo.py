@@ -27,7 +27,7 @@ import scipy.io
 import torch
 from safetensors.torch import save_file
 
-from . import clip
+from ..features import clip
 from .nsd import NSDLayout
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "stripes", "diamond", "dots")

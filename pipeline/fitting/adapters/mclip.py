@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ...errors import UserError
 from .base import CAPTIONS, FLOC, Adapter, check_positive, check_weights, prediction_shape, roi_indices
 from .losses import info_nce, mse, token_cosine
 

@@ -26,11 +26,12 @@ from typing import Any
 import numpy as np
 import zarr
 
-from . import __version__, metrics
+from .. import __version__
+from ..errors import UserError
+from ..evaluation import metrics
+from ..store import compressor
 from .adapters.base import make_config, roi_indices
-from .errors import UserError
 from .pairs import Pairs, open_pairs
-from .store import compressor
 
 METHODS = ("ridge", "mclip", "litemind")
 RIDGE_KEYS = ("alphas", "cv", "alpha_per", "rescale", "n_targets_batch", "backend", "coef_dtype")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ...errors import UserError
 from .losses import caption_mean
 
 CAPTIONS = "text_embeds"

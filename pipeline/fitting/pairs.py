@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from .errors import UserError
-from .store import open_existing, take_rows
+from ..errors import UserError
+from ..store import open_existing, take_rows
 
 SPLITS = ("train", "test")
 

@@ -36,9 +36,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import UserError
-from .metrics import as_float_images, hf_hub_cache
-from .store import take_rows  # noqa: F401  (part of this module's API)
+from ..errors import UserError
+from ..evaluation.metrics import as_float_images, hf_hub_cache
+from ..store import take_rows  # noqa: F401  (part of this module's API)
 
 ID_WIDTH = 5
 """Digits of the zero-padded 0-based 73k id in file names (NSD ids run 0..72999)."""

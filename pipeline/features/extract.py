@@ -42,10 +42,11 @@ import torch
 import zarr
 from tqdm import tqdm
 
-from . import __version__, clip
-from .errors import UserError
-from .nsd import NSD, NSDLayout, _open_hdf5
-from .store import atomic_store, compressor, open_existing
+from .. import __version__
+from ..data.nsd import NSD, NSDLayout, _open_hdf5
+from ..errors import UserError
+from ..store import atomic_store, compressor, open_existing
+from . import clip
 
 FORMAT_VERSION = 1
 """Bumped when the meaning of stored values changes, so an old store is refused, not resumed."""

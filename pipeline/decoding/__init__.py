@@ -1,0 +1,1 @@
+"""Predicted embeddings -> images: retrieval from the cache or Stable unCLIP."""

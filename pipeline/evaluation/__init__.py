@@ -1,0 +1,1 @@
+"""Scores of reconstructions and predictions: the NSD metrics, BrainCLIP tasks, run-level evaluate."""
