@@ -78,7 +78,7 @@ def make_problem(args: argparse.Namespace, work: Path) -> dict:
     """Write X, groups, folds and the float16 target arrays; targets are generated in blocks."""
     import zarr
 
-    from pipeline.fitting.adapters.ridge import grouped_folds
+    from pipeline.fitting.adapters.ridge_solvers import grouped_folds
     from pipeline.store import compressor
 
     rng = np.random.default_rng(args.seed)

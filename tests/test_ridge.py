@@ -11,8 +11,10 @@ import zarr
 from sklearn.linear_model import Ridge, RidgeCV
 
 from pipeline.errors import UserError
-from pipeline.fitting.adapters import ridge
-from pipeline.fitting.adapters.ridge import RidgeAdapter, grouped_folds, stage_rows
+from pipeline.fitting.adapters import ridge_blocks
+from pipeline.fitting.adapters.ridge import RidgeAdapter
+from pipeline.fitting.adapters.ridge_blocks import stage_rows
+from pipeline.fitting.adapters.ridge_solvers import grouped_folds
 
 ALPHAS = np.logspace(-1, 4, 11)
 
@@ -169,7 +171,7 @@ def test_row_chunked_cache_is_staged_once_then_read_by_column_blocks(tmp_path, m
         staged.append((array.chunks, array[...]))
         return array
 
-    monkeypatch.setattr(ridge, "stage_rows", spy)
+    monkeypatch.setattr(ridge_blocks, "stage_rows", spy)
     kwargs = dict(alphas=ALPHAS, cv=3, dtype="float64")
     out = tmp_path / "adapter"
     model = RidgeAdapter(**kwargs, n_targets_batch=10).fit(

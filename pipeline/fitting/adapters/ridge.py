@@ -62,22 +62,31 @@ Without ``out`` the adapter lives in a temporary folder removed with the object.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 
 from ...errors import UserError
-from ...store import compressor
+from ..backend import Backend, get_backend
+from .ridge_blocks import RowIndex, TargetLayout, TensorFile, axis1_chunk, block_reader, progress_items, target_layout
+from .ridge_solvers import (
+    Decomposition,
+    column_stats,
+    cv_r2,
+    decompose,
+    grouped_folds,
+    refit,
+    rescale_columns,
+    select_alphas,
+    shrinkage,
+)
 
 ALPHA_PER = ("target", "token", "array")
 CONFIG = "config.json"
@@ -88,413 +97,6 @@ COEF_DTYPES = ("float32", "float16")
 PREDICT_TENSORS = ("coef", "intercept", "y_mean", "y_std")  # per target, read block by block to predict
 
 
-# ---------------------------------------------------------------------------------------------
-# Backends: the only place that knows about devices.
-
-
-@dataclass(frozen=True)
-class Backend:
-    """The few array operations the solvers need beyond ``@``, ``.T``, indexing and arithmetic."""
-
-    name: str
-    asarray: Callable[[np.ndarray, str | None], Any]  # host array -> backend array (dtype or keep)
-    to_numpy: Callable[[Any], np.ndarray]
-    eigh: Callable[[Any], tuple[Any, Any]]  # symmetric eigendecomposition: values, vectors
-    stack: Callable[[list[Any]], Any]
-
-
-def _numpy_backend() -> Backend:
-    return Backend(
-        name="numpy",
-        asarray=lambda a, dtype: np.asarray(a, dtype=dtype),
-        to_numpy=np.asarray,
-        eigh=np.linalg.eigh,
-        stack=np.stack,
-    )
-
-
-def _torch_backend(device: str) -> Callable[[], Backend]:
-    def make() -> Backend:
-        import torch
-
-        if device == "cuda" and not torch.cuda.is_available():
-            raise UserError("ridge backend 'torch_cuda': no CUDA device is visible (use 'torch' or 'auto')")
-
-        def asarray(a: np.ndarray, dtype: str | None) -> Any:
-            t = torch.from_numpy(np.ascontiguousarray(a)).to(device)
-            return t if dtype is None else t.to(getattr(torch, dtype))
-
-        return Backend(
-            name="torch" if device == "cpu" else "torch_cuda",
-            asarray=asarray,
-            to_numpy=lambda t: t.cpu().numpy(),
-            eigh=torch.linalg.eigh,
-            stack=torch.stack,
-        )
-
-    return make
-
-
-BACKENDS: dict[str, Callable[[], Backend]] = {
-    "numpy": _numpy_backend,
-    "torch": _torch_backend("cpu"),
-    "torch_cuda": _torch_backend("cuda"),
-}
-
-
-def get_backend(name: str = "auto") -> Backend:
-    """A backend by name; ``"auto"`` is CUDA through torch when present, else torch on CPU."""
-    if name == "auto":
-        import torch
-
-        name = "torch_cuda" if torch.cuda.is_available() else "torch"
-    if name not in BACKENDS:
-        raise UserError(f"ridge backend: {name!r} is not one of auto, {', '.join(BACKENDS)}")
-    return BACKENDS[name]()
-
-
-# ---------------------------------------------------------------------------------------------
-# Folds and pure solver functions (backend arrays in, backend arrays out).
-
-
-def grouped_folds(groups: np.ndarray, n_splits: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    """K folds of row indices in which every group (e.g. image id) lies in exactly one fold.
-
-    Groups are shuffled with ``seed`` and dealt into ``n_splits`` near-equal runs of groups.
-    """
-    labels, inverse = np.unique(np.asarray(groups), return_inverse=True)
-    if n_splits < 2 or n_splits > len(labels):
-        raise UserError(f"ridge cv: {n_splits} folds need between 2 and {len(labels)} (the number of groups)")
-    order = np.random.default_rng(seed).permutation(len(labels))
-    fold_of_group = np.empty(len(labels), np.int64)
-    for k, members in enumerate(np.array_split(order, n_splits)):
-        fold_of_group[members] = k
-    fold = fold_of_group[inverse]
-    return [(np.flatnonzero(fold != k), np.flatnonzero(fold == k)) for k in range(n_splits)]
-
-
-def column_offset(Y: Any, fit_intercept: bool) -> Any:
-    """The per-column mean ridge centres on, or zeros without an intercept."""
-    mean = Y.mean(0)
-    return mean if fit_intercept else mean * 0
-
-
-@dataclass
-class Decomposition:
-    """One training design, diagonalised: ``Xc^T Y`` seen through ``M``, filtered by ``1/(lam+alpha)``.
-
-    Primal (n_train >= V): ``Xc^T Xc = W diag(lam) W^T``, ``M = Xc W``, ``B = W``.
-    Dual (n_train < V): ``Xc Xc^T = U diag(lam) U^T``, ``M = U``, ``B = Xc^T U``.
-    Either way the ridge coefficients are ``B diag(1/(lam+alpha)) M^T Yc`` (V, b). A CV fold keeps
-    ``A = (X[val] - x_mean) B`` instead of ``B``: its validation predictions are ``A diag(f) M^T Yc``.
-    """
-
-    train: Any  # row indices
-    M: Any  # (n_train, r)
-    lam: Any  # (r,) eigenvalues, clipped at 0
-    x_mean: Any  # (V,)
-    B: Any = None  # (V, r), for the refit on all rows
-    val: Any = None  # row indices of a CV fold
-    A: Any = None  # (n_val, r), for a CV fold
-
-
-def decompose(xp: Backend, X: Any, train: np.ndarray, val: np.ndarray | None, fit_intercept: bool) -> Decomposition:
-    """Diagonalise ``X[train]`` centred on its own mean (when fitting an intercept).
-
-    The eigendecomposition of the smaller Gram matrix is several times cheaper than an SVD; the
-    filter ``1/(lam+alpha)`` never divides by a small singular value. In float32, directions with
-    eigenvalues below ~1e-6 of the largest are resolved only to that precision: with alphas that
-    small, use dtype float64.
-    """
-    train_b = xp.asarray(train, None)
-    Xc = X[train_b]
-    x_mean = column_offset(Xc, fit_intercept)
-    Xc -= x_mean
-    if Xc.shape[0] >= Xc.shape[1]:
-        lam, W = xp.eigh(Xc.T @ Xc)
-        M, B = Xc @ W, W
-    else:
-        lam, M = xp.eigh(Xc @ Xc.T)
-        B = Xc.T @ M
-    lam = lam * (lam > 0)
-    if val is None:
-        return Decomposition(train_b, M, lam, x_mean, B=B)
-    val_b = xp.asarray(val, None)
-    return Decomposition(train_b, M, lam, x_mean, val=val_b, A=(X[val_b] - x_mean) @ B)
-
-
-def shrinkage(lam: Any, alphas: Any) -> Any:
-    """(n_alphas, r) ridge filter factors ``1 / (lam + alpha)``."""
-    return 1 / (lam[None, :] + alphas[:, None])
-
-
-def cv_r2(xp: Backend, folds: Sequence[Decomposition], Y: Any, alphas: Any, fit_intercept: bool) -> Any:
-    """(n_alphas, b) validation R^2 of each alpha for each column of ``Y`` (n, b), mean over folds.
-
-    ``M^T Y`` is formed once per fold; each alpha then costs one (n_val, r) x (r, b) product.
-    A column constant on a validation fold scores 0 there (as in himalaya).
-    """
-    total = 0
-    for f in folds:
-        Ytr, resid = Y[f.train], Y[f.val]  # copies (integer indexing), centred in place below
-        sst = _squared_error(resid - resid.mean(0), 0)
-        y_mean = column_offset(Ytr, fit_intercept)
-        Ytr -= y_mean
-        resid -= y_mean
-        Q = f.M.T @ Ytr
-        del Ytr
-        sse = xp.stack([_squared_error(f.A @ (d[:, None] * Q), resid) for d in shrinkage(f.lam, alphas)])
-        r2 = 1 - sse / sst
-        r2[:, sst == 0] = 0
-        total = total + r2
-    return total / len(folds)
-
-
-def _squared_error(P: Any, Y: Any) -> Any:
-    """Column sums of ``(P - Y)^2``, overwriting the temporary ``P`` to spare memory (blocks are big)."""
-    P -= Y
-    P *= P
-    return P.sum(0)
-
-
-def select_alphas(scores: np.ndarray, alphas: np.ndarray, group_size: int | None) -> np.ndarray:
-    """Index into ``alphas`` of the best alpha for each column of ``scores`` (n_alphas, b).
-
-    ``group_size`` None: per column; k: one alpha per run of k consecutive columns; 0: one for all.
-    Exact ties go to the larger alpha.
-    """
-    n_alphas, n_cols = scores.shape
-    repeat = {None: 1, 0: n_cols}.get(group_size, group_size)
-    pooled = scores.reshape(n_alphas, n_cols // repeat, repeat).mean(2)
-    descending = np.argsort(alphas, kind="stable")[::-1]
-    return np.repeat(descending[np.argmax(pooled[descending], axis=0)], repeat)
-
-
-def refit(full: Decomposition, Y: Any, factors: Any, fit_intercept: bool) -> tuple[Any, Any]:
-    """Coefficients (b, V) for ``Y`` (n, b) on all rows, and the column offsets Y was centred on.
-
-    ``factors`` (r, b) holds ``1 / (lam + alpha_j)`` for each column's chosen alpha. The intercept
-    is ``offset - coef @ x_mean``, formed by the caller from the coefficients as stored.
-    """
-    y_offset = column_offset(Y, fit_intercept)
-    return (full.B @ (factors * (full.M.T @ (Y - y_offset)))).T, y_offset
-
-
-def column_stats(Y: Any) -> tuple[Any, Any]:
-    """Per-column mean and (population) std, the statistics ``rescale`` maps predictions onto."""
-    mean = Y.mean(0)
-    return mean, (_squared_error(Y - mean, 0) / len(Y)) ** 0.5
-
-
-def rescale_columns(P: np.ndarray, y_mean: np.ndarray, y_std: np.ndarray) -> np.ndarray:
-    """Brain-Diffuser's rescaling: z-score each column over rows, then take the training mean/std."""
-    std = P.std(0)
-    return (P - P.mean(0)) / np.where(std > 0, std, 1) * y_std + y_mean
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading targets in column blocks.
-
-
-@dataclass(frozen=True)
-class TargetLayout:
-    """How a target array (N, *shape) is flattened and cut into blocks along axis 1."""
-
-    shape: tuple[int, ...]  # per-row shape, e.g. (T, C) or (D,)
-    step: int  # entries of axis 1 per block
-
-    @property
-    def unit(self) -> int:
-        """Columns per entry of axis 1 (C for (T, C), 1 for (D,))."""
-        return math.prod(self.shape[1:])
-
-    @property
-    def n_columns(self) -> int:
-        return math.prod(self.shape)
-
-    def blocks(self) -> Iterator[tuple[slice, slice]]:
-        """(axis-1 slice, flattened-column slice) pairs covering the array."""
-        for start in range(0, self.shape[0], self.step):
-            stop = min(start + self.step, self.shape[0])
-            yield slice(start, stop), slice(start * self.unit, stop * self.unit)
-
-
-def target_layout(shape: Sequence[int], n_targets_batch: int, chunk: int | None = None) -> TargetLayout:
-    """Blocks of about ``n_targets_batch`` columns made of whole axis-1 entries (and whole chunks)."""
-    shape = tuple(int(d) for d in shape) or (1,)
-    step = max(1, n_targets_batch // math.prod(shape[1:]))
-    if chunk and chunk < shape[0]:
-        step = max(chunk, step // chunk * chunk)
-    return TargetLayout(shape, min(step, shape[0]))
-
-
-def axis1_chunk(array: Any) -> int | None:
-    """The chunk length of axis 1 for zarr, h5py or dask arrays (None when not chunked)."""
-    chunks = getattr(array, "chunks", None)
-    if not isinstance(chunks, tuple) or len(chunks) < 2:
-        return None
-    chunk = chunks[1]
-    return int(chunk[0] if isinstance(chunk, tuple) else chunk)
-
-
-RowIndex = tuple[Any, Any]
-"""Which target rows X uses: (unique rows to read: sorted int array or slice, inverse or None)."""
-
-
-def read_block(array: Any, rows: RowIndex, axis1: slice) -> np.ndarray:
-    """``array[rows, axis1]`` flattened to (n, columns)."""
-    index: tuple[Any, ...] = (rows[0],)
-    if len(array.shape) > 1:
-        index += (axis1,)
-    block = np.asarray(array.oindex[index] if hasattr(array, "oindex") else array[index])
-    if rows[1] is not None:
-        block = block[rows[1]]
-    return block.reshape(len(block), -1)
-
-
-def needs_staging(array: Any, layout: TargetLayout) -> bool:
-    """True for a chunked (on-disk or lazy) array whose chunks span axis 1 when the fit needs
-    several column blocks: every block would decode every chunk again (the CLIP cache's layout)."""
-    chunk = axis1_chunk(array)
-    return chunk is not None and chunk >= layout.shape[0] and layout.step < layout.shape[0]
-
-
-def stage_rows(array: Any, rows: RowIndex, layout: TargetLayout, folder: Path, progress: bool = False) -> zarr.Array:
-    """Copy the used rows of ``array`` once, in row slabs, into a Zarr array chunked by column block.
-
-    Reading the source row by row decodes each of its chunks about once; the copy then serves
-    every column block without waste. Memory: one slab of about one block's size.
-    """
-    selected = np.arange(array.shape[0])[rows[0]]
-    n, n_columns = len(selected), layout.n_columns
-    slab = max(1, n * layout.step * layout.unit // n_columns)
-    staged = zarr.create_array(
-        store=str(folder),
-        shape=(n, *layout.shape),
-        chunks=(slab, layout.step, *layout.shape[1:]),
-        dtype=array.dtype,
-        compressors=compressor(),
-    )
-    starts = list(range(0, n, slab))
-    for start in _progress(starts, progress, "ridge staging targets"):
-        part = selected[start : start + slab]
-        block = array.oindex[(part,)] if hasattr(array, "oindex") else array[part]
-        staged[start : start + len(part)] = np.asarray(block).reshape(len(part), *layout.shape)
-    return staged
-
-
-@contextmanager
-def block_reader(
-    array: Any, rows: RowIndex, layout: TargetLayout, name: str, scratch: Path, progress: bool = False
-) -> Iterator[Callable[[slice], np.ndarray]]:
-    """A reader of column blocks of one target, staged first when that saves decoding (see
-    :func:`needs_staging`); refuses NaN/inf naming the target. The staged copy is removed after."""
-    folder = None
-    if needs_staging(array, layout):
-        folder = Path(tempfile.mkdtemp(prefix="ridge-staged-", dir=scratch))
-        array, rows = stage_rows(array, rows, layout, folder / "y.zarr", progress), (slice(None), rows[1])
-
-    def read(axis1: slice) -> np.ndarray:
-        block = read_block(array, rows, axis1)
-        if not np.isfinite(block).all():
-            raise UserError(
-                f"ridge target {name!r}: NaN/inf values in entries {axis1.start}..{axis1.stop - 1} of axis 1"
-            )
-        return block
-
-    try:
-        yield read
-    finally:
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# The weights file: a safetensors file written and read by row ranges.
-
-_ST_DTYPES = {"float32": "F32", "float16": "F16", "float64": "F64"}
-
-
-class TensorFile:
-    """A safetensors file whose tensors are written and read by row range with ``pwrite``/``pread``.
-
-    The header (names, dtypes, shapes) is fixed up front, so huge tensors never sit in memory;
-    the result is a standard safetensors file (``safetensors.safe_open`` reads it).
-    """
-
-    def __init__(self, path: Path, header: dict[str, Any], data_start: int):
-        self.path, self.header, self.data_start = Path(path), header, data_start
-
-    @classmethod
-    def create(cls, path: Path, specs: Mapping[str, tuple[tuple[int, ...], str]]) -> TensorFile:
-        header: dict[str, Any] = {}
-        offset = 0
-        for name, (shape, dtype) in specs.items():
-            size = math.prod(shape) * np.dtype(dtype).itemsize
-            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-            offset += size
-        raw = json.dumps(header).encode()
-        raw += b" " * (-len(raw) % 8)
-        with open(path, "wb") as fh:
-            fh.write(len(raw).to_bytes(8, "little") + raw)
-            fh.truncate(8 + len(raw) + offset)
-        return cls(path, header, 8 + len(raw))
-
-    @classmethod
-    def open(cls, path: Path) -> TensorFile:
-        try:
-            with open(path, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(n))
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{path}: not a readable safetensors file ({exc})") from None
-        header.pop("__metadata__", None)
-        return cls(path, header, 8 + n)
-
-    def _locate(self, name: str, start: int, stop: int) -> tuple[int, int, np.dtype, tuple[int, ...]]:
-        entry = self.header[name]
-        dtype = np.dtype({v: k for k, v in _ST_DTYPES.items()}[entry["dtype"]])
-        row_shape = tuple(entry["shape"][1:])
-        row_bytes = math.prod(row_shape) * dtype.itemsize
-        return (
-            self.data_start + entry["data_offsets"][0] + start * row_bytes,
-            (stop - start) * row_bytes,
-            dtype,
-            row_shape,
-        )
-
-    def write(self, name: str, start: int, values: np.ndarray) -> None:
-        offset, size, dtype, _ = self._locate(name, start, start + len(values))
-        view = memoryview(np.ascontiguousarray(values, dtype=dtype)).cast("B")
-        assert view.nbytes == size, (name, view.nbytes, size)
-        fd = os.open(self.path, os.O_WRONLY)
-        try:
-            done = 0
-            while done < size:  # one call moves at most ~2 GiB on Linux
-                done += os.pwrite(fd, view[done:], offset + done)
-        finally:
-            os.close(fd)
-
-    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        stop = self.header[name]["shape"][0] if stop is None else stop
-        offset, size, dtype, row_shape = self._locate(name, start, stop)
-        out = np.empty((stop - start, *row_shape), dtype)
-        view = memoryview(out).cast("B")
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            done = 0
-            while done < size:
-                got = os.preadv(fd, [view[done:]], offset + done)
-                if got == 0:
-                    raise UserError(f"{self.path}: truncated safetensors file (tensor {name!r})")
-                done += got
-        finally:
-            os.close(fd)
-        return out
-
-
-# ---------------------------------------------------------------------------------------------
-# The estimator.
 
 
 def _check_X(X: Any, what: str, n_features: int | None = None) -> np.ndarray:
@@ -683,14 +285,14 @@ class RidgeAdapter:
         local = group != 0
         scores = np.empty((len(grid), layout.n_columns), np.float64)
         blocks = list(layout.blocks())
-        for axis1, cols in _progress(blocks, self.progress, f"ridge CV {name}"):
+        for axis1, cols in progress_items(blocks, self.progress, f"ridge CV {name}"):
             Y = xp.asarray(read(axis1), self.dtype)
             scores[:, cols] = solver.scores(Y)
             if local:
                 self._write_block(solver, weights, name, cols, Y, select_alphas(scores[:, cols], grid, group), scores)
         if not local:
             best = select_alphas(scores, grid, group)
-            for axis1, cols in _progress(blocks, self.progress, f"ridge refit {name}"):
+            for axis1, cols in progress_items(blocks, self.progress, f"ridge refit {name}"):
                 self._write_block(solver, weights, name, cols, xp.asarray(read(axis1), self.dtype), best[cols], scores)
         chosen = weights.read(f"alpha/{name}")
         values, counts = np.unique(chosen, return_counts=True)
@@ -839,11 +441,3 @@ class RidgeAdapter:
     def _check_fitted(self) -> None:
         if self.path_ is None:
             raise UserError("ridge adapter: not fitted (call fit or load first)")
-
-
-def _progress(items: list, enabled: bool, desc: str) -> Any:
-    if not enabled:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, unit="block")
