@@ -1,4 +1,4 @@
-"""Zarr 3 store helpers shared by every cache writer: atomic creation and compression."""
+"""Store helpers shared by every writer: atomic Zarr 3 creation, compression, row reads, disk budget."""
 
 from __future__ import annotations
 
@@ -72,3 +72,27 @@ def take_rows(array, rows) -> np.ndarray:
     else:
         block = np.asarray(array[unique]) if unique.size else np.asarray(array[:0])
     return block[inverse.reshape(rows.shape)]
+
+
+def human_bytes(n: float) -> str:
+    unit = "B"
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000:
+            break
+        n /= 1000
+    return f"{n:.1f} {unit}"
+
+
+def check_disk(out: Path, need: int) -> int:
+    """Fail clearly when ``need`` bytes will not fit on the file system of ``out``; return the free bytes."""
+    probe = Path(out).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        raise UserError(
+            f"--out {out}: this run writes up to {human_bytes(need)} (uncompressed) but only "
+            f"{human_bytes(free)} is free on {probe}; free space, choose another --out, or shrink the "
+            "store (--tokens cls|mean|grid:K, fewer --layers, a range aggregate such as 11-20:mean, or --images)"
+        )
+    return free

@@ -25,7 +25,8 @@ from typer.testing import CliRunner
 from cli import app
 from pipeline.errors import UserError
 from pipeline.features import clip
-from pipeline.features.extract import extract_clip, filled_rows, open_cache, select_images
+from pipeline.features.cache import filled_rows, open_cache
+from pipeline.features.extract import extract_clip, select_images
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = "2,4,6,2-4:mean"  # the demo's analogue of 8,16,24,11-20:mean
@@ -273,9 +274,9 @@ def test_bad_inputs_fail_with_one_clear_line(demo_root, weights, tmp_path, monke
 
 
 def test_disk_too_small_fails_before_writing(demo_root, weights, tmp_path, monkeypatch):
-    import pipeline.features.extract as extract
+    import pipeline.store as store
 
-    monkeypatch.setattr(extract.shutil, "disk_usage", lambda p: namedtuple("Usage", "total used free")(1e9, 1e9, 10_000))
+    monkeypatch.setattr(store.shutil, "disk_usage", lambda p: namedtuple("Usage", "total used free")(1e9, 1e9, 10_000))
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, [
         "extract-clip", "--stimuli", str(demo_root / "nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5"),

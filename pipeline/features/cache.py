@@ -1,0 +1,166 @@
+"""The CLIP features cache (``cache/clip/<model>__<pretrained>.zarr``): layout, creation, resume, reading.
+
+Layout (rows are always all N stimuli of ``imgBrick``: row i is the 0-based 73k id i, so every
+subject's trials index the same store):
+
+- ``layers/<name>``  (N, T, C) float16: block outputs, names and token modes as in
+  :mod:`pipeline.features.clip` (CLS first, then patches in raster order);
+- ``image_embeds``   (N, D) float32: ``encode_image`` (pooled, projected, not normalised);
+- ``text_embeds``    (N, K, D) float32: CLIP text embeddings of each image's K=5 captions (zeros where
+  an image has fewer), only when captions are used;
+- ``shard_done``     (n_shards,) bool: every array holds the final values of shard s's rows.
+
+Layers are stored as float16 whatever ``--dtype`` computes in; embeddings as float32. The unit of
+work is the shard (``shard_rows`` consecutive rows; one file per array); the rows of shards not yet
+flagged in ``shard_done`` are 0 and :func:`filled_rows` says which rows are valid. Writing them is
+:mod:`pipeline.features.extract`'s job.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from ..errors import UserError
+from ..store import atomic_store, compressor, open_existing
+from . import clip
+
+FORMAT_VERSION = 1
+"""Bumped when the meaning of stored values changes, so an old store is refused, not resumed."""
+CAPTIONS_PER_IMAGE = 5
+SHARD_ROWS = 1024
+"""ViT-L/14, all tokens: 0.5 GB per layer shard, 72 shards for NSD's 73k images."""
+CHUNK_BYTES = 1 << 20
+"""Default chunk: the most rows that fit in 1 MiB (1 image for ViT-L/14 all tokens, more when reduced)."""
+DONE = "shard_done"
+
+
+# ---- store layout -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ArraySpec:
+    """Shape, storage dtype and row chunking of one cached array."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    chunk_rows: int
+    shard_rows: int
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.shape[1:], dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+def default_chunk_rows(row_bytes: int, shard_rows: int) -> int:
+    """The largest divisor of ``shard_rows`` whose chunk stays within :data:`CHUNK_BYTES` (at least 1)."""
+    return max(d for d in range(1, shard_rows + 1) if shard_rows % d == 0 and (d == 1 or d * row_bytes <= CHUNK_BYTES))
+
+
+def store_layout(
+    loaded: clip.LoadedModel, layers: list[clip.LayerSpec], tokens: clip.TokenMode, n: int,
+    shard_rows: int, chunk_rows: int | None, captions: bool,
+) -> dict[str, ArraySpec]:
+    """Every array of the store, by path; embeddings use one chunk per shard (they are small)."""
+    t, c, d = tokens.n_tokens(loaded.n_patches), loaded.width, loaded.embed_dim
+    if chunk_rows is None:
+        chunk_rows = default_chunk_rows(t * c * 2, shard_rows)
+    elif chunk_rows < 1 or shard_rows % chunk_rows:
+        raise UserError(f"--chunk-rows {chunk_rows} must be >= 1 and divide --shard-rows {shard_rows}")
+    specs = {f"layers/{layer.name}": ArraySpec((n, t, c), "float16", chunk_rows, shard_rows) for layer in layers}
+    specs["image_embeds"] = ArraySpec((n, d), "float32", shard_rows, shard_rows)
+    if captions:
+        specs["text_embeds"] = ArraySpec((n, CAPTIONS_PER_IMAGE, d), "float32", shard_rows, shard_rows)
+    return specs
+
+
+def n_shards(n: int, shard_rows: int) -> int:
+    return -(-n // shard_rows)
+
+
+def shard_bounds(s: int, shard_rows: int, n: int) -> tuple[int, int]:
+    return s * shard_rows, min((s + 1) * shard_rows, n)
+
+
+def projected_bytes(layout: dict[str, ArraySpec], rows: int) -> int:
+    """Uncompressed bytes of ``rows`` rows in every array: an upper bound of what they take on disk
+    (blosc stores incompressible blocks as they are)."""
+    return rows * sum(spec.row_bytes for spec in layout.values())
+
+
+def create_store(out: Path, layout: dict[str, ArraySpec], attrs: dict) -> None:
+    """The empty store (metadata only), created atomically: it exists complete or not at all."""
+    n = next(iter(layout.values())).shape[0]
+    shard_rows = next(iter(layout.values())).shard_rows
+    with atomic_store(out) as root:
+        for path, spec in layout.items():
+            root.create_array(
+                path, shape=spec.shape, dtype=spec.dtype, fill_value=0,
+                chunks=(spec.chunk_rows, *spec.shape[1:]), shards=(spec.shard_rows, *spec.shape[1:]),
+                compressors=[compressor()],
+            )
+        done = root.create_array(DONE, shape=(n_shards(n, shard_rows),), dtype=bool, chunks=(1,), fill_value=False)
+        done.attrs["shard_rows"] = shard_rows
+        root.attrs.update(attrs)
+
+
+def existing_store(out: Path, settings: dict, overwrite: bool) -> zarr.Group | None:
+    """The store at ``out`` if it was made with these settings (resume); None if there is none.
+
+    Other settings are refused, or, with ``overwrite``, the old store is deleted.
+    """
+    if not out.exists():
+        return None
+    try:
+        group = zarr.open_group(out, mode="r+")
+        theirs = group.attrs.get("settings")
+    except Exception:  # not a Zarr group at all
+        group, theirs = None, None
+    if theirs == settings:
+        return group
+    if overwrite:
+        shutil.rmtree(out)
+        return None
+    if theirs is None:
+        raise UserError(f"--out {out} exists but is not an extract-clip store; delete it or choose another --out")
+    diffs = [f"{k}: {theirs.get(k)!r} there, {settings[k]!r} now" for k in settings if theirs.get(k) != settings.get(k)]
+    shown = "; ".join(d if len(d) < 200 else d[:197] + "..." for d in diffs[:3])
+    raise UserError(
+        f"--out {out} was made with other settings ({shown}); pass --overwrite to rebuild it, or choose another --out"
+    )
+
+
+def clear_shard(root: Path, arrays: dict[str, zarr.Array], s: int) -> None:
+    """Delete what an interrupted writer may have left of shard ``s``: its objects and partial files.
+
+    zarr reads an existing shard before rewriting it, so a torn one must go first.
+    """
+    for arr in arrays.values():
+        key = root / arr.path / arr.metadata.encode_chunk_key((s,) + (0,) * (arr.ndim - 1))
+        key.unlink(missing_ok=True)
+        for stray in key.parent.glob(f"{key.name}.*.partial"):  # LocalStore's atomic-write temp files
+            stray.unlink(missing_ok=True)
+
+
+
+# ---- reading a finished store ---------------------------------------------------------------------
+def filled_rows(group: zarr.Group) -> np.ndarray:
+    """(N,) bool: rows whose shard is complete."""
+    done = group[DONE]
+    n = group["image_embeds"].shape[0]
+    return np.repeat(done[:], done.attrs["shard_rows"])[:n]
+
+
+def open_cache(path: Path | str, rows: Sequence[int] | np.ndarray | None = None) -> zarr.Group:
+    """Open a CLIP cache for reading; refuse it when ``rows`` (default: all) are not extracted yet."""
+    group = open_existing(Path(path), "CLIP cache")
+    if DONE not in group or "settings" not in group.attrs:
+        raise UserError(f"{path}: not an extract-clip store (no {DONE} array / settings)")
+    filled = filled_rows(group)
+    missing = int((~(filled if rows is None else filled[np.asarray(rows)])).sum())
+    if missing:
+        raise UserError(f"{path}: {missing} requested images are not extracted yet; run extract-clip again to finish it")
+    return group
