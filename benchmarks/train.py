@@ -34,8 +34,13 @@ from pipeline.data.demo import make_demo  # noqa: E402
 from pipeline.data.fmri import prepare_fmri  # noqa: E402
 from pipeline.data.nsd import NSD  # noqa: E402
 from pipeline.features import clip as clip_lib  # noqa: E402
-from pipeline.fitting.train import CacheDataset, adapter_targets, build_adapter, resolve_device, take_rows, train  # noqa: E402
-from pipeline.store import compressor  # noqa: E402
+from pipeline.fitting.data import CacheDataset  # noqa: E402
+from pipeline.fitting.models import adapter_targets, build_adapter  # noqa: E402
+from pipeline.fitting.train import resolve_device, train  # noqa: E402
+from pipeline.store import (
+    compressor,  # noqa: E402
+    take_rows,  # noqa: E402
+)
 
 LAYERS = "2-4:mean"
 MODEL = {

@@ -23,17 +23,9 @@ from pipeline.features import clip as clip_lib
 from pipeline.fitting.adapters.base import FLOC, roi_indices
 from pipeline.fitting.adapters.litemind import FrequencyBlock
 from pipeline.fitting.adapters.losses import caption_mean, info_nce, token_cosine
-from pipeline.fitting.train import (
-    CacheDataset,
-    adapter_targets,
-    build_adapter,
-    load_adapter,
-    predict,
-    save_adapter,
-    split_by_image,
-    target_statistics,
-    train,
-)
+from pipeline.fitting.data import CacheDataset, split_by_image, target_statistics
+from pipeline.fitting.models import adapter_targets, build_adapter, load_adapter, predict, save_adapter
+from pipeline.fitting.train import train
 
 DETAIL, SEMANTIC, TEXT = "layers/2-4_mean", "image_embeds", "text_embeds"
 TINY_MCLIP = {"detail_target": DETAIL, "text_target": TEXT, "width": 64, "depth": 1, "token_rank": 8}

@@ -76,7 +76,7 @@ def fit_adapters(
             if rois:
                 raise UserError(f"--rois applies to ridge; set the ROI fields of {method} in params instead")
             params = _trained_targets(method, params, targets)
-            from .train import adapter_targets
+            from .models import adapter_targets
 
             pairs = open_pairs(fmri, clip, adapter_targets(method, params), subject)
             checkpoints = out.with_name(f"{out.name}.checkpoints")
@@ -128,7 +128,9 @@ def _alpha_summary(alpha: np.ndarray) -> dict[str, float]:
 
 
 def _fit_trained(pairs: Pairs, method, run: Path, params, train, seed, device, progress, checkpoints: Path):
-    from .train import CacheDataset, TrainConfig, build_adapter, load_adapter, predict, save_adapter
+    from .data import CacheDataset
+    from .models import build_adapter, load_adapter, predict, save_adapter
+    from .train import TrainConfig
     from .train import train as train_loop
 
     data = CacheDataset.from_stores(pairs.fmri, pairs.clip, pairs.targets, split="train")
