@@ -1,4 +1,4 @@
-"""DVC stage ``decode``: a run's predictions -> ``runs/<exp>/recon/`` + ``recon_grid.png`` (see :mod:`pipeline.evaluation.runs`)."""
+"""DVC stage ``decode``: a run's predictions -> ``runs/<exp>/recon/`` + ``recon_grid.png`` (see :mod:`pipeline.decoding.run`)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def command(
     device: Optional[str] = typer.Option(None, help="cpu or cuda."),
 ) -> None:
     """Turn predicted embeddings into images: retrieval from the CLIP cache, or Stable unCLIP."""
-    from pipeline.evaluation.runs import decode_run  # imports torch: only when run
+    from pipeline.decoding.run import decode_run  # imports torch: only when run
 
     p = resolve("decode", nsd_root=nsd_root, method=method, target=target, include_test=include_test,
                 samples=samples, unclip_model=unclip_model, detail_target=detail_target, strength=strength,
