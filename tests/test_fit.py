@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from cli import app
 from pipeline.data.fmri import prepare_fmri
 from pipeline.decoding.run import decode_run
 from pipeline.errors import UserError
+from pipeline.features.cache import DONE
 from pipeline.evaluation.runs import evaluate_run
 from pipeline.features.extract import extract_clip
 from pipeline.fitting.adapters.ridge import RidgeAdapter
@@ -97,3 +100,38 @@ def test_cli_errors_are_one_line(stores, tmp_path):
     assert result.exit_code == 1 and result.output.strip().startswith("error:") and len(result.output.strip().splitlines()) == 1
     result = CliRunner().invoke(app, ["fit-adapters", "--fmri", str(stores[0]), "--clip", str(stores[1]), "--method", "svm"])
     assert result.exit_code == 1 and "--method must be one of" in result.output
+
+
+# ---- partial CLIP caches ---------------------------------------------------------------------------
+def test_partial_cache_is_refused_with_the_command_that_fills_it(stores, demo_root, tmp_path):
+    fmri = stores[0]
+    partial = extract_clip(demo_root, tmp_path / "partial.zarr", model="nsd-tiny-vit", layers="2-4:mean,6",
+                           pretrained=str(demo_root / "demo/nsd-tiny-vit.safetensors"), images="0-63",
+                           shard_rows=64, progress=False)
+    with pytest.raises(UserError, match="are not extracted yet") as err:
+        fit_adapters(fmri, partial, "ridge", tmp_path / "run", params=RIDGE, progress=False)
+    assert not list(tmp_path.glob("run*"))
+    message = str(err.value)
+    g = zarr.open_group(fmri, mode="r")
+    ids = np.concatenate([g["train/image_ids"][:], g["test/image_ids"][:]])
+    missing = set((ids // 64).tolist()) - {0}
+    ranges = re.search(r"images (.*) are not extracted", message)[1].split(", ")
+    named = {s for r in ranges for s in range(int(r.split("-")[0]) // 64, int(r.split("-")[1]) // 64 + 1)}
+    assert named == missing and f"({len(set(ids[ids >= 64]))} of the {len(set(ids))} images" in message
+    command = shlex.split(message.split("fill them with: ")[1])
+    assert command[:3] == ["python", "cli.py", "extract-clip"] and "--images" in command
+    result = CliRunner().invoke(app, command[2:])
+    assert result.exit_code == 0, result.output
+    assert _fit((fmri, partial), tmp_path / "run", targets=["image_embeds"])["n_test"] > 0
+
+
+def test_decode_and_evaluate_refuse_test_images_of_unfinished_shards(stores, demo_root, tmp_path):
+    clip = tmp_path / "clip.zarr"
+    shutil.copytree(stores[1], clip)
+    _fit((stores[0], clip), tmp_path / "run", targets=["image_embeds"])
+    decode_run(tmp_path / "run", demo_root)
+    zarr.open_array(clip / DONE, mode="r+")[0] = False  # as if the shard had never finished
+    for step in (decode_run, evaluate_run):
+        with pytest.raises(UserError, match=r"images 0-359 are not extracted yet .*extract-clip .*--images 0-359"):
+            step(tmp_path / "run", demo_root)
+    assert not (tmp_path / "run/metrics.json").exists()
