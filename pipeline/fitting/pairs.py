@@ -1,8 +1,9 @@
 """Stage 2's input: an fMRI cache and a CLIP cache, checked to fit together.
 
 Rows of the fMRI store (``train/betas``) pair with rows of the CLIP store through
-``train/image_ids`` (0-based 73k ids = CLIP store row numbers). Nothing here runs CLIP; target
-arrays stay lazy zarr arrays, so callers can stream them in blocks.
+``train/image_ids`` (0-based 73k ids = CLIP store row numbers). Nothing here runs CLIP. The betas
+and ids are read once, here; target arrays stay lazy zarr arrays, so callers can stream them in
+blocks. Every row the pair reads is checked to be extracted (:func:`pipeline.features.cache.require_rows`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import zarr
 
 from ..errors import UserError
 from ..features.cache import require_rows
-from ..store import open_existing, take_rows
+from ..store import open_existing
 
 SPLITS = ("train", "test")
 
@@ -41,10 +42,6 @@ class Pairs:
     def target(self, name: str) -> zarr.Array:
         """A lazy (N, ...) target array of the CLIP store; index rows with :meth:`image_ids`."""
         return self.clip[name]
-
-    def target_rows(self, name: str, split: str) -> np.ndarray:
-        """The target rows of a split's images, in the fMRI store's row order."""
-        return take_rows(self.clip[name], self.image_ids(split))
 
     def roi(self, name: str) -> np.ndarray:
         key = f"voxels/{name}"
