@@ -170,10 +170,33 @@ def take_rows(array, rows) -> np.ndarray:
         return array[rows]
     unique, inverse = np.unique(rows, return_inverse=True)
     if isinstance(array, zarr.Array):
-        block = array.get_orthogonal_selection((unique,))
+        block = _zarr_rows(array, unique)
     else:
         block = np.asarray(array[unique]) if unique.size else np.asarray(array[:0])
     return block[inverse.reshape(rows.shape)]
+
+
+def _zarr_rows(array: zarr.Array, rows: np.ndarray, slab_bytes: int = 64 << 20) -> np.ndarray:
+    """Sorted distinct ``rows`` of a zarr array, each touched chunk decoded once.
+
+    Runs of consecutive chunks are read as plain slices of at most ``slab_bytes``: zarr's
+    orthogonal selection on sharded arrays slows down with the rows it picks from a shard
+    (zarr 3.1.6: 64 rows of a ViT-L/14 layer shard in 3.0 s, against 0.15 s as slices).
+    """
+    out = np.empty((len(rows), *array.shape[1:]), array.dtype)
+    if not len(rows):
+        return out
+    per_chunk = int(array.chunks[0])
+    row_bytes = max(1, int(np.prod(array.shape[1:], dtype=np.int64)) * array.dtype.itemsize)
+    window = max(1, slab_bytes // (per_chunk * row_bytes))  # chunks per slice
+    chunk = rows // per_chunk
+    starts = np.flatnonzero(np.r_[True, np.diff(chunk) > 1])  # runs of consecutive touched chunks
+    for a, b in zip(starts, np.r_[starts[1:], len(rows)]):
+        for c0 in range(int(chunk[a]), int(chunk[b - 1]) + 1, window):
+            lo, hi = c0 * per_chunk, min((c0 + window) * per_chunk, array.shape[0])
+            sel = slice(int(np.searchsorted(rows, lo)), int(np.searchsorted(rows, hi)))
+            out[sel] = array[lo:hi][rows[sel] - lo]
+    return out
 
 
 def human_bytes(n: float) -> str:

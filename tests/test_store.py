@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import zarr
 
@@ -89,3 +90,16 @@ def test_failed_writes_leave_the_previous_output(tmp_path):
         raise RuntimeError("killed")
     assert out.read_text() == "old" and _complete(folder, "old")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "recon"]
+
+
+@pytest.mark.parametrize("chunks, shards", [((4, 3), (16, 3)), ((1, 3), (8, 3)), ((5, 3), None)])
+def test_take_rows_of_zarr_arrays_in_any_order(tmp_path, chunks, shards):
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((103, 3)).astype(np.float32)
+    z = zarr.create_array(tmp_path / "a.zarr", shape=data.shape, chunks=chunks, shards=shards, dtype="float32")
+    z[:] = data
+    for _ in range(8):
+        rows = rng.integers(0, 103, rng.integers(0, 30))
+        np.testing.assert_array_equal(store.take_rows(z, rows), data[rows])
+        unique = np.unique(rows)  # slices cut at any size still read every row once
+        np.testing.assert_array_equal(store._zarr_rows(z, unique, slab_bytes=int(rng.integers(1, 200))), data[unique])
