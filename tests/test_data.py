@@ -102,3 +102,21 @@ def test_fingerprint_changes_with_the_data(stores, tmp_path: Path):
     changed = {**arrays, SEMANTIC: arrays[SEMANTIC] * 2}
     found = CacheDataset(betas, ids, changed, TARGETS).fingerprint()["targets"]
     assert found[SEMANTIC] != base["targets"][SEMANTIC] and found[DETAIL] == base["targets"][DETAIL]
+
+
+def test_training_on_streamed_tokens_is_deterministic(stores, monkeypatch):
+    from pipeline.fitting.models import build_adapter
+    from pipeline.fitting.train import train
+
+    fmri, clip = stores
+    monkeypatch.setattr(data_module, "BLOCK_BYTES", 1)
+    config = {"detail_target": DETAIL, "width": 32, "depth": 1, "token_rank": 4}
+    settings = {"epochs": 2, "batch_size": 16, "lr": 3e-3, "patience": None, "progress": False}
+    weights = []
+    for _ in range(2):
+        data = CacheDataset.from_stores(fmri, clip, [DETAIL, SEMANTIC], memory=0)  # everything streamed
+        model = build_adapter("mclip", config, data, seed=0)
+        result = train(model, data, settings)
+        assert np.isfinite(result.history[-1]["val_loss"])
+        weights.append(model.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

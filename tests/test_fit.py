@@ -22,8 +22,8 @@ from cli import app
 from pipeline.data.fmri import prepare_fmri
 from pipeline.decoding.run import decode_run
 from pipeline.errors import UserError
-from pipeline.features.cache import DONE
 from pipeline.evaluation.runs import evaluate_run
+from pipeline.features.cache import DONE
 from pipeline.features.extract import extract_clip
 from pipeline.fitting.adapters.ridge import RidgeAdapter
 from pipeline.fitting.fit import fit_adapters
