@@ -38,15 +38,17 @@ def hf_cache_with(root: Path, repo: str, file: str, state: dict[str, torch.Tenso
     return root
 
 
-@pytest.fixture(scope="module")
-def vit_b32_cache(tmp_path_factory) -> Path:
-    """Random weights of the real ViT-B-32 (QuickGELU, as OpenAI trained it), in fp16, where open_clip
-    looks for ``ViT-B-32``/``openai``."""
+REPOS = {"ViT-B-32": "timm/vit_base_patch32_clip_224.openai", "ViT-L-14": "timm/vit_large_patch14_clip_224.openai"}
+
+
+def openai_cache(root: Path, name: str) -> Path:
+    """Random weights of the real ``name`` (QuickGELU, as OpenAI trained it), in fp16, where open_clip
+    looks for ``name``/``openai``."""
     torch.manual_seed(0)
-    state = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None).state_dict()
-    repo, files = clip.hf_weights("ViT-B-32", "openai")
-    assert repo == "timm/vit_base_patch32_clip_224.openai" and files[0] == "open_clip_model.safetensors"
-    return hf_cache_with(tmp_path_factory.mktemp("hf"), repo, files[0], {k: v.half() for k, v in state.items()})
+    state = open_clip.create_model(f"{name}-quickgelu", pretrained=None).state_dict()
+    repo, files = clip.hf_weights(name, "openai")
+    assert repo == REPOS[name] and files[0] == "open_clip_model.safetensors"
+    return hf_cache_with(root, repo, files[0], {k: v.half() for k, v in state.items()})
 
 
 def reference(arch: str, weights: Path, images: np.ndarray):
@@ -70,32 +72,34 @@ def project(net, tokens: torch.Tensor) -> np.ndarray:
         return (net.visual.ln_post(tokens) @ net.visual.proj).numpy()
 
 
-def test_openai_tag_from_an_offline_hf_cache_builds_quickgelu(demo_root, vit_b32_cache, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_CACHE", str(vit_b32_cache))
+@pytest.mark.parametrize("name,blocks", [("ViT-B-32", 12), pytest.param("ViT-L-14", 24, marks=pytest.mark.slow)])
+def test_openai_tag_from_an_offline_hf_cache_builds_quickgelu(demo_root, tmp_path, monkeypatch, name, blocks):
+    cache = openai_cache(tmp_path / "hf", name)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.chdir(tmp_path)
-    out = tmp_path / "b32.zarr"
+    out, mid, last = tmp_path / "real.zarr", blocks // 2, blocks
     result = CliRunner().invoke(app, [
-        "extract-clip", "--stimuli", str(demo_root), "--out", str(out), "--model", "ViT-B-32", "--pretrained", "openai",
-        "--layers", "6,12,12:proj", "--images", "0-1", "--shard-rows", "2", "--device", "cpu",
+        "extract-clip", "--stimuli", str(demo_root), "--out", str(out), "--model", name, "--pretrained", "openai",
+        "--layers", f"{mid},{last},{last}:proj", "--images", "0-1", "--shard-rows", "2", "--device", "cpu",
     ])
     assert result.exit_code == 0, result.output
     store = zarr.open_group(out, mode="r")
-    weights = next(vit_b32_cache.rglob("open_clip_model.safetensors"))
-    net, blocks, embeds = reference("ViT-B-32-quickgelu", weights, images_of(demo_root, [0, 1]))
-    for k in (6, 12):
-        np.testing.assert_allclose(store[f"layers/{k}"][0:2], blocks[k].numpy().astype(np.float16), rtol=1e-2, atol=1e-2)
-    np.testing.assert_allclose(store["layers/12_proj"][0:2], project(net, blocks[12]), rtol=1e-2, atol=2e-2)
+    weights = next(cache.rglob("open_clip_model.safetensors"))
+    net, hooked, embeds = reference(f"{name}-quickgelu", weights, images_of(demo_root, [0, 1]))
+    for k in (mid, last):
+        np.testing.assert_allclose(store[f"layers/{k}"][0:2], hooked[k].numpy().astype(np.float16), rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(store[f"layers/{last}_proj"][0:2], project(net, hooked[last]), rtol=1e-2, atol=2e-2)
     np.testing.assert_allclose(store["image_embeds"][0:2], embeds.numpy(), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(store["layers/12_proj"][0:2, 0], embeds.numpy(), rtol=1e-2, atol=2e-2)
+    np.testing.assert_allclose(store[f"layers/{last}_proj"][0:2, 0], embeds.numpy(), rtol=1e-2, atol=2e-2)
     captions = NSD(demo_root).captions(np.array([0, 1]), 5)
     with torch.no_grad():
-        text = net.encode_text(open_clip.get_tokenizer("ViT-B-32")([str(c) for c in captions[0]])).numpy()
+        text = net.encode_text(open_clip.get_tokenizer(name)([str(c) for c in captions[0]])).numpy()
     np.testing.assert_allclose(store["text_embeds"][0], text, rtol=1e-4, atol=1e-4)
     # the GELU tower open_clip builds for plain "ViT-B-32" gives other numbers with the same weights
-    _, _, gelu_embeds = reference("ViT-B-32", weights, images_of(demo_root, [0, 1]))
+    _, _, gelu_embeds = reference(name, weights, images_of(demo_root, [0, 1]))
     assert not np.allclose(gelu_embeds.numpy(), embeds.numpy(), atol=1e-3)
     settings = store.attrs["settings"]
-    assert settings["activation"] == "quick_gelu" and settings["open_clip_model"] == "ViT-B-32-quickgelu"
+    assert settings["activation"] == "quick_gelu" and settings["open_clip_model"] == f"{name}-quickgelu"
     assert settings["model_config"]["quick_gelu"] is True and store.attrs["projection"].startswith("token 0")
 
 
