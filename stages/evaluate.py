@@ -16,16 +16,19 @@ def command(
     run: Path = typer.Option(..., help="Run folder that decode has filled."),
     nsd_root: Optional[Path] = typer.Option(None, help="NSD root holding nsd_stimuli.hdf5 [params: evaluate.nsd_root]."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda for the feature networks."),
+    retrieval_target: Optional[str] = typer.Option(
+        None, help="CLIP-cache array retrieval is computed in, flattened: image_embeds, or layers/24_proj for "
+        "MindEye1's protocol [params: evaluate.retrieval_target]."),
 ) -> None:
     """Score reconstructions with the MindEye2 protocol (metrics without local weights are reported unavailable)."""
     from pipeline.evaluation.runs import evaluate_run  # imports torch: only when run
 
-    p = resolve("evaluate", nsd_root=nsd_root, device=device)
+    p = resolve("evaluate", nsd_root=nsd_root, device=device, retrieval_target=retrieval_target)
     root = p.pop("nsd_root", None)
     if root is None:
         raise typer.BadParameter("give --nsd-root or set evaluate.nsd_root in params.yaml")
     weights = p.pop("weights", None) or None
-    out = evaluate_run(run, root, weights=weights, **{k: v for k, v in p.items() if k in ("device", "pool", "draws", "seed")})
+    out = evaluate_run(run, root, weights=weights, **{k: v for k, v in p.items() if k in ("device", "pool", "draws", "seed", "retrieval_target")})
     typer.echo(json.dumps(out["reconstruction"], indent=1))
     for name, reason in out["unavailable"].items():
         typer.echo(f"{name}: unavailable ({reason})")

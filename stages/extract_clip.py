@@ -29,9 +29,13 @@ def command(
     pretrained: Optional[str] = typer.Option(
         None, help="open_clip pretrained tag, a checkpoint file (state_dict: torch.save or .safetensors) "
         "or none (default: openai)."),
+    activation: Optional[str] = typer.Option(
+        None, help="auto (the weights' own: QuickGELU for OpenAI's) | gelu | quick_gelu; a choice that "
+        "contradicts the tag is refused (default: auto)."),
     layers: Optional[str] = typer.Option(
-        None, help="1-based blocks and range aggregates, e.g. 8,16,24,11-20:mean (default: 8,16,24)."),
-    tokens: Optional[str] = typer.Option(None, help="all | cls | mean | grid:K (default: all)."),
+        None, help="1-based blocks, range aggregates and projected blocks, e.g. 8,16,24,11-20:mean,24:proj "
+        "(default: 8,16,24)."),
+    tokens: Optional[str] = typer.Option(None, help="all | cls | mean | grid:K | merge:K (default: all)."),
     images: Optional[str] = typer.Option(
         None, help="Rows to fill: all | shared | subject:N | A-B (0-based ids, inclusive); rounded out to "
         "whole shards (default: all)."),
@@ -56,7 +60,7 @@ def command(
     from pipeline.features.extract import extract_clip  # imports torch: only when run
 
     p = resolve(
-        "extract_clip", stimuli=stimuli, out=out, model=model, pretrained=pretrained, layers=layers,
+        "extract_clip", stimuli=stimuli, out=out, model=model, pretrained=pretrained, activation=activation, layers=layers,
         tokens=tokens, images=images, batch_size=batch_size, device=device, dtype=dtype, captions=captions,
         shard_rows=shard_rows, chunk_rows=chunk_rows, loader_workers=loader_workers, workers=workers,
         scheduler=scheduler,

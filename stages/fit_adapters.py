@@ -66,6 +66,7 @@ def command(
         rois=_split(rois) or _split(exp.get("rois")),
         params={**settings, **(exp.get("params") or {})},
         train=train, subject=p.get("subject"), seed=p.get("seed", 0), device=p.get("device", "auto"),
+        holdout_categories=_split(exp.get("holdout_categories")), nsd_root=base.get("nsd_root"),
     )
     typer.echo(json.dumps({name: {k: round(v, 4) for k, v in r.items()} for name, r in report["targets"].items()}, indent=1))
     typer.echo(f"wrote {run}")

@@ -106,7 +106,8 @@ def test_tokens_embeds_and_captions_match_independent_references(demo_root, weig
     assert arr.shards == (64, 17, 64) and 64 % arr.chunks[0] == 0
     attrs = dict(store.attrs)
     assert attrs["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
-    assert attrs["layers"]["2-4_mean"] == {"blocks": [2, 3, 4], "aggregate": "mean"}
+    assert attrs["layers"]["2-4_mean"] == {"blocks": [2, 3, 4], "aggregate": "mean", "projected": False}
+    assert attrs["activation"] == "gelu" and attrs["open_clip_model"] == "nsd-tiny-vit"
     assert attrs["N"] == 360 and attrs["tokens"] == "all" and attrs["compute_dtype"] == "float32"
     assert attrs["preprocessing"]["size"] == [32, 32] and attrs["source"]["n_images"] == 360
     assert filled_rows(store).all()
@@ -250,8 +251,10 @@ BAD = [
     Case(["--stimuli", "{tmp}/nowhere.hdf5"], "--stimuli: not found"),
     Case(["--layers", "2,7"], "out of range; this model has blocks 1..6"),
     Case(["--layers", "3-9:mean"], "blocks 1..6"),
-    Case(["--tokens", "patches"], "--tokens must be all, cls, mean or grid:K"),
+    Case(["--tokens", "patches"], "--tokens must be all, cls, mean, grid:K or merge:K"),
     Case(["--tokens", "grid:5"], "finer than the model's (4, 4) patch grid"),
+    Case(["--tokens", "merge:16"], "merge:16 must merge into fewer than the model's 16 patches"),
+    Case(["--layers", "2-4:proj"], "cannot parse '2-4:proj'"),
     Case(["--images", "subject:9"], "subjects are 1..2"),
     Case(["--images", "300-400"], "need A <= B < 360"),
     Case(["--images", "odd"], "--images must be all, shared, subject:N or A-B"),

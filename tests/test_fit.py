@@ -77,6 +77,7 @@ def test_decode_retrieval_and_evaluate(stores, demo_root, tmp_path):
     assert json.loads((tmp_path / "run/metrics.json").read_text())["method"] == "ridge"
     zero = out["brainclip"]["zero_shot"]
     assert zero["n_scored"] == len(test_ids) and 0 <= zero["top1"] <= zero["top5"] <= 1
+    assert out["retrieval"]["space"] == "image_embeds" and out["retrieval"]["comparable_to"].startswith("none: MindEye1")
 
 
 def test_bad_inputs(stores, tmp_path):
@@ -106,6 +107,36 @@ def test_cli_errors_are_one_line(stores, tmp_path):
     assert result.exit_code == 1 and result.output.strip().startswith("error:") and len(result.output.strip().splitlines()) == 1
     result = CliRunner().invoke(app, ["fit-adapters", "--fmri", str(stores[0]), "--clip", str(stores[1]), "--method", "svm"])
     assert result.exit_code == 1 and "--method must be one of" in result.output
+
+
+def test_heldout_categories_and_labelled_retrieval_space(stores, demo_root, tmp_path):
+    import pandas as pd
+
+    held = ["circle", "ring"]
+    _fit(stores, tmp_path / "run", targets=["image_embeds", "layers/6"], holdout_categories=held, nsd_root=demo_root)
+    info = json.loads((tmp_path / "run/run.json").read_text())
+    # which images show a held-out category, read straight from the stim-info table and COCO files
+    stim = pd.read_csv(demo_root / "nsddata/experiments/nsd/nsd_stim_info_merged.csv", index_col=0)
+    shows = set()
+    for split in stim["cocoSplit"].unique():
+        doc = json.loads((demo_root / f"nsddata_stimuli/stimuli/nsd/annotations/instances_{split}.json").read_text())
+        cats = {c["id"] for c in doc["categories"] if c["name"] in held}
+        coco = {a["image_id"] for a in doc["annotations"] if a["category_id"] in cats}
+        shows |= set(stim.index[(stim["cocoSplit"] == split) & stim["cocoId"].isin(coco)])
+    fmri = zarr.open_group(stores[0], mode="r")
+    train_ids, test_ids = fmri["train/image_ids"][:], fmri["test/image_ids"][:]
+    assert info["holdout_categories"] == held
+    assert info["heldout_train_trials"] == sum(int(i) in shows for i in train_ids) > 0
+    decode_run(tmp_path / "run", demo_root)
+    out = evaluate_run(tmp_path / "run", demo_root, retrieval_target="layers/6")
+    assert out["retrieval"]["space"] == "layers/6" and out["retrieval"]["row_shape"] == [17, 64]
+    assert out["retrieval"]["comparable_to"].startswith("none") and 0 <= out["retrieval"]["brain_to_image"] <= 1
+    assert "retrieval_brain_to_image" not in out["reconstruction"]
+    heldout = out["brainclip"]["zero_shot_heldout"]
+    assert heldout["categories"] == held and heldout["n_scored"] == sum(int(i) in shows for i in test_ids)
+    assert "BrainCLIP" in heldout["protocol"] and "except the held-out" in out["brainclip"]["zero_shot"]["protocol"]
+    with pytest.raises(UserError, match="no COCO category 'unicorn'"):
+        _fit(stores, tmp_path / "bad", holdout_categories=["unicorn"], nsd_root=demo_root)
 
 
 # ---- partial CLIP caches ---------------------------------------------------------------------------

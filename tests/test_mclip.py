@@ -21,7 +21,7 @@ from pipeline.errors import UserError
 from pipeline.evaluation.metrics import retrieval_top1
 from pipeline.features import clip as clip_lib
 from pipeline.fitting.adapters.base import FLOC, roi_indices
-from pipeline.fitting.adapters.litemind import FrequencyBlock
+from pipeline.fitting.adapters.litemind import FrequencyBlock, drop_path
 from pipeline.fitting.adapters.losses import caption_mean, info_nce, token_cosine
 from pipeline.fitting.data import CacheDataset, split_by_image, target_statistics
 from pipeline.fitting.models import adapter_targets, build_adapter, load_adapter, predict, save_adapter
@@ -29,7 +29,8 @@ from pipeline.fitting.train import train
 
 DETAIL, SEMANTIC, TEXT = "layers/2-4_mean", "image_embeds", "text_embeds"
 TINY_MCLIP = {"detail_target": DETAIL, "text_target": TEXT, "width": 64, "depth": 1, "token_rank": 8}
-TINY_LITEMIND = {"targets": [DETAIL, SEMANTIC]}
+TINY_LITEMIND = {"targets": [DETAIL, SEMANTIC], "patch_size": 32, "dims": [64, 32], "depths": [1, 1],
+                 "mlp_ratio": 2.0, "drop_path": 0.1, "temperature": 0.05}  # e^-8 (paper) needs real-size data
 FAST = {"epochs": 30, "batch_size": 16, "lr": 3e-3, "patience": None, "progress": False}
 
 
@@ -120,28 +121,62 @@ def test_token_cosine_and_caption_mean():
     np.testing.assert_allclose(mean[1], text[1].mean(0))
 
 
-def test_frequency_block_parts_match_numpy_fft():
+def litemind_block_numpy(block, x: np.ndarray) -> np.ndarray:
+    """Lite-Mind's published block (dft_backbone.py ``Block``, eval mode), re-derived in numpy with
+    loops: LN1 -> sum over filters m of cos((2m+1)pi/2M) W_m X X^2 in the rFFT over patches -> LN2
+    -> MLP -> LN3 -> FreMLP (per-channel complex weights, ReLU, soft-shrink) -> residual."""
+    from scipy.special import erf
+
+    p = {k: v.detach().double().numpy() for k, v in block.named_parameters()}
+    n = x.shape[1]
+
+    def ln(h, name):
+        mu, var = h.mean(-1, keepdims=True), h.var(-1, keepdims=True)
+        return (h - mu) / np.sqrt(var + 1e-6) * p[f"{name}.weight"] + p[f"{name}.bias"]
+
+    spec = np.fft.rfft(ln(x, "norm1"), axis=1, norm="ortho")
+    weights = p["filter.weight"][..., 0] + 1j * p["filter.weight"][..., 1]
+    total = np.zeros_like(spec)
+    for m in range(len(weights)):
+        total = total + spec * weights[m] * np.cos((2 * m + 1) * np.pi / (2 * len(weights))) * spec**2
+    y = np.fft.irfft(total, n=n, axis=1, norm="ortho")
+    h = ln(y, "norm2") @ p["mlp.0.weight"].T + p["mlp.0.bias"]
+    y = (0.5 * h * (1 + erf(h / np.sqrt(2)))) @ p["mlp.3.weight"].T + p["mlp.3.bias"]
+    spec = np.fft.rfft(ln(y, "norm3"), axis=1, norm="ortho")
+    out = np.zeros_like(spec)
+    for c in range(spec.shape[-1]):  # one channel at a time: the published einsum uses only diag(r), diag(i)
+        wr, wi = p["projector.w_real"][c], p["projector.w_imag"][c]
+        re = np.maximum(spec[..., c].real * wr - spec[..., c].imag * wi + p["projector.b_real"][c], 0)
+        im = np.maximum(spec[..., c].imag * wr + spec[..., c].real * wi + p["projector.b_imag"][c], 0)
+        out[..., c] = np.maximum(re - 0.01, 0) + 1j * np.maximum(im - 0.01, 0)  # soft-shrink of values >= 0
+    return x + np.fft.irfft(out, n=n, axis=1, norm="ortho")
+
+
+def test_litemind_block_matches_the_published_formula_rederived():
     torch.manual_seed(0)
-    block = FrequencyBlock(n_patches=7, dim=5, mlp_ratio=2, dropout=0.0, sparsity=0.01)
+    block = FrequencyBlock(n_patches=7, dim=5, mlp_ratio=2, dropout=0.3, sparsity=0.01, drop_path=0.5,
+                           num_filters=3).eval()
     with torch.no_grad():
-        for p in (block.filter, block.w_real, block.w_imag, block.b_real, block.b_imag):
-            p.normal_()
+        for p in block.parameters():
+            p.normal_(0, 0.5)
     x = torch.randn(2, 7, 5)
-    xn = x.double().numpy()
-    spec = np.fft.rfft(xn, axis=1, norm="ortho")
-    w = block.filter.detach().double().numpy()
-    ref = np.fft.irfft(spec * (w[..., 0] + 1j * w[..., 1]), n=7, axis=1, norm="ortho")
-    np.testing.assert_allclose(block.global_filter(x).detach().numpy(), ref, atol=1e-5)
+    np.testing.assert_allclose(block(x).detach().numpy(), litemind_block_numpy(block, x.double().numpy()),
+                               rtol=1e-4, atol=1e-4)
+    block.train()  # DropPath: each sample's branch is kept (scaled 1/(1-p)) or dropped, never mixed
+    torch.manual_seed(1)
+    branch = torch.ones(64, 7, 5)
+    out = drop_path(branch, 0.5, training=True)
+    assert set(out.flatten(1).unique().tolist()) <= {0.0, 2.0} and (out.flatten(1).std(1) == 0).all()
+    assert 10 < int((out[:, 0, 0] == 0).sum()) < 54
 
-    z = spec @ (block.w_real.detach().double().numpy() + 1j * block.w_imag.detach().double().numpy())
-    z = z + block.b_real.detach().double().numpy() + 1j * block.b_imag.detach().double().numpy()
 
-    def shrink(v: np.ndarray) -> np.ndarray:
-        v = np.maximum(v, 0)
-        return np.sign(v) * np.maximum(np.abs(v) - 0.01, 0)
+def test_litemind_paper_sizes_have_the_stated_parameter_count():
+    from pipeline.fitting.adapters.litemind import LiteMind, LiteMindConfig
 
-    ref = np.fft.irfft(shrink(z.real) + 1j * shrink(z.imag), n=7, axis=1, norm="ortho")
-    np.testing.assert_allclose(block.frequency_mlp(x).detach().numpy(), ref, atol=1e-4)
+    model = LiteMind(LiteMindConfig(), 15724, {"layers/24_proj": (257, 768)}, {"input": np.arange(15724)})
+    assert model.n_patches == 34 and model.n_params == 12_709_503
+    with torch.no_grad():
+        assert model(torch.zeros(2, 15724))["layers/24_proj"].shape == (2, 257, 768)
 
 
 # ---- data -----------------------------------------------------------------------------------------
@@ -344,3 +379,20 @@ def test_bad_input_gives_clear_user_errors(caches, trained, tmp_path):
         build_adapter("mclip", {**TINY_MCLIP, "text_target": None, "detail_target": SEMANTIC}, with_rois)
     with pytest.raises(UserError, match="adapter.json not found"):
         load_adapter(tmp_path / "nothing")
+
+
+def test_mclip_semantic_tokens_get_the_token_term_on_both_branches(caches):
+    fmri, clip = caches
+    config = {**TINY_MCLIP, "text_target": None, "semantic_target": "layers/6", "w_self": 0, "w_cross": 0}
+    data = CacheDataset.from_stores(fmri, clip, adapter_targets("mclip", config))
+    model = build_adapter("mclip", config, data, seed=0).eval()
+    batch = data.__getitems__(list(range(16)))
+    with torch.no_grad():
+        terms = model.loss(batch["x"], batch["targets"], batch["image_id"])
+        pred = model(batch["x"])
+        z = {t: model.standardized_target(t, batch["targets"][t])[0] for t in (DETAIL, "layers/6")}
+    assert pred["layers/6"].shape == (16, 17, 64)
+    both = (token_cosine(pred[DETAIL], z[DETAIL]) + token_cosine(pred["layers/6"], z["layers/6"])) / 2
+    assert float(terms["tokens"]) == pytest.approx(float(both), rel=1e-5)
+    flat = info_nce(pred["layers/6"].flatten(1), z["layers/6"].flatten(1), 0.05, groups=batch["image_id"])
+    assert float(terms["semantic"]) == pytest.approx(float(flat), rel=1e-5)

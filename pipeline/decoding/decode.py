@@ -37,7 +37,8 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
-from ..evaluation.metrics import as_float_images, hf_hub_cache
+from ..evaluation.metrics import as_float_images
+from ..features.clip import hf_hub_cache
 from ..store import take_rows  # noqa: F401  (part of this module's API)
 
 ID_WIDTH = 5

@@ -29,7 +29,6 @@ linear information), whereas :func:`two_way_identification` keeps ME's NaN, i.e.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -306,13 +305,6 @@ def torch_hub_checkpoint(url: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
 
 
-def hf_hub_cache() -> Path:
-    """The Hugging Face hub cache, read from the environment at call time."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    return Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub"
-
-
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
     from ..features.clip import load_state_dict
 
@@ -376,25 +368,25 @@ class _EncodeImage(nn.Module):
         return self.clip.encode_image(x)
 
 
-CLIP_ARCH = "ViT-L-14-quickgelu"
-"""OpenAI CLIP ViT-L/14 (QuickGELU, as ``clip.load('ViT-L/14')``) in open_clip."""
-
-
 def load_openai_clip(path: Path | None = None) -> nn.Module:
     """OpenAI CLIP ViT-L/14 image encoder from an open_clip checkpoint file, or from the Hugging
-    Face cache entry open_clip downloads for ``ViT-L-14``/``openai``."""
+    Face cache entry open_clip downloads for ``ViT-L-14``/``openai``; built with the activation
+    those weights were trained with (:func:`pipeline.features.clip.resolve_architecture`: QuickGELU,
+    as ``clip.load('ViT-L/14')``)."""
     import open_clip
     from huggingface_hub import try_to_load_from_cache
 
+    from ..features.clip import hf_hub_cache, hf_weights, resolve_architecture
+
+    arch = resolve_architecture("ViT-L-14", "openai")
     if path is None:
-        repo = open_clip.get_pretrained_cfg(CLIP_ARCH, "openai")["hf_hub"].strip("/")
-        hits = [try_to_load_from_cache(repo, name, cache_dir=hf_hub_cache())
-                for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")]
+        repo, files = hf_weights(arch.name, "openai")
+        hits = [try_to_load_from_cache(repo, name, cache_dir=hf_hub_cache()) for name in files]
         found = [h for h in hits if isinstance(h, str)]
         if not found:
             raise MetricUnavailable(
                 f"OpenAI CLIP ViT-L/14 weights not found in {hf_hub_cache()} ({repo}; download them once "
-                "with open_clip.create_model('ViT-L-14-quickgelu', pretrained='openai') or pass a local file)"
+                "with open_clip.create_model('ViT-L-14', pretrained='openai') or pass a local file)"
             )
         path = Path(found[0])
     _require(Path(path), "OpenAI CLIP ViT-L/14 weights", "pass an open_clip checkpoint file")
@@ -402,13 +394,13 @@ def load_openai_clip(path: Path | None = None) -> nn.Module:
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)  # open_clip warns "initialized randomly"; the weights follow
     try:
-        model = open_clip.create_model(CLIP_ARCH, pretrained=None)
+        model = open_clip.create_model(arch.name, pretrained=None, force_quick_gelu=arch.force_quick_gelu)
     finally:
         logging.disable(previous)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise MetricUnavailable(f"{path} does not fit {CLIP_ARCH}: {str(exc).splitlines()[0]}") from None
+        raise MetricUnavailable(f"{path} does not fit {arch.name}: {str(exc).splitlines()[0]}") from None
     return _EncodeImage(model).eval()
 
 

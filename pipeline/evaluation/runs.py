@@ -1,5 +1,14 @@
 """evaluate over a decoded run folder: the MindEye2 protocol (:func:`pipeline.evaluation.metrics.evaluate`)
-and the BrainCLIP tasks -> ``runs/<exp>/metrics.json`` and DVC plot data."""
+and the BrainCLIP tasks -> ``runs/<exp>/metrics.json`` and DVC plot data.
+
+``metrics.json`` says what each number measures: ``retrieval`` names the space the top-1 retrieval
+was computed in (``retrieval_target``, flattened: pooled ``image_embeds`` by default; MindEye1 used
+ViT-L/14's 257x768 ``layers/24_proj``, MindEye2 ViT-bigG/14's 256x1664 tokens) and which published
+column it is comparable to; ``brainclip.zero_shot`` is COCO-category decoding over the categories of
+the test images, all seen in training, and ``brainclip.zero_shot_heldout`` BrainCLIP's protocol:
+categories held out at fit time (``holdout_categories``), scored on the test images that contain
+them, ranking the held-out categories only.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +30,7 @@ from . import metrics
 
 def evaluate_run(
     run: Path | str, nsd_root: Path | str, *, weights: dict[str, str] | None = None, device: str = "cpu",
-    pool: int = 300, draws: int = 30, seed: int = 42,
+    pool: int = 300, draws: int = 30, seed: int = 42, retrieval_target: str = "image_embeds",
 ) -> dict[str, Any]:
     """MindEye2-protocol metrics of a decoded run -> ``metrics.json`` (and ``plots/targets.json``)."""
     run = Path(run)
@@ -31,20 +40,27 @@ def evaluate_run(
     with NSD(nsd_root).stimuli() as brick:
         gt = decode.take_rows(brick, test_ids)
     rec = decode.read_reconstructions(run / "recon", test_ids)
+    clip = open_cache(Path(info["clip"]), rows=test_ids)
     brain = image = None
-    if "test/image_embeds" in preds:
-        clip = open_cache(Path(info["clip"]), rows=test_ids)
-        brain = preds["test/image_embeds"][...]
-        image = decode.take_rows(clip["image_embeds"], test_ids)
+    if f"test/{retrieval_target}" in preds:
+        if retrieval_target not in clip:
+            raise UserError(f"evaluate.retrieval_target {retrieval_target!r} is not an array of {info['clip']}")
+        brain = preds[f"test/{retrieval_target}"][...]
+        image = decode.take_rows(clip[retrieval_target], test_ids)
     n = len(test_ids)
     results = metrics.evaluate(gt, rec, brain=brain, image=image, weights=weights, device=device,
                                pool=min(pool, n), draws=draws, seed=seed)
+    retrieval = retrieval_space(clip, retrieval_target)
+    for key in ("retrieval_image_to_brain", "retrieval_brain_to_image"):
+        value = results.pop(key)
+        retrieval[key.removeprefix("retrieval_")] = value if brain is not None else {
+            "unavailable": f"the run predicted no {retrieval_target}"}
     brainclip = brainclip_tasks(preds, info, NSD(nsd_root), test_ids, device, pool=min(pool, n), draws=draws, seed=seed)
     fit = json.loads((run / "fit_report.json").read_text()) if (run / "fit_report.json").is_file() else {}
     numbers = {k: v for k, v in results.items() if not isinstance(v, dict)}
     missing = {k: v["unavailable"] for k, v in results.items() if isinstance(v, dict)}
     out = {"method": info.get("method"), "retrieval_pool": min(pool, n), "reconstruction": numbers,
-           "brainclip": brainclip, "targets": fit.get("targets", {}), "unavailable": missing}
+           "retrieval": retrieval, "brainclip": brainclip, "targets": fit.get("targets", {}), "unavailable": missing}
     write_text(run / "metrics.json", json.dumps(out, indent=2))
     write_text(run / "plots" / "targets.json", json.dumps(
         [{"target": t, **{k: v for k, v in r.items() if isinstance(v, float)}} for t, r in out["targets"].items()],
@@ -52,24 +68,69 @@ def evaluate_run(
     return out
 
 
+def retrieval_space(clip: zarr.Group, target: str) -> dict[str, Any]:
+    """What retrieval was computed on, and the published retrieval column it can sit under."""
+    model = clip.attrs.get("model", "?")
+    layer = (clip.attrs.get("layers") or {}).get(target.removeprefix("layers/"), {})
+    n_blocks = ((clip.attrs.get("settings") or {}).get("model_config") or {}).get("vision_cfg", {}).get("layers")
+    if target == "image_embeds":
+        comparable = ("none: MindEye1 retrieved with ViT-L/14's 257x768 layers/24_proj tokens, MindEye2 with "
+                      "ViT-bigG/14's 256x1664 tokens; pooled embeddings are an easier, different space")
+    elif layer.get("projected") and layer["blocks"] == [n_blocks] and model.startswith("ViT-L-14"):
+        comparable = "MindEye1's Img ret / Brain ret (ViT-L/14 last block -> ln_post -> proj, 257x768, flattened)"
+    else:
+        comparable = "none (no published method retrieves in this space)"
+    shape = list(clip[target].shape[1:]) if target in clip else None
+    return {"space": target, "model": model, "row_shape": shape, "flattened": True,
+            "directions": "image_to_brain = MindEye2 code's fwd, brain_to_image = bwd", "comparable_to": comparable}
+
+
 def brainclip_tasks(preds: zarr.Group, info: dict, nsd: NSD, test_ids: np.ndarray, device: str, *,
                     pool: int, draws: int, seed: int) -> dict[str, Any]:
     """Zero-shot category decoding (class-name prompts through the cache's own CLIP text tower)
-    from predicted ``image_embeds``, and fMRI->text retrieval from predicted ``text_embeds``."""
+    from predicted ``image_embeds`` (all test images and categories; and, when the run held
+    categories out at fit time, BrainCLIP's held-out protocol), and fMRI->text retrieval from
+    predicted ``text_embeds``."""
     from ..features import clip as clip_models
     from .zeroshot import caption_targets, class_embeddings, coco_categories, zero_shot_accuracy
 
     out: dict[str, Any] = {}
     store = open_cache(Path(info["clip"]), rows=test_ids)
+    held = list(info.get("holdout_categories") or [])
     if "test/image_embeds" in preds:
         names, labels = coco_categories(nsd, test_ids)
-        loaded = clip_models.load_model(store.attrs["model"], store.attrs["pretrained"], device)
+        loaded = clip_models.load_model(store.attrs["model"], store.attrs["pretrained"], device,
+                                        activation=store.attrs.get("activation", "auto"))
         classes = class_embeddings(loaded, names, device=device)
-        out["zero_shot"] = zero_shot_accuracy(preds["test/image_embeds"][...], classes, labels,
-                                              topk=[k for k in (1, 5) if k <= len(names)])
+        pred = preds["test/image_embeds"][...]
+        out["zero_shot"] = zero_shot_accuracy(pred, classes, labels, topk=[k for k in (1, 5) if k <= len(names)])
         out["zero_shot"]["chance_top1"] = float(labels.sum(1).mean() / len(names))
+        out["zero_shot"]["protocol"] = (
+            "COCO categories of the test images, ranked among all of them; categories seen in training"
+            + (f" except the held-out {held}" if held else ""))
+        if held:
+            out["zero_shot_heldout"] = heldout_zero_shot(pred, classes, labels, names, held)
     if "test/text_embeds" in preds and "text_embeds" in store:
         truth = caption_targets(decode.take_rows(store["text_embeds"], test_ids))
         ret = metrics.retrieval_top1(preds["test/text_embeds"][...], truth, pool=pool, draws=draws, seed=seed)
         out["fmri_to_text_top1"] = ret.brain_to_image
     return out
+
+
+def heldout_zero_shot(pred: np.ndarray, classes: np.ndarray, labels: np.ndarray, names: list[str],
+                      held: list[str]) -> dict[str, Any]:
+    """BrainCLIP's zero-shot protocol: test images that show a held-out category, ranked among the
+    held-out categories only (none of them was in a training image)."""
+    from .zeroshot import zero_shot_accuracy
+
+    cols = [names.index(c) for c in held if c in names]
+    if not cols:
+        return {"unavailable": f"no test image shows a held-out category {held}"}
+    rows = labels[:, cols].any(1)
+    result = zero_shot_accuracy(pred[rows], classes[cols], labels[rows][:, cols],
+                                topk=[k for k in (1, 5) if k <= len(cols)])
+    result["chance_top1"] = float(labels[rows][:, cols].sum(1).mean() / len(cols))
+    result["categories"] = [names[c] for c in cols]
+    result["protocol"] = ("BrainCLIP: categories held out at fit time (no training image shows them); test "
+                          "images showing one, ranked among the held-out categories")
+    return result

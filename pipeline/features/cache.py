@@ -4,7 +4,10 @@ Layout (rows are always all N stimuli of ``imgBrick``: row i is the 0-based 73k 
 subject's trials index the same store):
 
 - ``layers/<name>``  (N, T, C) float16: block outputs, names and token modes as in
-  :mod:`pipeline.features.clip` (CLS first, then patches in raster order);
+  :mod:`pipeline.features.clip` (CLS first, then patches in raster order); C is the tower's
+  width, or the embedding width D for projected blocks (``layers/24_proj``);
+- ``layers/<name>__sizes`` (N, T) int16, with ``merge:K`` only: how many original tokens each
+  merged token holds (CLS = 1; a row sums to 1 + P). Metadata, never a stage-2 target;
 - ``image_embeds``   (N, D) float32: ``encode_image`` (pooled, projected, not normalised);
 - ``text_embeds``    (N, K, D) float32: CLIP text embeddings of each image's K=5 captions (zeros where
   an image has fewer), only when captions are used;
@@ -31,8 +34,10 @@ from ..errors import UserError
 from ..store import atomic_store, compressor, open_existing
 from . import clip
 
-FORMAT_VERSION = 1
-"""Bumped when the meaning of stored values changes, so an old store is refused, not resumed."""
+FORMAT_VERSION = 2
+"""Bumped when the meaning of stored values changes, so an old store is refused, not resumed
+(2: the activation follows the weights' QuickGELU flag; version-1 stores of OpenAI weights hold
+GELU-tower features)."""
 CAPTIONS_PER_IMAGE = 5
 SHARD_ROWS = 1024
 """ViT-L/14, all tokens: 0.5 GB per layer shard, 72 shards for NSD's 73k images."""
@@ -66,12 +71,19 @@ def store_layout(
     shard_rows: int, chunk_rows: int | None, captions: bool,
 ) -> dict[str, ArraySpec]:
     """Every array of the store, by path; embeddings use one chunk per shard (they are small)."""
-    t, c, d = tokens.n_tokens(loaded.n_patches), loaded.width, loaded.embed_dim
+    t, d = tokens.n_tokens(loaded.n_patches), loaded.embed_dim
+    if any(layer.project for layer in layers):
+        loaded.check_projection()
+    widths = {layer.name: d if layer.project else loaded.width for layer in layers}
     if chunk_rows is None:
-        chunk_rows = default_chunk_rows(t * c * 2, shard_rows)
+        chunk_rows = default_chunk_rows(t * max(widths.values()) * 2, shard_rows)
     elif chunk_rows < 1 or shard_rows % chunk_rows:
         raise UserError(f"--chunk-rows {chunk_rows} must be >= 1 and divide --shard-rows {shard_rows}")
-    specs = {f"layers/{layer.name}": ArraySpec((n, t, c), "float16", chunk_rows, shard_rows) for layer in layers}
+    specs = {}
+    for layer in layers:
+        specs[f"layers/{layer.name}"] = ArraySpec((n, t, widths[layer.name]), "float16", chunk_rows, shard_rows)
+        if tokens.has_sizes:
+            specs[f"layers/{layer.name}{clip.SIZES_SUFFIX}"] = ArraySpec((n, t), "int16", shard_rows, shard_rows)
     specs["image_embeds"] = ArraySpec((n, d), "float32", shard_rows, shard_rows)
     if captions:
         specs["text_embeds"] = ArraySpec((n, CAPTIONS_PER_IMAGE, d), "float32", shard_rows, shard_rows)
@@ -169,13 +181,17 @@ def _id_ranges(ids: np.ndarray, shard_rows: int, n: int) -> list[tuple[int, int]
 def fill_command(group: zarr.Group, path: Path | str, first: int, last: int) -> str:
     """The extract-clip command that resumes this store (same settings) over ids ``first..last``."""
     attrs, settings = group.attrs, group.attrs["settings"]
-    layers = ",".join(
-        str(v["blocks"][0]) if v["aggregate"] is None else f"{v['blocks'][0]}-{v['blocks'][-1]}:{v['aggregate']}"
-        for v in attrs["layers"].values()
-    )
+
+    def spec(layer: dict) -> str:
+        first, last = layer["blocks"][0], layer["blocks"][-1]
+        if layer.get("projected"):
+            return f"{first}:proj"
+        return str(first) if layer["aggregate"] is None else f"{first}-{last}:{layer['aggregate']}"
+
     args = {
         "--stimuli": attrs["source"]["path"], "--out": str(path), "--model": attrs["model"],
-        "--pretrained": attrs["pretrained"], "--layers": layers, "--tokens": settings["tokens"],
+        "--pretrained": attrs["pretrained"], "--activation": settings["activation"],
+        "--layers": ",".join(spec(v) for v in attrs["layers"].values()), "--tokens": settings["tokens"],
         "--dtype": settings["dtype"], "--shard-rows": settings["shard_rows"],
         "--chunk-rows": settings["chunk_rows"], "--images": f"{first}-{last}",
     }

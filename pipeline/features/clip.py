@@ -3,6 +3,13 @@
 Layers are named 1-based, as in shared/DESIGN.md: block k's output, 24 = last block of ViT-L/14
 (before ``ln_post``). open_clip's ``forward_intermediates`` is 0-based and returns the CLS token
 separately; :func:`encode_layers` converts both and returns CLS first, then the patch tokens.
+``K:proj`` is block K's tokens through ``ln_post`` and ``visual.proj``, every token (the 257x768
+target of MindEye1, Lite-Mind, Brain-Diffuser); token modes apply after the projection.
+
+Activation: OpenAI's (and some other) weights were trained with QuickGELU, while open_clip's plain
+architecture names (``ViT-L-14``) build GELU and only warn on a mismatch. :func:`resolve_architecture`
+reads the tag's own pretrained config (``quick_gelu``) and builds the matching architecture for
+every model/tag pair; a mismatch that remains is a :class:`UserError`.
 """
 
 from __future__ import annotations
@@ -11,7 +18,9 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,45 +32,52 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import UserError
+from .merge import merge_tokens
 
 MODEL_CONFIG_DIR = Path(__file__).parents[1] / "model_configs"
 """Configs shipped with the project (the demo's tiny ViT), usable by name like open_clip's own."""
+SIZES_SUFFIX = "__sizes"
+"""``layers/<name>__sizes``: how many original tokens each merged token holds (metadata, not a target)."""
 
 
 # ---- layer and token specs ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LayerSpec:
-    """One cached array: a single block (``16``) or an aggregate over a range (``11-20:mean``)."""
+    """One cached array: a block (``16``), a block projected to the embedding space (``24:proj``)
+    or an aggregate over a range (``11-20:mean``)."""
 
     blocks: tuple[int, ...]  # 1-based
     aggregate: str | None = None
+    project: bool = False  # ln_post -> visual.proj on every token
 
     @property
     def name(self) -> str:
+        if self.project:
+            return f"{self.blocks[0]}_proj"
         if self.aggregate is None:
             return str(self.blocks[0])
         return f"{self.blocks[0]}-{self.blocks[-1]}_{self.aggregate}"
 
 
-_LAYER_RE = re.compile(r"^(\d+)(?:-(\d+):(mean))?$")
+_LAYER_RE = re.compile(r"^(\d+)(?:-(\d+):(mean)|:(proj))?$")
 
 
 def parse_layers(spec: str, n_blocks: int) -> list[LayerSpec]:
-    """Parse ``"8,16,24,11-20:mean"`` and check every block against the model's 1..n_blocks."""
+    """Parse ``"8,16,24,11-20:mean,24:proj"`` and check every block against the model's 1..n_blocks."""
     layers: list[LayerSpec] = []
     for item in (s.strip() for s in spec.split(",")):
         m = _LAYER_RE.match(item)
         if not m:
             raise UserError(
-                f"--layers: cannot parse {item!r}; use block numbers (8,16,24) or ranges with an "
-                "aggregate (11-20:mean)"
+                f"--layers: cannot parse {item!r}; use block numbers (8,16,24), ranges with an "
+                "aggregate (11-20:mean) or a projected block (24:proj)"
             )
         lo, hi, agg = int(m[1]), int(m[2] or m[1]), m[3]
         if not (1 <= lo <= hi <= n_blocks):
             raise UserError(
                 f"--layers: {item!r} is out of range; this model has blocks 1..{n_blocks} (1-based)"
             )
-        layers.append(LayerSpec(tuple(range(lo, hi + 1)), agg))
+        layers.append(LayerSpec(tuple(range(lo, hi + 1)), agg, project=bool(m[4])))
     names = [layer.name for layer in layers]
     if len(set(names)) != len(names):
         raise UserError(f"--layers: duplicate layers in {spec!r}")
@@ -70,47 +86,158 @@ def parse_layers(spec: str, n_blocks: int) -> list[LayerSpec]:
 
 @dataclass(frozen=True)
 class TokenMode:
-    """How the (1 + P) tokens of a block are reduced: ``all``, ``cls``, ``mean`` or ``grid:K``."""
+    """How the (1 + P) tokens of a block are reduced: ``all``, ``cls``, ``mean``, ``grid:K``
+    (CLS + patches average-pooled to a K x K grid) or ``merge:K`` (CLS + K merged tokens, see
+    :mod:`.merge`; their sizes are stored beside them)."""
 
     kind: str
-    grid: int = 0
+    k: int = 0
 
     @classmethod
     def parse(cls, spec: str) -> TokenMode:
         if spec in ("all", "cls", "mean"):
             return cls(spec)
-        m = re.fullmatch(r"grid:(\d+)", spec)
-        if m and int(m[1]) >= 1:
-            return cls("grid", int(m[1]))
-        raise UserError(f"--tokens must be all, cls, mean or grid:K (K >= 1), not {spec!r}")
+        m = re.fullmatch(r"(grid|merge):(\d+)", spec)
+        if m and int(m[2]) >= 1:
+            return cls(m[1], int(m[2]))
+        raise UserError(f"--tokens must be all, cls, mean, grid:K or merge:K (K >= 1), not {spec!r}")
 
     def __str__(self) -> str:
-        return f"grid:{self.grid}" if self.kind == "grid" else self.kind
+        return f"{self.kind}:{self.k}" if self.kind in ("grid", "merge") else self.kind
+
+    @property
+    def has_sizes(self) -> bool:
+        """Whether each token array comes with a ``__sizes`` array (merged tokens)."""
+        return self.kind == "merge"
 
     def check(self, grid_hw: tuple[int, int]) -> None:
-        """Fail early (before any output is written) when ``grid:K`` is finer than the patch grid."""
-        if self.kind == "grid" and self.grid > min(grid_hw):
-            raise UserError(f"--tokens grid:{self.grid} is finer than the model's {grid_hw} patch grid")
+        """Fail early (before any output is written) when the mode does not fit the patch grid."""
+        if self.kind == "grid" and self.k > min(grid_hw):
+            raise UserError(f"--tokens grid:{self.k} is finer than the model's {grid_hw} patch grid")
+        n_patches = grid_hw[0] * grid_hw[1]
+        if self.kind == "merge" and self.k >= n_patches:
+            raise UserError(f"--tokens merge:{self.k} must merge into fewer than the model's {n_patches} patches")
 
     def n_tokens(self, n_patches: int) -> int:
-        return {"all": 1 + n_patches, "cls": 1, "mean": 1, "grid": 1 + self.grid**2}[self.kind]
+        return {"all": 1 + n_patches, "cls": 1, "mean": 1, "grid": 1 + self.k**2, "merge": 1 + self.k}[self.kind]
 
-    def reduce(self, cls_tok: torch.Tensor, patches: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
-        """(B, 1, C) CLS and (B, P, C) patches -> (B, T, C) tokens of this mode."""
+    def describe(self) -> str:
+        """The token layout, for the store's attrs."""
+        return {
+            "all": "CLS, then patches in raster order", "cls": "CLS only", "mean": "mean of patch tokens",
+            "grid": f"CLS, then patches average-pooled to a {self.k}x{self.k} grid",
+            "merge": f"CLS, then {self.k} merged patch tokens (size-weighted means, ordered by first patch); "
+                     "layers/<name>__sizes holds how many original tokens each one holds (CLS = 1)",
+        }[self.kind]
+
+    def reduce(
+        self, cls_tok: torch.Tensor, patches: torch.Tensor, grid_hw: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 1, C) CLS and (B, P, C) patches -> (B, T, C) tokens of this mode, and (B, T) int
+        sizes for ``merge:K`` (None otherwise)."""
         if self.kind == "all":
-            return torch.cat([cls_tok, patches], dim=1)
+            return torch.cat([cls_tok, patches], dim=1), None
         if self.kind == "cls":
-            return cls_tok
+            return cls_tok, None
         if self.kind == "mean":
-            return patches.mean(dim=1, keepdim=True)
+            return patches.mean(dim=1, keepdim=True), None
         self.check(grid_hw)
+        if self.kind == "merge":
+            return merge_tokens(cls_tok, patches, grid_hw, self.k)
         b, p, c = patches.shape
         grid = patches.transpose(1, 2).reshape(b, c, *grid_hw)
-        pooled = F.adaptive_avg_pool2d(grid, self.grid).flatten(2).transpose(1, 2)
-        return torch.cat([cls_tok, pooled], dim=1)
+        pooled = F.adaptive_avg_pool2d(grid, self.k).flatten(2).transpose(1, 2)
+        return torch.cat([cls_tok, pooled], dim=1), None
 
 
 # ---- model loading --------------------------------------------------------------------------------
+ACTIVATIONS = ("auto", "gelu", "quick_gelu")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What :func:`resolve_architecture` decided: the open_clip name to build and its activation."""
+
+    name: str  # the open_clip model name built (e.g. ViT-L-14-quickgelu)
+    quick_gelu: bool
+    force_quick_gelu: bool  # name's own config is GELU: create_model(force_quick_gelu=True)
+
+    @property
+    def activation(self) -> str:
+        return "quick_gelu" if self.quick_gelu else "gelu"
+
+    @property
+    def config(self) -> dict:
+        """open_clip's model config of what is built (``quick_gelu`` as resolved)."""
+        return {**open_clip.get_model_config(self.name), "quick_gelu": self.quick_gelu}
+
+
+def _act(quick: bool) -> str:
+    return "QuickGELU" if quick else "GELU"
+
+
+def resolve_architecture(name: str, tag: str | None, activation: str = "auto") -> Architecture:
+    """The architecture that fits the weights of ``name``/``tag``.
+
+    ``auto``: the activation the tag's open_clip pretrained config names (``quick_gelu``), or the
+    model config's own for a checkpoint file or no weights. For a QuickGELU tag on a GELU config,
+    open_clip's own ``<name>-quickgelu`` config is used when it is the same architecture (and holds
+    the tag), else ``force_quick_gelu``. Forcing the other activation than a tag's is refused.
+    """
+    if activation not in ACTIVATIONS:
+        raise UserError(f"--activation must be one of {', '.join(ACTIVATIONS)}, not {activation!r}")
+    own = bool(open_clip.get_model_config(name).get("quick_gelu", False))
+    trained = None if tag is None else bool(open_clip.get_pretrained_cfg(name, tag).get("quick_gelu", False))
+    wanted = {"auto": own if trained is None else trained, "gelu": False, "quick_gelu": True}[activation]
+    if trained is not None and wanted != trained:
+        raise UserError(
+            f"--activation {activation}: the {name}/{tag} weights were trained with {_act(trained)}; a "
+            f"{_act(wanted)} tower would compute wrong features (use --activation auto)"
+        )
+    if wanted == own:
+        return Architecture(name, wanted, False)
+    if wanted:
+        twin = f"{name}-quickgelu"
+        if (
+            twin in open_clip.list_models()
+            and open_clip.get_model_config(twin) == {**open_clip.get_model_config(name), "quick_gelu": True}
+            and (tag is None or open_clip.get_pretrained_cfg(twin, tag) == open_clip.get_pretrained_cfg(name, tag))
+        ):
+            return Architecture(twin, True, False)
+        return Architecture(name, True, True)
+    raise UserError(
+        f"--activation gelu: {name}'s config builds QuickGELU; give a GELU model config instead"
+    )
+
+
+def _built_activation(net: open_clip.CLIP) -> str | None:
+    """The activation of the vision tower's MLPs as built (None when it has no such MLPs)."""
+    for module in net.visual.modules():
+        if isinstance(module, open_clip.transformer.QuickGELU):
+            return "quick_gelu"
+        if isinstance(module, torch.nn.GELU):
+            return "gelu"
+    return None
+
+
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache, read from the environment at call time (``HF_HUB_CACHE``,
+    else ``HF_HOME/hub``)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    return Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub"
+
+
+def hf_weights(name: str, tag: str) -> tuple[str, list[str]]:
+    """The Hugging Face repo id and file names open_clip looks for a tag's weights under, in its
+    order (``download_pretrained``: a safetensors file first, then the torch pickle)."""
+    repo, file = os.path.split(open_clip.get_pretrained_cfg(name, tag).get("hf_hub", ""))
+    file = file or "open_clip_pytorch_model.bin"
+    safe = "open_clip_model.safetensors" if file == "open_clip_pytorch_model.bin" else (
+        file[:-4] + ".safetensors" if file.endswith((".bin", ".pth")) else None)
+    return repo, [f for f in (safe, file) if f]
+
+
 @dataclass
 class LoadedModel:
     """An open_clip model with the facts the cache records about it."""
@@ -121,6 +248,7 @@ class LoadedModel:
     pretrained: str  # tag, file path or "none"
     weights_sha256: str | None
     config: dict
+    architecture: Architecture
 
     @property
     def n_blocks(self) -> int:
@@ -142,6 +270,26 @@ class LoadedModel:
     @property
     def embed_dim(self) -> int:
         return int(self.config["embed_dim"])
+
+    def check_projection(self) -> None:
+        """``K:proj`` needs ``ln_post`` over the block's width and a ``visual.proj`` matrix."""
+        visual = self.model.visual
+        if visual.proj is None:
+            raise UserError(f"--layers K:proj: {self.name} has no visual projection (visual.proj is None)")
+        if visual.attn_pool is not None:
+            raise UserError(
+                f"--layers K:proj: {self.name} pools tokens with attention before ln_post/proj, so projected "
+                "block tokens are undefined for it"
+            )
+
+    def projection_note(self) -> str:
+        """How ``layers/<last>_proj`` relates to ``image_embeds`` for this tower's pooling."""
+        visual = self.model.visual
+        if visual.pool_type == "tok":
+            return "token 0 (CLS) of layers/<last block>_proj equals image_embeds"
+        if visual.pool_type == "avg" and not visual.final_ln_after_pool:
+            return "the mean of the patch tokens of layers/<last block>_proj equals image_embeds"
+        return f"pool_type {visual.pool_type!r}: image_embeds is not a token of layers/<last block>_proj"
 
     def preprocess_description(self) -> dict:
         """The resize/crop/normalisation the model's own transform applies (for provenance)."""
@@ -204,11 +352,21 @@ class _NoRandomInitWarning(logging.Filter):
         return "Model initialized randomly" not in record.getMessage()
 
 
-def load_model(model: str, pretrained: str | None = "openai", device: str = "cpu") -> LoadedModel:
+def _first_lines(exc: Exception, n: int = 2, limit: int = 300) -> str:
+    """torch's load_state_dict errors start with a header line: keep it and the first detail, on one line."""
+    text = "; ".join([line.strip() for line in str(exc).splitlines() if line.strip()][:n])
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def load_model(
+    model: str, pretrained: str | None = "openai", device: str = "cpu", activation: str = "auto"
+) -> LoadedModel:
     """Build an open_clip model by name or config and load weights from a tag, a file or none.
 
     ``pretrained`` may be an open_clip tag (``openai``, ``laion2b_s32b_b82k``...), a local
-    checkpoint file, or ``none``/``None`` for random initialisation (tests and timing only).
+    checkpoint file, or ``none``/``None`` for random initialisation (tests and timing only). Tags
+    load through open_clip from the Hugging Face cache (``HF_HUB_CACHE``/``HF_HOME``; offline with
+    ``HF_HUB_OFFLINE=1``). ``activation``: see :func:`resolve_architecture`.
     """
     name = resolve_model_name(model)
     pre = None if pretrained in (None, "", "none") else str(pretrained)
@@ -219,22 +377,41 @@ def load_model(model: str, pretrained: str | None = "openai", device: str = "cpu
     if tag is not None and tag not in open_clip.list_pretrained_tags_by_model(name):
         known = open_clip.list_pretrained_tags_by_model(name) or ["none"]
         raise UserError(f"--pretrained: {name} has no pretrained tag {tag!r} (known: {', '.join(known)})")
+    arch = resolve_architecture(name, tag, activation)
     quiet = _NoRandomInitWarning()
     if ckpt is not None:  # the file's weights are loaded right below
         logging.getLogger().addFilter(quiet)
     try:
-        net, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, device="cpu")
-    except RuntimeError as exc:  # missing download, no network
-        raise UserError(f"cannot load weights {name}/{tag}: {exc}") from None
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="QuickGELU mismatch")
+            net, _, preprocess = open_clip.create_model_and_transforms(
+                arch.name, pretrained=tag, device="cpu", force_quick_gelu=arch.force_quick_gelu,
+                cache_dir=str(hf_hub_cache()),
+            )
+    except UserWarning as exc:
+        raise UserError(f"{name}/{tag}: {exc}") from None
+    except (RuntimeError, AssertionError, ValueError, KeyError) as exc:  # weights missing (offline) or not fitting
+        first = _first_lines(exc) or type(exc).__name__
+        if "Failed to download" in first:
+            repo, files = hf_weights(arch.name, tag)
+            raise UserError(
+                f"--pretrained {tag}: {name} weights not found in the Hugging Face cache {hf_hub_cache()} "
+                f"(open_clip reads {repo}/{' or '.join(files)}; download them once online, or set HF_HUB_CACHE)"
+            ) from None
+        raise UserError(f"--pretrained {tag}: the cached weights do not fit {arch.name}: {first}") from None
     finally:
         logging.getLogger().removeFilter(quiet)
+    if not isinstance(net.visual, open_clip.transformer.VisionTransformer):
+        raise UserError(f"--model {name}: extract-clip reads open_clip VisionTransformer towers, not {type(net.visual).__name__}")
+    built = _built_activation(net)
+    if built is not None and built != arch.activation:
+        raise UserError(f"{arch.name}: built a {built} tower but the weights need {arch.activation}")
     sha = None
     if ckpt is not None:
         try:
             net.load_state_dict(load_state_dict(ckpt), strict=True)
         except RuntimeError as exc:
-            first = str(exc).splitlines()[0]
-            raise UserError(f"--pretrained: {ckpt} does not fit {name}: {first}") from None
+            raise UserError(f"--pretrained: {ckpt} does not fit {name}: {_first_lines(exc)}") from None
         sha = file_sha256(ckpt)
     net.eval().to(device)
     return LoadedModel(
@@ -243,7 +420,8 @@ def load_model(model: str, pretrained: str | None = "openai", device: str = "cpu
         name=name,
         pretrained=str(ckpt) if ckpt is not None else (tag or "none"),
         weights_sha256=sha,
-        config=open_clip.get_model_config(name),
+        config=arch.config,
+        architecture=arch,
     )
 
 
@@ -262,12 +440,15 @@ def preprocess_images(transform: Callable[[Image.Image], torch.Tensor], images: 
 def encode_layers(
     loaded: LoadedModel, pixels: torch.Tensor, layers: list[LayerSpec], tokens: TokenMode
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """One forward pass: tokens of each requested layer (B, T, C) and ``encode_image`` (B, D).
+    """One forward pass: tokens of each requested layer (B, T, C), ``<name>__sizes`` (B, T) for
+    merged tokens, and ``encode_image`` (B, D).
 
-    Tokens are CLS first, then patches in raster order, as the transformer holds them.
+    Tokens are CLS first, then patches in raster order, as the transformer holds them; ``K:proj``
+    layers are ``ln_post`` then ``@ visual.proj`` on every token, before the token mode.
     """
     wanted = sorted({b for layer in layers for b in layer.blocks})
-    out = loaded.model.visual.forward_intermediates(
+    visual = loaded.model.visual
+    out = visual.forward_intermediates(
         pixels, indices=[b - 1 for b in wanted], output_fmt="NLC", output_extra_tokens=True
     )
     by_block = {
@@ -278,7 +459,12 @@ def encode_layers(
     for layer in layers:
         cls_tok = torch.stack([by_block[b][0] for b in layer.blocks]).mean(0)
         patches = torch.stack([by_block[b][1] for b in layer.blocks]).mean(0)
-        result[layer.name] = tokens.reduce(cls_tok, patches, loaded.grid_hw)
+        if layer.project:
+            projected = visual.ln_post(torch.cat([cls_tok, patches], dim=1)) @ visual.proj
+            cls_tok, patches = projected[:, :1], projected[:, 1:]
+        result[layer.name], sizes = tokens.reduce(cls_tok, patches, loaded.grid_hw)
+        if sizes is not None:
+            result[layer.name + SIZES_SUFFIX] = sizes
     return result, out["image_features"]
 
 

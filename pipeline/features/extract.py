@@ -159,6 +159,7 @@ class Job:
     stimuli: str
     model: str
     pretrained: str
+    activation: str
     layers: str
     tokens: str
     dtype: str
@@ -170,9 +171,9 @@ class Job:
 
 
 @functools.lru_cache(maxsize=2)
-def cached_model(model: str, pretrained: str, device: str) -> clip.LoadedModel:
+def cached_model(model: str, pretrained: str, device: str, activation: str = "auto") -> clip.LoadedModel:
     """A process (a dask worker too) loads the model once and reuses it for all its shards."""
-    return clip.load_model(model, pretrained, device)
+    return clip.load_model(model, pretrained, device, activation)
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -256,12 +257,12 @@ def fill_shards(
     Writes run in a background thread while the next shard computes.
     """
     device = _worker_device(job.device)
-    loaded = cached_model(job.model, job.pretrained, device)
+    loaded = cached_model(job.model, job.pretrained, device, job.activation)
     layers = clip.parse_layers(job.layers, loaded.n_blocks)
     tokens = clip.TokenMode.parse(job.tokens)
     root = Path(job.out)
     group = zarr.open_group(root, mode="r+")
-    arrays = {f"layers/{layer.name}": group[f"layers/{layer.name}"] for layer in layers}
+    arrays = {f"layers/{name}": group[f"layers/{name}"] for name in sorted(group["layers"].array_keys())}
     arrays["image_embeds"] = group["image_embeds"]
     if "text_embeds" in group:
         arrays["text_embeds"] = group["text_embeds"]
@@ -284,7 +285,7 @@ def fill_shards(
             s, a, b = spans[i]
             with torch.no_grad(), autocast:
                 toks, embeds = clip.encode_layers(loaded, pixels.to(device, non_blocking=True), layers, tokens)
-                out = {f"layers/{k}": v.to(torch.float16) for k, v in toks.items()}
+                out = {f"layers/{k}": v.to(torch.float16) if v.is_floating_point() else v for k, v in toks.items()}
                 out["image_embeds"] = embeds.float()
                 if "text_embeds" in arrays:
                     s0 = shard_bounds(s, job.shard_rows, job.n_rows)[0]
@@ -359,6 +360,7 @@ def extract_clip(
     *,
     model: str = "ViT-L-14",
     pretrained: str = "openai",
+    activation: str = "auto",
     layers: str = "8,16,24",
     tokens: str = "all",
     images: str = "all",
@@ -377,7 +379,9 @@ def extract_clip(
 ) -> Path:
     """Fill (or resume) the CLIP cache at ``out``; see the module docstring for the layout.
 
-    ``captions``: None = write ``text_embeds`` when the NSD root has the stim-info table and COCO
+    ``activation``: ``auto`` builds the activation the weights were trained with (QuickGELU for
+    OpenAI's; see :func:`pipeline.features.clip.resolve_architecture`), ``gelu``/``quick_gelu``
+    force one (refused when it contradicts a tag). ``captions``: None = write ``text_embeds`` when the NSD root has the stim-info table and COCO
     annotations, True = require them, False = skip. ``workers``/``scheduler`` run the shards on
     dask.distributed (a local cluster of N processes, or a running scheduler whose workers see
     the same ``stimuli`` and ``out`` paths; ``device=auto`` is then resolved on each worker, so pass
@@ -402,7 +406,7 @@ def extract_clip(
     source = describe_source(path)
     n = source["n_images"]
     wanted = select_images(images, n, nsd)
-    loaded = cached_model(model, pretrained, "cpu" if distributed else device)
+    loaded = cached_model(model, pretrained, "cpu" if distributed else device, activation)
     layer_specs = clip.parse_layers(str(layers), loaded.n_blocks)
     token_mode.check(loaded.grid_hw)
 
@@ -421,6 +425,8 @@ def extract_clip(
     settings = {
         "format": FORMAT_VERSION,
         "model": loaded.name,
+        "open_clip_model": loaded.architecture.name,
+        "activation": loaded.architecture.activation,
         "model_config": loaded.config,
         "weights": loaded.weights_sha256 or loaded.pretrained,
         "layers": [layer.name for layer in layer_specs],
@@ -435,15 +441,17 @@ def extract_clip(
         "settings": settings,
         "model": loaded.name,
         "pretrained": loaded.pretrained,
+        "open_clip_model": loaded.architecture.name,
+        "activation": loaded.architecture.activation,
         "weights_sha256": loaded.weights_sha256,
         "preprocessing": loaded.preprocess_description(),
-        "layers": {layer.name: {"blocks": list(layer.blocks), "aggregate": layer.aggregate} for layer in layer_specs},
-        "layer_convention": "1-based transformer blocks; block k's output (before ln_post for the last)",
+        "layers": {layer.name: {"blocks": list(layer.blocks), "aggregate": layer.aggregate, "projected": layer.project}
+                   for layer in layer_specs},
+        "layer_convention": "1-based transformer blocks; block k's output (before ln_post for the last); "
+                            "K_proj = block K -> ln_post -> visual.proj, every token",
+        "projection": loaded.projection_note() if any(layer.project for layer in layer_specs) else None,
         "tokens": str(token_mode),
-        "token_layout": {
-            "all": "CLS, then patches in raster order", "cls": "CLS only", "mean": "mean of patch tokens",
-            "grid": f"CLS, then patches average-pooled to a {token_mode.grid}x{token_mode.grid} grid",
-        }[token_mode.kind],
+        "token_layout": token_mode.describe(),
         "compute_dtype": dtype,
         "storage_dtypes": {name: spec.dtype for name, spec in layout.items()},
         "source": source,
@@ -472,7 +480,7 @@ def extract_clip(
         return out
 
     job = Job(
-        out=str(out), stimuli=str(path), model=model, pretrained=str(pretrained), layers=str(layers),
+        out=str(out), stimuli=str(path), model=model, pretrained=str(pretrained), activation=activation, layers=str(layers),
         tokens=str(token_mode), dtype=dtype, device=device, batch_size=int(batch_size), shard_rows=shard_rows,
         n_rows=n, loader_workers=loader_workers,
     )

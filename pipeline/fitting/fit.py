@@ -54,6 +54,8 @@ def fit_adapters(
     seed: int = 0,
     device: str = "auto",
     progress: bool = True,
+    holdout_categories: Sequence[str] | None = None,
+    nsd_root: Path | str | None = None,
 ) -> dict[str, Any]:
     """Fit ``method`` and write the run folder; returns the fit report.
 
@@ -63,6 +65,8 @@ def fit_adapters(
     arrays; default every nsdgeneral voxel); the trained methods take ROIs from ``params``.
     ``params``: the method's settings (ridge: alphas, cv, alpha_per, rescale, ...; mclip/litemind:
     fields of their config dataclass). ``train``: :class:`pipeline.train.TrainConfig` fields.
+    ``holdout_categories``: COCO category names (read from ``nsd_root``) no training image may show:
+    those trials are left out of the fit, for BrainCLIP's held-out zero-shot protocol in evaluate.
     """
     if method not in METHODS:
         raise UserError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
@@ -77,12 +81,14 @@ def fit_adapters(
         from .models import adapter_targets
 
         pairs = open_pairs(fmri, clip, adapter_targets(method, params), subject)
+    keep, held = _holdout_rows(pairs, holdout_categories, nsd_root)
     checkpoints = out.with_name(f"{out.name}.checkpoints")
     with atomic_dir(out) as tmp:
         if method == "ridge":
-            predictions, info = _fit_ridge(pairs, tmp, rois, params, seed, device, progress)
+            predictions, info = _fit_ridge(pairs, tmp, rois, params, seed, device, progress, keep)
         else:
-            predictions, info = _fit_trained(pairs, method, tmp, params, train, seed, device, progress, checkpoints)
+            predictions, info = _fit_trained(pairs, method, tmp, params, train, seed, device, progress, checkpoints, keep)
+        info.update(held)
         report = _write_outputs(tmp, pairs, method, predictions, info, params)
     shutil.rmtree(checkpoints, ignore_errors=True)
     return report
@@ -99,7 +105,29 @@ def _trained_targets(method: str, params: dict[str, Any], targets: Sequence[str]
     return {**params, **dict(zip(keys, targets))}
 
 
-def _fit_ridge(pairs: Pairs, run: Path, rois, params, seed, device, progress) -> tuple[dict, dict]:
+def _holdout_rows(
+    pairs: Pairs, categories: Sequence[str] | None, nsd_root: Path | str | None
+) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """Training rows whose image shows none of ``categories`` (None: all rows), and what run.json records."""
+    if not categories:
+        return None, {}
+    if nsd_root is None:
+        raise UserError("holdout_categories needs the NSD root (fit_adapters.nsd_root) for the COCO categories")
+    from ..data.nsd import NSD
+    from ..evaluation.zeroshot import coco_categories
+
+    names, hot = coco_categories(NSD(nsd_root), pairs.image_ids("train"))
+    unknown = [c for c in categories if c not in names]
+    if unknown:
+        raise UserError(f"holdout_categories: no COCO category {unknown[0]!r} in the training images "
+                        f"(known: {', '.join(names)})")
+    keep = ~hot[:, [names.index(c) for c in categories]].any(1)
+    if not keep.any():
+        raise UserError(f"holdout_categories {list(categories)}: every training image shows one of them")
+    return keep, {"holdout_categories": list(categories), "heldout_train_trials": int((~keep).sum())}
+
+
+def _fit_ridge(pairs: Pairs, run: Path, rois, params, seed, device, progress, keep=None) -> tuple[dict, dict]:
     from .adapters.ridge import RidgeAdapter
 
     unknown = sorted(set(params) - set(RIDGE_KEYS))
@@ -109,6 +137,8 @@ def _fit_ridge(pairs: Pairs, run: Path, rois, params, seed, device, progress) ->
     X_train = pairs.betas("train")
     idx = roi_indices(voxels, rois, X_train.shape[1])
     ids = pairs.image_ids("train")
+    if keep is not None:
+        X_train, ids = X_train[keep], ids[keep]
     backend = params.pop("backend", "auto" if device == "auto" else ("torch_cuda" if device.startswith("cuda") else "torch"))
     adapter = RidgeAdapter(**params, backend=backend, seed=seed, progress=progress)
     adapter.fit(
@@ -124,7 +154,7 @@ def _alpha_summary(alpha: np.ndarray) -> dict[str, float]:
     return {"median": float(np.median(alpha)), "min": float(alpha.min()), "max": float(alpha.max())}
 
 
-def _fit_trained(pairs: Pairs, method, run: Path, params, train, seed, device, progress, checkpoints: Path):
+def _fit_trained(pairs: Pairs, method, run: Path, params, train, seed, device, progress, checkpoints: Path, keep=None):
     from .data import CacheDataset
     from .models import build_adapter, load_adapter, predict, save_adapter
     from .train import TrainConfig
@@ -134,7 +164,8 @@ def _fit_trained(pairs: Pairs, method, run: Path, params, train, seed, device, p
                                     "checkpoint_dir": str(checkpoints)}, "train")
     voxels = pairs.fmri["voxels"] if "voxels" in pairs.fmri else None
     memory = None if cfg.memory_gb is None else int(cfg.memory_gb * 1e9)
-    data = CacheDataset(pairs.betas("train"), pairs.image_ids("train"), pairs.clip, pairs.targets, voxels,
+    rows = slice(None) if keep is None else keep  # held-out trials are never loaded
+    data = CacheDataset(pairs.betas("train")[rows], pairs.image_ids("train")[rows], pairs.clip, pairs.targets, voxels,
                         name=f"{pairs.fmri_path} train", memory=memory, progress=progress)
     model = build_adapter(method, params, data, seed=seed)
     result = train_loop(model, data, cfg)

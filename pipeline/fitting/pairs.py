@@ -16,6 +16,7 @@ import zarr
 
 from ..errors import UserError
 from ..features.cache import require_rows
+from ..features.clip import SIZES_SUFFIX
 from ..store import open_existing
 
 SPLITS = ("train", "test")
@@ -59,9 +60,10 @@ def _members(group: zarr.Group, path: str) -> list[str]:
 
 
 def available_targets(clip: zarr.Group) -> list[str]:
-    """Every array a stage-2 model can predict: ``image_embeds``, ``text_embeds``, ``layers/<name>``."""
+    """Every array a stage-2 model can predict: ``image_embeds``, ``text_embeds``, ``layers/<name>``
+    (not the ``layers/<name>__sizes`` metadata of merged tokens)."""
     names = [n for n in ("image_embeds", "text_embeds") if n in clip]
-    return names + [f"layers/{n}" for n in _members(clip, "layers")]
+    return names + [f"layers/{n}" for n in _members(clip, "layers") if not n.endswith(SIZES_SUFFIX)]
 
 
 def open_pairs(fmri_path: Path | str, clip_path: Path | str, targets: list[str], subject: int | None = None) -> Pairs:

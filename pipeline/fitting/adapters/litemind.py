@@ -1,24 +1,53 @@
-"""Lite-Mind's DFT backbone (arXiv 2312.03781) as an alternative encoder for the CLIP-cache targets.
+"""Lite-Mind's DFT backbone (Gong et al., arXiv 2312.03781, ACM MM 2024), as in its public code
+(github gongzix/Lite-Mind, ``src/dft_backbone.py``, ``src/engine.py``, ``src/train_litemind.py``).
 
-The input voxels (every ``nsdgeneral`` voxel by default) are zero-padded to a multiple of
-``patch_size`` and cut into patches by a Conv1d (kernel = stride = patch size), plus a learned
-position embedding. Stages of Fourier blocks follow, with a linear change of width between stages.
-A block applies, on the rFFT over the *patch* axis, a learned complex filter (GFNet-style global
-filter) then, after a channel MLP, a complex-valued linear layer with ReLU and soft-shrinkage in
-the frequency domain, each part back through the inverse rFFT; the block is residual. One head per
-target: tokens (T, C) as in the paper (channels -> T tokens, then patches -> C); a vector (D,) is
-one token (the paper's class-token variant averages patches instead, which on the demo loses the
-ROI-specific patches). Loss: InfoNCE per target (brain -> CLIP only, as in the paper) and an
-optional MSE.
+Backbone. The input voxels (every ``nsdgeneral`` voxel by default) are cut into ``patch_size``-voxel
+patches by a Conv1d (kernel = stride = patch size, no padding: ``floor(V / patch_size)`` patches, the
+trailing ``V mod patch_size`` voxels unused, as published; ``remainder="pad"`` zero-pads instead),
+plus a learned position embedding and dropout. Stages of blocks follow (widths ``dims``, depths
+``depths``), a Linear between stages changes the width; a final LayerNorm (eps 1e-6 throughout).
+One block, with FFTs over the *patch* axis (length N, ``norm="ortho"``)::
 
-Departures from the public code, on purpose: the filter is the plain GFNet product (the code also
-multiplies by the complex square of the spectrum), and the frequency MLP is a full complex linear
-layer (the code's ``einsum('bijd,dd->bijd')`` only uses the diagonal of its weight matrices).
-The paper's sizes are ``patch_size=450, dims=(512, 256, 128, 257), depths=(2, 10, 2, 4),
-mlp_ratio=4`` (the paper reports 13-16M parameters; this module with those sizes, a 257x768 target
-and 15,724 voxels has 15.5M) and a logit scale of e^8; the defaults here
-are tiny, for the demo, and the temperature is 0.05 (a logit scale of 20), which trains stably on
-small data; set ``temperature=0.000335`` for the paper's value.
+    y = DropPath(MLP(LN2(SpectrumCompression(LN1(x)))))
+    y = DropPath(FrequencyProjector(LN3(y)))
+    x + y
+
+- SpectrumCompression (``filter="spectrum"``, published ``GlobalFilter``): with X = rfft(x),
+  ``irfft( sum_m cos((2m + 1) pi / (2M)) * W_m * X * X**2 )`` over M = ``num_filters`` learned
+  complex filters W_m (N//2+1, C): cosine-weighted cubic terms of the spectrum. ``filter="linear"``
+  is the GFNet global filter ``irfft(W * X)`` (one filter), this module's earlier form, kept as an
+  option because it trains more gently on small data.
+- FrequencyProjector (published ``FreMLP``): on X = rfft(y), ``ReLU`` of a complex per-channel
+  product ``(Xr w_r - Xi w_i + b_r) + i (Xi w_r + Xr w_i + b_i)``, soft-shrink(0.01) of both
+  parts, irfft.
+- MLP: Linear(C, mlp_ratio C), GELU, Dropout, Linear, Dropout. DropPath rates rise linearly from 0
+  to ``drop_path`` over all blocks (timm's stochastic depth); each block draws its two masks
+  independently, as the published block calls its DropPath twice.
+
+Heads, one per target: a token target (T, C) is the published one, ``x.transpose -> Linear(N, C)``,
+which needs the last stage width ``dims[-1] == T`` (257 for ViT-L/14 all tokens); for another T a
+Linear(dims[-1], T) comes first (our addition). A vector target (D,) uses the published class-token
+variant (``cls_only``): mean over patches, then Linear(dims[-1], D).
+
+Loss (``engine.py``): one-directional InfoNCE with a fixed logit scale e^8 (``temperature = e^-8``)
+on the flattened, L2-normalised raw CLIP targets and predictions, in the published direction: the
+code calls ``ContrastiveLoss(targets, outputs)``, so the softmax runs over predictions for each
+CLIP target row (``direction="target_to_brain"``; ``brain_to_target`` or ``symmetric`` on request).
+An MSE in standardised units (``w_mse``, default 0 = published) can anchor the scale.
+
+Defaults are the paper's NSD configuration (``train_litemind.py``): ``patch_size=450,
+dims=(512, 256, 128, 257), depths=(2, 10, 2, 4), mlp_ratio=4, dropout=0.1, drop_path=0.15,
+num_filters=2`` and the ``layers/24_proj`` target (ViT-L/14 last block -> ln_post -> proj, 257x768).
+With subj01's 15,724 voxels (34 patches) this module has 12,709,503 parameters: 98.7% fewer than
+MindEye's 996M, the paper's own figure. The published module allocates 15,657,859, of which
+2,948,356 are never used (its FreMLP stores full C x C weight matrices but reads only their diagonal
+through ``einsum('bijd,dd->bijd')``, and an unused ``embeddings`` vector per block); the function
+is the same. :meth:`LiteMind.parameter_counts` breaks the count down.
+
+Departures, on purpose: the per-channel frequency weights are stored as vectors (above); ``irfft``
+is given ``n=N`` (the published call omits it, which breaks for an odd number of patches); targets
+are standardised for the optional MSE only; several targets share one backbone (the published
+model has one head). The demo's small widths live in params.yaml.
 """
 
 from __future__ import annotations
@@ -37,23 +66,31 @@ from ...errors import UserError
 from .base import Adapter, check_positive, check_weights, prediction_shape, roi_indices
 from .losses import info_nce, mse
 
+FILTERS = ("spectrum", "linear")
+DIRECTIONS = ("target_to_brain", "brain_to_target", "symmetric")
+REMAINDERS = ("drop", "pad")
+
 
 @dataclass
 class LiteMindConfig:
-    """Sizes and loss settings of :class:`LiteMind` (paper values in the module doc)."""
+    """Sizes and loss settings of :class:`LiteMind` (defaults: the paper's, see the module doc)."""
 
-    targets: tuple[str, ...] = ("layers/11-20_mean", "image_embeds")
+    targets: tuple[str, ...] = ("layers/24_proj",)
     rois: tuple[str, ...] | None = None  # input voxels; None: every nsdgeneral voxel, as in the paper
-    patch_size: int = 32
-    dims: tuple[int, ...] = (64, 32)
-    depths: tuple[int, ...] = (1, 1)
-    mlp_ratio: float = 2.0
+    patch_size: int = 450
+    remainder: str = "drop"  # voxels after the last whole patch: drop (published) or pad
+    dims: tuple[int, ...] = (512, 256, 128, 257)
+    depths: tuple[int, ...] = (2, 10, 2, 4)
+    mlp_ratio: float = 4.0
     dropout: float = 0.1
-    sparsity: float = 0.01  # soft-shrink threshold in the frequency MLP
-    temperature: float = 0.05
-    symmetric: bool = False
+    drop_path: float = 0.15
+    filter: str = "spectrum"  # spectrum (published) | linear (GFNet product)
+    num_filters: int = 2
+    sparsity: float = 0.01  # soft-shrink threshold in the frequency projector
+    temperature: float = math.exp(-8)  # logit scale e^8, fixed
+    direction: str = "target_to_brain"
     w_nce: float = 1.0
-    w_mse: float = 0.5
+    w_mse: float = 0.0
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)
@@ -63,50 +100,89 @@ class LiteMindConfig:
             raise UserError("litemind targets: name at least one CLIP-cache array")
         if not self.dims or len(self.dims) != len(self.depths):
             raise UserError(f"litemind dims {self.dims} and depths {self.depths} must be non-empty and of equal length")
-        if any(not isinstance(v, int) or v < 1 for v in self.dims + self.depths):
-            raise UserError(f"litemind dims and depths must be integers >= 1, not {self.dims} / {self.depths}")
+        if any(not isinstance(v, int) or v < 1 for v in self.dims + self.depths + (self.num_filters,)):
+            raise UserError(f"litemind dims, depths and num_filters must be integers >= 1, not "
+                            f"{self.dims} / {self.depths} / {self.num_filters}")
         check_positive(self, "patch_size", "mlp_ratio", "temperature")
-        if not 0 <= self.dropout < 1:
-            raise UserError(f"litemind dropout must be in [0, 1), not {self.dropout!r}")
+        for name, value in (("dropout", self.dropout), ("drop_path", self.drop_path)):
+            if not 0 <= value < 1:
+                raise UserError(f"litemind {name} must be in [0, 1), not {value!r}")
+        for name, value, allowed in (("filter", self.filter, FILTERS), ("direction", self.direction, DIRECTIONS),
+                                     ("remainder", self.remainder, REMAINDERS)):
+            if value not in allowed:
+                raise UserError(f"litemind {name} must be one of {allowed}, not {value!r}")
         check_weights(self)
         if not (self.w_nce or self.w_mse):
             raise UserError("litemind: w_nce or w_mse must be > 0")
 
 
-class FrequencyBlock(nn.Module):
-    """x + FreqMLP(norm(MLP(norm(Filter(norm(x)))))), the FFTs over the patch axis in float32."""
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero a whole sample's branch with probability p, scale the kept by 1/(1-p)."""
+    if p == 0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - p)
+    return x * keep / (1 - p)
 
-    def __init__(self, n_patches: int, dim: int, mlp_ratio: float, dropout: float, sparsity: float):
+
+class SpectrumCompression(nn.Module):
+    """``irfft(sum_m cos((2m+1)pi/2M) W_m X^3)`` over the patch axis (``linear``: ``irfft(W X)``)."""
+
+    def __init__(self, n_patches: int, dim: int, num_filters: int, kind: str):
         super().__init__()
-        n_freq = n_patches // 2 + 1
+        self.n_patches, self.kind = n_patches, kind
+        m = num_filters if kind == "spectrum" else 1
+        self.weight = nn.Parameter(torch.randn(m, n_patches // 2 + 1, dim, 2) * 0.02)
+        cosines = [math.cos((2 * i + 1) * math.pi / (2 * m)) for i in range(m)]
+        self.register_buffer("cosines", torch.tensor(cosines), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spec = torch.fft.rfft(x.float(), dim=1, norm="ortho")
+        w = torch.view_as_complex(self.weight)
+        if self.kind == "linear":
+            out = spec * w[0]
+        else:
+            out = (self.cosines[:, None, None] * w).sum(0) * spec**3
+        return torch.fft.irfft(out, n=self.n_patches, dim=1, norm="ortho")
+
+
+class FrequencyProjector(nn.Module):
+    """Per-channel complex weights on the rFFT over patches, ReLU, soft-shrink, inverse rFFT."""
+
+    def __init__(self, n_patches: int, dim: int, sparsity: float):
+        super().__init__()
         self.n_patches, self.sparsity = n_patches, sparsity
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.filter = nn.Parameter(torch.randn(n_freq, dim, 2) * 0.02)
+        self.w_real, self.w_imag = (nn.Parameter(0.02 * torch.randn(dim)) for _ in range(2))
+        self.b_real, self.b_imag = (nn.Parameter(0.02 * torch.randn(dim)) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spec = torch.fft.rfft(x.float(), dim=1, norm="ortho")
+        re = F.relu(spec.real * self.w_real - spec.imag * self.w_imag + self.b_real)
+        im = F.relu(spec.imag * self.w_real + spec.real * self.w_imag + self.b_imag)
+        out = torch.complex(F.softshrink(re, self.sparsity), F.softshrink(im, self.sparsity))
+        return torch.fft.irfft(out, n=self.n_patches, dim=1, norm="ortho")
+
+
+class FrequencyBlock(nn.Module):
+    """``x + DropPath(Projector(LN3(DropPath(MLP(LN2(Compression(LN1(x))))))))``, FFTs in float32."""
+
+    def __init__(self, n_patches: int, dim: int, mlp_ratio: float, dropout: float, sparsity: float,
+                 drop_path: float = 0.0, num_filters: int = 2, filter: str = "spectrum"):
+        super().__init__()
+        self.drop_path = drop_path
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim, eps=1e-6) for _ in range(3))
+        self.filter = SpectrumCompression(n_patches, dim, num_filters, filter)
         hidden = max(1, int(dim * mlp_ratio))
         self.mlp = nn.Sequential(
             nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout)
         )
-        self.w_real = nn.Parameter(torch.randn(dim, dim) * 0.02)
-        self.w_imag = nn.Parameter(torch.randn(dim, dim) * 0.02)
-        self.b_real = nn.Parameter(torch.zeros(dim))
-        self.b_imag = nn.Parameter(torch.zeros(dim))
-
-    def global_filter(self, x: torch.Tensor) -> torch.Tensor:
-        spec = torch.fft.rfft(x.float(), dim=1, norm="ortho")
-        return torch.fft.irfft(spec * torch.view_as_complex(self.filter), n=self.n_patches, dim=1, norm="ortho")
-
-    def frequency_mlp(self, x: torch.Tensor) -> torch.Tensor:
-        spec = torch.fft.rfft(x.float(), dim=1, norm="ortho")
-        re = F.relu(spec.real @ self.w_real - spec.imag @ self.w_imag + self.b_real)
-        im = F.relu(spec.imag @ self.w_real + spec.real @ self.w_imag + self.b_imag)
-        out = torch.complex(F.softshrink(re, self.sparsity), F.softshrink(im, self.sparsity))
-        return torch.fft.irfft(out, n=self.n_patches, dim=1, norm="ortho")
+        self.projector = FrequencyProjector(n_patches, dim, sparsity)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):  # cuFFT in half precision wants 2^k sizes
-            y = self.global_filter(self.norm1(x.float()))
-            y = self.mlp(self.norm2(y))
-            return x.float() + self.frequency_mlp(self.norm3(y))
+            x = x.float()
+            y = drop_path(self.mlp(self.norm2(self.filter(self.norm1(x)))), self.drop_path, self.training)
+            y = drop_path(self.projector(self.norm3(y)), self.drop_path, self.training)
+            return x + y
 
 
 class LiteMind(Adapter):
@@ -122,25 +198,37 @@ class LiteMind(Adapter):
     ):
         super().__init__(config, n_voxels, targets, voxel_groups)
         c = config
-        self.n_patches = math.ceil(self.group_sizes["input"] / c.patch_size)
+        v = self.group_sizes["input"]
+        self.n_patches = v // c.patch_size if c.remainder == "drop" else math.ceil(v / c.patch_size)
+        if self.n_patches < 1:
+            raise UserError(f"litemind patch_size {c.patch_size} is larger than the {v} input voxels")
         self.patch = nn.Conv1d(1, c.dims[0], kernel_size=c.patch_size, stride=c.patch_size)
-        self.pos = nn.Parameter(torch.randn(1, self.n_patches, c.dims[0]) * 0.02)
+        self.pos = nn.Parameter(torch.zeros(1, self.n_patches, c.dims[0]))
         self.drop = nn.Dropout(c.dropout)
+        rates = np.linspace(0, c.drop_path, sum(c.depths)).tolist()
+        starts = np.cumsum((0,) + c.depths).tolist()
         self.stages = nn.ModuleList(
-            nn.Sequential(*(FrequencyBlock(self.n_patches, d, c.mlp_ratio, c.dropout, c.sparsity) for _ in range(n)))
-            for d, n in zip(c.dims, c.depths, strict=True)
+            nn.Sequential(*(
+                FrequencyBlock(self.n_patches, d, c.mlp_ratio, c.dropout, c.sparsity, rates[s + j], c.num_filters, c.filter)
+                for j in range(n)
+            ))
+            for d, n, s in zip(c.dims, c.depths, starts[:-1], strict=True)
         )
         self.transitions = nn.ModuleList(nn.Linear(a, b) for a, b in zip(c.dims[:-1], c.dims[1:], strict=True))
-        self.norm = nn.LayerNorm(c.dims[-1])
+        self.norm = nn.LayerNorm(c.dims[-1], eps=1e-6)
         self.heads = nn.ModuleDict()
         for i, name in enumerate(c.targets):
             shape = prediction_shape(name, self.target_shapes[name])
-            if len(shape) not in (1, 2):
+            if len(shape) == 1:  # the published class-token head: mean over patches -> D
+                self.heads[str(i)] = nn.Sequential(_MeanPatches(), nn.Linear(c.dims[-1], shape[0]))
+            elif len(shape) == 2:
+                tokens, channels = shape
+                to_tokens = [] if tokens == c.dims[-1] else [nn.Linear(c.dims[-1], tokens)]
+                self.heads[str(i)] = nn.Sequential(*to_tokens, _Transpose(), nn.Linear(self.n_patches, channels))
+            else:
                 raise UserError(f"litemind target {name} has rows of shape {shape}; expected (T, C) or (D,)")
-            tokens, channels = shape if len(shape) == 2 else (1, shape[0])
-            # channels -> T tokens, then patches -> C channels; a (D,) vector is one token
-            head = [nn.Linear(c.dims[-1], tokens), _Transpose(), nn.Linear(self.n_patches, channels)]
-            self.heads[str(i)] = nn.Sequential(*head, *([nn.Flatten(1)] if len(shape) == 1 else []))
+        self.apply(_init_weights)
+        nn.init.trunc_normal_(self.pos, std=0.02)
 
     @classmethod
     def targets_for(cls, config: LiteMindConfig) -> list[str]:
@@ -155,7 +243,7 @@ class LiteMind(Adapter):
     def backbone(self, x: torch.Tensor) -> torch.Tensor:
         """(B, V) betas -> (B, patches, dims[-1]) features."""
         v = self.voxels(x, "input")
-        v = F.pad(v, (0, self.n_patches * self.config.patch_size - v.shape[1]))
+        v = F.pad(v, (0, max(0, self.n_patches * self.config.patch_size - v.shape[1])))
         h = self.drop(self.patch(v[:, None]).transpose(1, 2) + self.pos)
         for i, stage in enumerate(self.stages):
             if i:
@@ -178,13 +266,35 @@ class LiteMind(Adapter):
             if has is not None:
                 pred, z, g = pred[has], z[has], None if groups is None else groups[has]
             if c.w_nce and len(z) >= 2:
-                terms[f"nce:{name}"] = c.w_nce * info_nce(pred, z, c.temperature, c.symmetric, g)
+                scaler = self.scaler(name)  # the contrastive term compares raw CLIP values, as published
+                raw_pred, raw_true = scaler.decode(pred), scaler.decode(z)
+                if c.direction == "target_to_brain":
+                    nce = info_nce(raw_true, raw_pred, c.temperature, symmetric=False, groups=g)
+                else:
+                    nce = info_nce(raw_pred, raw_true, c.temperature, c.direction == "symmetric", g)
+                terms[f"nce:{name}"] = c.w_nce * nce
             if c.w_mse and len(z):
                 terms[f"mse:{name}"] = c.w_mse * mse(pred, z)
         terms["loss"] = sum(terms.values())
         return terms
 
 
+def _init_weights(module: nn.Module) -> None:
+    """The published initialisation: truncated-normal(0.02) Linear weights, zero biases, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 class _Transpose(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.transpose(1, 2)
+
+
+class _MeanPatches(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(1)

@@ -6,7 +6,8 @@ Inputs follow the functional hierarchy: fMRI-Semantic ``F_S`` = high-level voxel
 is a switch). Each input goes through a residual-MLP encoder to a brain embedding (``b_D``, ``b_S``,
 ``width`` wide). Heads map ``b_D`` to the detail target's tokens (T, C) (default ``layers/11-20_mean``,
 the mean of blocks 11..20 of ViT-L/14) and ``b_S`` to the semantic target (default ``image_embeds``,
-what unCLIP consumes). With ``text_target="text_embeds"`` a third head maps ``b_S`` to the CLIP text
+what unCLIP consumes; or block 24's tokens, ``layers/24`` or ``layers/24_proj``, as the paper aligns
+fMRI-Semantic to layer 24: then the semantic head is a token head too). With ``text_target="text_embeds"`` a third head maps ``b_S`` to the CLIP text
 space of the image's captions (BrainCLIP-style text supervision).
 
 Decoders ``D_D``, ``D_S`` map brain embeddings back to their fMRI input. Besides self-reconstruction
@@ -16,9 +17,10 @@ does not say what space the decoders read; here it is the shared ``width``-d bra
 which is what makes the cross terms well-defined. Decoders are used in training only.
 
 The multi-granularity loss, in standardised target units (see :mod:`.base`):
-  global   ``w_semantic`` InfoNCE(semantic) + ``w_detail`` InfoNCE(detail tokens pooled by
-           ``detail_pool``: ``flatten`` (default), ``mean`` or ``cls``)
-  fine     ``w_tokens`` (1 - cosine) between matching detail tokens
+  global   ``w_semantic`` InfoNCE(semantic, tokens pooled by ``semantic_pool``) + ``w_detail``
+           InfoNCE(detail tokens pooled by ``detail_pool``: ``flatten`` (default), ``mean`` or ``cls``)
+  fine     ``w_tokens`` (1 - cosine) between matching detail tokens, averaged with the same term on
+           the semantic tokens when the semantic target is a token array (both branches)
   scale    ``w_mse`` MSE of both predictions (keeps magnitudes usable by unCLIP; InfoNCE ignores norms)
   text     ``w_text`` InfoNCE(text head, mean caption embedding), images without captions skipped
   fMRI     ``w_self`` self- and ``w_cross`` cross-reconstruction MSE.
@@ -68,6 +70,7 @@ class MCLIPConfig:
     dropout: float = 0.15
     temperature: float = 0.05
     detail_pool: str = "flatten"  # how tokens are pooled for the global detail term: mean, cls, flatten
+    semantic_pool: str = "flatten"  # the same for a token semantic target
     w_semantic: float = 1.0
     w_detail: float = 1.0
     w_tokens: float = 1.0
@@ -85,8 +88,9 @@ class MCLIPConfig:
             raise UserError(f"mclip depth must be an integer >= 0, not {self.depth!r}")
         if not 0 <= self.dropout < 1:
             raise UserError(f"mclip dropout must be in [0, 1), not {self.dropout!r}")
-        if self.detail_pool not in POOLS:
-            raise UserError(f"mclip detail_pool must be one of {POOLS}, not {self.detail_pool!r}")
+        for name in ("detail_pool", "semantic_pool"):
+            if getattr(self, name) not in POOLS:
+                raise UserError(f"mclip {name} must be one of {POOLS}, not {getattr(self, name)!r}")
         if not (self.w_semantic or self.w_detail or self.w_tokens or self.w_mse):
             raise UserError("mclip: at least one of w_semantic, w_detail, w_tokens, w_mse must be > 0")
         if self.text_target not in (None, CAPTIONS):
@@ -152,15 +156,19 @@ class BrainMCLIP(Adapter):
             raise UserError(
                 f"mclip detail_target {c.detail_target} must hold (N, T, C) tokens, not rows of shape {detail}"
             )
-        if len(semantic) != 1:
+        if len(semantic) not in (1, 2):
             raise UserError(
-                f"mclip semantic_target {c.semantic_target} must hold (N, D) vectors, not rows of shape {semantic}"
+                f"mclip semantic_target {c.semantic_target} must hold (N, D) vectors or (N, T, C) tokens, "
+                f"not rows of shape {semantic}"
             )
+        self.semantic_tokens = len(semantic) == 2
         n_d, n_s = self.group_sizes["detail"], self.group_sizes["semantic"]
         self.enc_detail = ResidualMLP(n_d, c.width, c.depth, c.dropout)
         self.enc_semantic = ResidualMLP(n_s, c.width, c.depth, c.dropout)
         self.head_detail = TokenHead(c.width, *detail, c.token_rank)
-        self.head_semantic = nn.Linear(c.width, semantic[0])
+        self.head_semantic = (
+            TokenHead(c.width, *semantic, c.token_rank) if self.semantic_tokens else nn.Linear(c.width, semantic[0])
+        )
         if c.text_target:
             self.head_text = nn.Linear(c.width, prediction_shape(CAPTIONS, self.target_shapes[CAPTIONS])[0])
         if c.w_self or c.w_cross:
@@ -209,7 +217,9 @@ class BrainMCLIP(Adapter):
             if weight:
                 terms[name] = weight * value()
 
-        add("semantic", c.w_semantic, lambda: info_nce(p_s, z_s, c.temperature, groups=groups))
+        add("semantic", c.w_semantic, lambda: info_nce(
+            pool_tokens(p_s, c.semantic_pool) if self.semantic_tokens else p_s,
+            pool_tokens(z_s, c.semantic_pool) if self.semantic_tokens else z_s, c.temperature, groups=groups))
         add(
             "detail",
             c.w_detail,
@@ -217,7 +227,8 @@ class BrainMCLIP(Adapter):
                 pool_tokens(p_d, c.detail_pool), pool_tokens(z_d, c.detail_pool), c.temperature, groups=groups
             ),
         )
-        add("tokens", c.w_tokens, lambda: token_cosine(p_d, z_d))
+        add("tokens", c.w_tokens, lambda: (token_cosine(p_d, z_d) + token_cosine(p_s, z_s)) / 2
+            if self.semantic_tokens else token_cosine(p_d, z_d))
         add("mse", c.w_mse, lambda: (mse(p_d, z_d) + mse(p_s, z_s)) / 2)
         if c.text_target and c.w_text:
             z_t, has = self.standardized_target(c.text_target, targets[c.text_target])
