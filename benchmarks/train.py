@@ -1,132 +1,190 @@
-"""Time per training epoch of ``mclip`` fed from the CLIP cache vs. fed by running CLIP every step.
+"""Training steps of mclip at NSD shapes and layout: from the CLIP cache vs. running CLIP every step.
 
-The second is the design this project replaces (MindEye-style notebooks encode each batch's images
-again at every step). Both runs train the same tiny mclip (same initial weights, same batches) on the
-demo's subject 1, trial-level rows, on the same device; only the source of the targets differs. The
-cache is built here with the same tiny open_clip model (what extract-clip stores: float16 arrays
-chunked by rows); its one-off build time is reported too. Timings come from a single run.
+The replaced design (MindEye-style notebooks) encodes each batch's images again at every step. This
+script builds, in a temporary folder, an fMRI store and a CLIP store with the real layout and row
+shapes (prepare-fmri's 16 MB beta chunks; extract-clip's 1024-row shards, default chunks, a
+257x1024 float16 ``layers/11-20_mean`` and 768-d ``image_embeds``; random values), and times a few
+steps of the same mclip (the real default sizes: width 1024, depth 2, token rank 64, 15,724 voxels)
+fed four ways, on the same device:
 
-    python benchmarks/train.py [--demo DIR] [--epochs 5] [--device auto] [--threads N] [--out result.json]
+- ``cache_in_memory``: the fit-adapters data path, betas and targets loaded once;
+- ``cache_streamed``: the same with the token target streamed in blocks of whole chunks (the path
+  for targets larger than memory);
+- ``cache_lazy_reads``: every batch read straight from the stores (the data path before; it decodes
+  a whole chunk per row it touches);
+- ``clip_every_step``: each batch's 425-px images through ViT-L/14 (random weights, the real
+  architecture) for the same targets, then the same step.
 
-Prints one JSON object. The tiny ViT has random weights: only the timings mean anything.
+Each variant runs one untimed warm-up step, then ``--steps`` (``--clip-steps`` for CLIP) timed
+steps. ``decoded_mb_per_epoch`` is what one epoch decodes from the stores: counted by the bank for the
+cache paths, computed from the chunk layout for lazy reads, also at full NSD subject scale (27,000
+training trials of 9,000 images among 73,000). Random weights and values: only timings and bytes
+mean anything.
+
+    python benchmarks/train.py [--images 2048] [--repeats 3] [--batch-size 64] [--steps 5]
+        [--clip-steps 2] [--device auto] [--threads N] [--out result.json]
+
+Prints one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import platform
-import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 import zarr
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from report import emit  # noqa: E402  (benchmarks/ is the script's folder)
 
-from pipeline.data.demo import make_demo  # noqa: E402
-from pipeline.data.fmri import prepare_fmri  # noqa: E402
-from pipeline.data.nsd import NSD  # noqa: E402
+from pipeline.data.fmri import _create  # noqa: E402  (prepare-fmri's chunking, exactly)
 from pipeline.features import clip as clip_lib  # noqa: E402
-from pipeline.fitting.data import CacheDataset  # noqa: E402
-from pipeline.fitting.models import adapter_targets, build_adapter  # noqa: E402
-from pipeline.fitting.train import resolve_device, train  # noqa: E402
-from pipeline.store import (
-    compressor,  # noqa: E402
-    take_rows,  # noqa: E402
-)
+from pipeline.features.cache import DONE, ArraySpec, create_store, default_chunk_rows  # noqa: E402
+from pipeline.fitting.adapters.base import FLOC  # noqa: E402
+from pipeline.fitting.data import CacheDataset, decoded_bytes, iter_batches  # noqa: E402
+from pipeline.fitting.models import build_adapter  # noqa: E402
+from pipeline.fitting.train import _autocast, _train_epoch, resolve_device  # noqa: E402
+from pipeline.store import atomic_store, take_rows  # noqa: E402
 
-LAYERS = "2-4:mean"
-MODEL = {
-    "detail_target": "layers/2-4_mean",
-    "semantic_target": "image_embeds",
-    "width": 64,
-    "depth": 1,
-    "token_rank": 8,
-}
+DETAIL, SEMANTIC = "layers/11-20_mean", "image_embeds"
+TOKENS, WIDTH, EMBED, VOXELS, SHARD = 257, 1024, 768, 15_724, 1024
+IMAGE_SIZE = 425
+NSD = {"images": 73_000, "train_images": 9_000, "train_trials": 27_000}
 
 
-def build_cache(
-    loaded: clip_lib.LoadedModel, stimuli: h5py.Dataset, out: Path, device: torch.device, batch: int = 64
-) -> float:
-    """Encode every stimulus once into ``out`` (Zarr 3, float16, row chunks); returns seconds."""
-    t0 = time.perf_counter()
-    layers = clip_lib.parse_layers(LAYERS, loaded.n_blocks)
-    n = stimuli.shape[0]
-    group = zarr.open_group(out, mode="w", zarr_format=3)
-    arrays = {}
-    for start in range(0, n, batch):
-        px = clip_lib.preprocess_batch(loaded, stimuli[start : start + batch]).to(device)
-        tokens, embeds = clip_lib.encode_layers(loaded, px, layers, clip_lib.TokenMode("all"))
-        for name, value in {**{f"layers/{k}": v for k, v in tokens.items()}, "image_embeds": embeds}.items():
-            if name not in arrays:
-                shape = (n, *value.shape[1:])
-                arrays[name] = group.create_array(
-                    name, shape=shape, dtype="float16", chunks=(batch, *shape[1:]), compressors=[compressor()]
-                )
-            arrays[name][start : start + len(value)] = value.cpu().numpy().astype(np.float16)
-    return time.perf_counter() - t0
+# ---- the stores ---------------------------------------------------------------------------------------
+def layout(n: int) -> dict[str, ArraySpec]:
+    """What extract-clip lays out for ViT-L/14, all tokens, ``11-20:mean`` (see features/cache.py)."""
+    return {
+        DETAIL: ArraySpec((n, TOKENS, WIDTH), "float16", default_chunk_rows(TOKENS * WIDTH * 2, SHARD), SHARD),
+        SEMANTIC: ArraySpec((n, EMBED), "float32", SHARD, SHARD),
+    }
 
 
-class OnlineClipDataset(torch.utils.data.Dataset):
-    """The replaced design: every batch reads its images and runs CLIP to get the targets."""
+def build_clip_store(out: Path, n: int, rng: np.random.Generator) -> None:
+    create_store(out, layout(n), {"settings": {"benchmark": "random values"}})
+    root = zarr.open_group(out, mode="r+")
+    for s, start in enumerate(tqdm(range(0, n, SHARD), desc="clip store", unit="shard")):
+        stop = min(start + SHARD, n)
+        root[DETAIL][start:stop] = rng.standard_normal((stop - start, TOKENS, WIDTH), np.float32).astype(np.float16)
+        root[SEMANTIC][start:stop] = rng.standard_normal((stop - start, EMBED), np.float32)
+        root[DONE][s] = True
 
-    def __init__(
-        self,
-        betas: np.ndarray,
-        image_ids: np.ndarray,
-        stimuli: h5py.Dataset,
-        loaded: clip_lib.LoadedModel,
-        device: torch.device,
-    ):
-        self.betas, self.image_ids, self.stimuli, self.loaded, self.device = betas, image_ids, stimuli, loaded, device
-        self.layers = clip_lib.parse_layers(LAYERS, loaded.n_blocks)
+
+def build_fmri_store(out: Path, image_ids: np.ndarray, rng: np.random.Generator) -> None:
+    with atomic_store(out) as root:
+        betas = _create(root, "train/betas", (len(image_ids), VOXELS), np.float32)
+        for start in range(0, len(image_ids), 4096):
+            stop = min(start + 4096, len(image_ids))
+            betas[start:stop] = rng.standard_normal((stop - start, VOXELS), np.float32)
+        _create(root, "train/image_ids", image_ids.shape, np.int64)[...] = image_ids
+        for k, name in enumerate(FLOC):  # about a third of the voxels category-selective, like subj01
+            labels = np.zeros(VOXELS, np.int32)
+            labels[k * VOXELS // 12 : (k + 1) * VOXELS // 12] = 1
+            _create(root, f"voxels/{name}", (VOXELS,), np.int32)[...] = labels
+
+
+# ---- what a data path decodes ---------------------------------------------------------------------------
+class Layout:
+    """Chunk rows and row bytes of an array, for computing what reads decode without the data."""
+
+    def __init__(self, chunk_rows: int, row_bytes: int):
+        self.chunk_rows, self.row_bytes = chunk_rows, row_bytes
+
+    def decoded(self, rows: np.ndarray) -> int:
+        return len(np.unique(rows // self.chunk_rows)) * self.chunk_rows * self.row_bytes
+
+
+def lazy_epoch_bytes(image_ids: np.ndarray, batch: int, betas: Layout, targets: list[Layout], seed: int = 0) -> int:
+    """Bytes one shuffled epoch decodes when every batch reads its rows from the stores."""
+    order = np.random.default_rng(seed).permutation(len(image_ids))
+    total = 0
+    for start in range(0, len(order) - batch + 1, batch):
+        rows = order[start : start + batch]
+        total += betas.decoded(rows) + sum(t.decoded(image_ids[rows]) for t in targets)
+    return total
+
+
+def store_layouts(n_rows: int, n_images: int) -> tuple[Layout, list[Layout]]:
+    spec = layout(n_images)
+    beta_chunk = max(1, min(n_rows, (16 << 20) // (VOXELS * 4)))  # fmri._create's rule
+    return Layout(beta_chunk, VOXELS * 4), [Layout(s.chunk_rows, s.row_bytes) for s in spec.values()]
+
+
+# ---- feeding the model --------------------------------------------------------------------------------------
+class LazyReads(torch.utils.data.Dataset):
+    """The previous data path: each batch reads its betas and targets from the stores."""
+
+    def __init__(self, fmri: zarr.Group, clip: zarr.Group):
+        self.betas, self.clip = fmri["train/betas"], clip
+        self.image_ids = fmri["train/image_ids"][...]
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def __getitems__(self, index: list[int]) -> dict:
+    def __getitems__(self, index) -> dict:
         ids = self.image_ids[index]
-        px = clip_lib.preprocess_batch(self.loaded, take_rows(self.stimuli, ids)).to(self.device)
-        tokens, embeds = clip_lib.encode_layers(self.loaded, px, self.layers, clip_lib.TokenMode("all"))
         return {
-            "x": torch.from_numpy(self.betas[index]),
+            "x": torch.from_numpy(take_rows(self.betas, index)),
             "image_id": torch.from_numpy(ids),
-            "targets": {**{f"layers/{k}": v.float() for k, v in tokens.items()}, "image_embeds": embeds.float()},
+            "targets": {t: torch.from_numpy(take_rows(self.clip[t], ids).astype(np.float32)) for t in (DETAIL, SEMANTIC)},
         }
 
 
-def epoch_seconds(model, data, epochs: int, device: str) -> list[float]:
-    settings = {
-        "epochs": epochs,
-        "batch_size": 32,
-        "lr": 3e-3,
-        "val_fraction": 0.0,
-        "patience": None,
-        "progress": False,
-        "device": device,
-    }
-    return [h["seconds"] for h in train(model, data, settings).history]
+def clip_batches(data: CacheDataset, loaded: clip_lib.LoadedModel, batch: int, seed: int,
+                 device: torch.device) -> Iterator[dict]:
+    """Batches whose targets come from running ViT-L/14 on the batch's images (random 425-px pixels)."""
+    layers = clip_lib.parse_layers("11-20:mean", loaded.n_blocks)
+    rng = np.random.default_rng(seed)
+    use = torch.autocast("cuda", torch.float16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    for index in itertools.count():
+        rows = rng.choice(len(data), batch, replace=False)
+        images = rng.integers(0, 256, (batch, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+        with use:
+            pixels = clip_lib.preprocess_batch(loaded, images).to(device)
+            tokens, embeds = clip_lib.encode_layers(loaded, pixels, layers, clip_lib.TokenMode("all"))
+        yield {
+            "x": data.betas[torch.as_tensor(rows)],
+            "image_id": torch.from_numpy(data.image_ids[rows]),
+            "targets": {DETAIL: tokens["11-20_mean"].float(), SEMANTIC: embeds.float()},
+        }
 
 
-def summary(seconds: list[float]) -> dict:
-    steady = seconds[1:] or seconds  # the first epoch includes one-off warm-up
-    return {
-        "epoch_seconds": [round(s, 4) for s in seconds],
-        "median_epoch_seconds": round(statistics.median(steady), 4),
-    }
+def time_steps(model, batches: Iterator[dict], steps: int, device: torch.device,
+               warmup: Iterator[dict] | None = None) -> dict:
+    """One untimed warm-up step (from ``warmup``, default ``batches``), then ``steps`` timed steps of
+    the real training loop body (:func:`pipeline.fitting.train._train_epoch`)."""
+    model = copy.deepcopy(model).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.05)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    autocast, scaler = _autocast(device, True)
+    parts = (model, optimizer, scheduler, scaler)
+    with tqdm(disable=True) as bar:
+        _train_epoch(parts, itertools.islice(warmup or batches, 1), autocast, device, 1.0, bar, 0)
+        t0 = time.perf_counter()
+        _train_epoch(parts, itertools.islice(batches, steps), autocast, device, 1.0, bar, 1)
+        seconds = time.perf_counter() - t0
+    return {"steps": steps, "seconds": round(seconds, 3), "steps_per_s": round(steps / seconds, 4)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--demo", type=Path, help="an existing demo NSD root (default: make one in a temp dir)")
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--images", type=int, default=2048, help="images in the CLIP store (2 shards)")
+    parser.add_argument("--repeats", type=int, default=3, help="training trials per image")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps of each cache variant")
+    parser.add_argument("--clip-steps", type=int, default=2, help="timed steps with CLIP in the loop")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
@@ -134,58 +192,72 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    torch.manual_seed(0)
-
+    rng = np.random.default_rng(0)
+    image_ids = rng.permutation(np.repeat(np.arange(args.images), args.repeats))  # trials, shuffled in time
+    b = args.batch_size
+    result: dict = {
+        "benchmark": "mclip training steps at NSD shapes: CLIP cache vs CLIP every step",
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
+        "data": {"images": args.images, "train_rows": len(image_ids), "voxels": VOXELS, "rows_are": "trials",
+                 "targets": {DETAIL: [TOKENS, WIDTH], SEMANTIC: [EMBED]},
+                 "layout": {k: {"chunk_rows": s.chunk_rows, "shard_rows": s.shard_rows, "dtype": s.dtype}
+                            for k, s in layout(args.images).items()}},
+        "batch_size": b,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        root = args.demo or make_demo(tmp / "demo")
-        fmri = zarr.open_group(
-            prepare_fmri(root, 1, tmp / "subj01.zarr", average_repeats=False, progress=False), mode="r"
-        )
-        loaded = clip_lib.load_model(
-            "nsd-tiny-vit", str(Path(root) / "demo" / "nsd-tiny-vit.safetensors"), device=str(device)
-        )
-        with NSD(root).stimuli() as stimuli:
-            build_s = build_cache(loaded, stimuli, tmp / "clip.zarr", device)
-            clip = zarr.open_group(tmp / "clip.zarr", mode="r")
-            n_images = clip["image_embeds"].shape[0]
-            cached = CacheDataset.from_stores(fmri, clip, adapter_targets("mclip", MODEL))
-            online = OnlineClipDataset(fmri["train/betas"][...], fmri["train/image_ids"][...], stimuli, loaded, device)
+        t0 = time.perf_counter()
+        build_clip_store(tmp / "clip.zarr", args.images, rng)
+        build_fmri_store(tmp / "fmri.zarr", image_ids, rng)
+        result["stores_build_seconds"] = round(time.perf_counter() - t0, 1)
+        fmri, clip = zarr.open_group(tmp / "fmri.zarr", mode="r"), zarr.open_group(tmp / "clip.zarr", mode="r")
 
-            first = list(range(8))
-            a, b = cached.__getitems__(first)["targets"], online.__getitems__(first)["targets"]
-            diff = max(float((a[k] - b[k].cpu()).abs().max()) for k in a)
+        t0 = time.perf_counter()
+        memory = CacheDataset.from_stores(fmri, clip, [DETAIL, SEMANTIC], progress=True)
+        load = {"seconds": round(time.perf_counter() - t0, 2), "decoded_mb": round(memory.bank.decoded / 1e6, 1),
+                "bytes_in_memory_mb": round(memory.nbytes_in_memory / 1e6, 1)}
+        model = build_adapter("mclip", {"detail_target": DETAIL, "semantic_target": SEMANTIC}, memory, seed=0)
+        result["model"] = {"method": "mclip", "n_params": model.n_params, "parameter_counts": model.parameter_counts()}
+        images = np.unique(image_ids)
+        variants = {}
+        run = time_steps(model, iter_batches(memory.to(device), b, seed=1), args.steps, device)
+        variants["cache_in_memory"] = {**run, "load_once": load, "decoded_mb_per_epoch": 0.0}
 
-            model = build_adapter("mclip", MODEL, cached, seed=0)
-            n_params = model.n_params
-            from_cache = epoch_seconds(model, cached, args.epochs, str(device))
-            from_clip = epoch_seconds(build_adapter("mclip", MODEL, cached, seed=0), online, args.epochs, str(device))
+        vectors = len(images) * EMBED * 4
+        streamed = CacheDataset.from_stores(fmri, clip, [DETAIL, SEMANTIC], memory=vectors)
+        run = time_steps(model, iter_batches(streamed, b, seed=1), args.steps, device)
+        t0 = time.perf_counter()
+        block = streamed.bank._read_block(0)  # what the background reader does once per block and epoch
+        variants["cache_streamed"] = {**run, "streamed": sorted(streamed.bank.streamed),
+                                      "blocks": streamed.bank.n_blocks,
+                                      "block_read_seconds": round(time.perf_counter() - t0, 3),
+                                      "block_mb": round(sum(int(v.nbytes) for v in block.values()) / 1e6, 1),
+                                      "decoded_mb_per_epoch": round(decoded_bytes(clip[DETAIL], images) / 1e6, 1)}
 
-    result = {
-        "benchmark": "mclip training epoch: CLIP cache vs CLIP every step",
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "data": {
-            "subject": 1,
-            "rows": len(cached),
-            "voxels": cached.n_voxels,
-            "images_in_cache": n_images,
-            "rows_are": "trials",
-        },
-        "clip_model": "nsd-tiny-vit (demo, random weights)",
-        "targets": cached.targets,
-        "model": {"method": "mclip", "config": MODEL, "n_params": n_params},
-        "batch_size": 32,
-        "epochs": args.epochs,
-        "from_cache": summary(from_cache),
-        "clip_every_step": summary(from_clip),
-        "speedup": round(
-            statistics.median(from_clip[1:] or from_clip) / statistics.median(from_cache[1:] or from_cache), 2
-        ),
-        "cache_build_seconds_once": round(build_s, 3),
-        "cache_vs_online_target_max_abs_diff": diff,
+        betas_layout, target_layouts = store_layouts(len(image_ids), args.images)
+        run = time_steps(model, iter_batches(LazyReads(fmri, clip), b, seed=1), args.steps, device)
+        per_epoch = lazy_epoch_bytes(image_ids, b, betas_layout, target_layouts)
+        variants["cache_lazy_reads"] = {**run, "decoded_mb_per_epoch": round(per_epoch / 1e6, 1),
+                                        "decoded_mb_per_batch": round(per_epoch / (len(image_ids) // b) / 1e6, 1)}
+
+        loaded = clip_lib.load_model("ViT-L-14", "none", device=str(device))
+        run = time_steps(model, clip_batches(memory, loaded, b, 2, device), args.clip_steps, device,
+                         warmup=clip_batches(memory, loaded, 2, 3, device))  # a small warm-up batch
+        variants["clip_every_step"] = {**run, "clip_model": "ViT-L-14 (open_clip, random weights)",
+                                       "image_size": IMAGE_SIZE, "decoded_mb_per_epoch": 0.0}
+    result["variants"] = variants
+    clip_rate = variants["clip_every_step"]["steps_per_s"]
+    result["speedup_vs_clip_every_step"] = {k: round(v["steps_per_s"] / clip_rate, 1) for k, v in variants.items()
+                                            if k != "clip_every_step"}
+    nsd_ids = np.random.default_rng(1).choice(NSD["images"], NSD["train_images"], replace=False)
+    nsd_trials = np.random.default_rng(2).permutation(np.repeat(nsd_ids, NSD["train_trials"] // NSD["train_images"]))
+    betas_layout, target_layouts = store_layouts(len(nsd_trials), NSD["images"])
+    result["computed_at_nsd_subject_scale"] = {
+        **NSD, "batch_size": b,
+        "lazy_reads_decoded_gb_per_epoch": round(lazy_epoch_bytes(nsd_trials, b, betas_layout, target_layouts) / 1e9, 1),
+        "streamed_decoded_gb_per_epoch": round(target_layouts[0].decoded(nsd_ids) / 1e9, 1),
+        "in_memory_gb_loaded_once": round((len(nsd_trials) * VOXELS * 4 + NSD["train_images"] * (TOKENS * WIDTH * 2 + EMBED * 4)) / 1e9, 1),
     }
     emit(result, args.out)
 

@@ -1,7 +1,10 @@
-"""Store helpers shared by every writer: atomic Zarr 3 creation, compression, row reads, disk budget."""
+"""Store helpers shared by every writer: atomic outputs (stores, run folders, files), compression,
+row reads, disk budget."""
 
 from __future__ import annotations
 
+import glob
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -14,34 +17,133 @@ from zarr.codecs import BloscCodec, BloscShuffle
 
 from .errors import UserError
 
+log = logging.getLogger(__name__)
+
 
 def compressor() -> BloscCodec:
     """zstd with byte shuffle: fast to decode and good on float16/float32 features."""
     return BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle)
 
 
-@contextmanager
-def atomic_store(out: Path) -> Iterator[zarr.Group]:
-    """Write a fresh Zarr 3 group at a temporary path and rename it onto ``out`` on success.
+# ---- atomic outputs ---------------------------------------------------------------------------------
+def tmp_path(out: Path) -> Path:
+    """Where this process assembles ``out`` before renaming it in: ``<out>.tmp-<pid>``."""
+    out = Path(out)
+    return out.with_name(f"{out.name}.tmp-{os.getpid()}")
 
-    A failure (or a kill) leaves at most a ``*.tmp-<pid>`` folder behind, never a store at
-    ``out`` that looks complete.
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clean_stale(out: Path) -> list[str]:
+    """Tidy what killed writers of ``out`` left next to it; returns (and logs) one line per action.
+
+    ``<out>.tmp-<pid>`` of a process that is gone is an unfinished output: removed.
+    ``<out>.old-<pid>`` is the previous output set aside by :func:`replace_path`: removed when
+    ``out`` exists (the new one landed), renamed back onto ``out`` when it does not. Processes are
+    looked up on this machine only: do not write one output from two machines at once.
     """
     out = Path(out)
-    if out.parent and not out.parent.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    if not out.parent.is_dir():
+        return []
+    done = []
+    for path in sorted(out.parent.glob(f"{glob.escape(out.name)}.*-*")):
+        kind, _, pid = path.name[len(out.name) + 1 :].partition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == "old" and not out.exists():
+            os.replace(path, out)
+            done.append(f"restored {out} from {path.name}, left by a killed run")
+        else:
+            _remove(path)
+            done.append(f"removed {path}, left by a killed run")
+    for line in done:
+        log.warning(line)
+    return done
+
+
+def replace_path(new: Path, out: Path) -> None:
+    """Rename ``new`` onto ``out`` so that at every moment the old or the new one is complete on disk.
+
+    A folder (or a file replaced by a folder) is swapped in three steps: the old one is renamed to
+    ``<out>.old-<pid>``, the new one renamed in, the old one deleted; a kill in between leaves the
+    old one aside, which :func:`clean_stale` restores. A file replacing a file is one atomic rename.
+    """
+    new, out = Path(new), Path(out)
+    if out.exists() and (out.is_dir() or new.is_dir()):
+        aside = out.with_name(f"{out.name}.old-{os.getpid()}")
+        _remove(aside)
+        os.replace(out, aside)
+        os.replace(new, out)
+        _remove(aside)
+    else:
+        os.replace(new, out)
+
+
+@contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """A fresh folder at ``<out>.tmp-<pid>`` that replaces ``out`` (:func:`replace_path`) on success.
+
+    Stale leftovers of killed runs are tidied first (:func:`clean_stale`). A failure removes the
+    temporary folder; a kill leaves at most that folder, never an ``out`` that looks complete.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(out)
+    tmp = tmp_path(out)
+    _remove(tmp)
+    tmp.mkdir()
     try:
-        group = zarr.open_group(tmp, mode="w", zarr_format=3)
-        yield group
+        yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    replace_path(tmp, out)
+
+
+@contextmanager
+def atomic_file(out: Path) -> Iterator[Path]:
+    """A temporary path for one file, renamed onto ``out`` when the block succeeds."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(out)
+    tmp = tmp_path(out)
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    replace_path(tmp, out)
+
+
+def write_text(out: Path, text: str) -> Path:
+    """``out.write_text(text)``, atomically (readers see the old file or the new one, never half)."""
+    with atomic_file(out) as tmp:
+        tmp.write_text(text)
+    return Path(out)
+
+
+@contextmanager
+def atomic_store(out: Path) -> Iterator[zarr.Group]:
+    """Write a fresh Zarr 3 group in :func:`atomic_dir` (renamed onto ``out`` on success)."""
+    with atomic_dir(out) as tmp:
+        yield zarr.open_group(tmp, mode="w", zarr_format=3)
 
 
 def open_existing(path: Path, what: str) -> zarr.Group:
@@ -68,10 +170,33 @@ def take_rows(array, rows) -> np.ndarray:
         return array[rows]
     unique, inverse = np.unique(rows, return_inverse=True)
     if isinstance(array, zarr.Array):
-        block = array.get_orthogonal_selection((unique,))
+        block = _zarr_rows(array, unique)
     else:
         block = np.asarray(array[unique]) if unique.size else np.asarray(array[:0])
     return block[inverse.reshape(rows.shape)]
+
+
+def _zarr_rows(array: zarr.Array, rows: np.ndarray, slab_bytes: int = 64 << 20) -> np.ndarray:
+    """Sorted distinct ``rows`` of a zarr array, each touched chunk decoded once.
+
+    Runs of consecutive chunks are read as plain slices of at most ``slab_bytes``: zarr's
+    orthogonal selection on sharded arrays slows down with the rows it picks from a shard
+    (zarr 3.1.6: 64 rows of a ViT-L/14 layer shard in 3.0 s, against 0.15 s as slices).
+    """
+    out = np.empty((len(rows), *array.shape[1:]), array.dtype)
+    if not len(rows):
+        return out
+    per_chunk = int(array.chunks[0])
+    row_bytes = max(1, int(np.prod(array.shape[1:], dtype=np.int64)) * array.dtype.itemsize)
+    window = max(1, slab_bytes // (per_chunk * row_bytes))  # chunks per slice
+    chunk = rows // per_chunk
+    starts = np.flatnonzero(np.r_[True, np.diff(chunk) > 1])  # runs of consecutive touched chunks
+    for a, b in zip(starts, np.r_[starts[1:], len(rows)]):
+        for c0 in range(int(chunk[a]), int(chunk[b - 1]) + 1, window):
+            lo, hi = c0 * per_chunk, min((c0 + window) * per_chunk, array.shape[0])
+            sel = slice(int(np.searchsorted(rows, lo)), int(np.searchsorted(rows, hi)))
+            out[sel] = array[lo:hi][rows[sel] - lo]
+    return out
 
 
 def human_bytes(n: float) -> str:

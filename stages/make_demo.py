@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+from pipeline.store import atomic_dir
 
 from .params import resolve, user_errors
 
@@ -23,13 +23,6 @@ def command(
 
     p = resolve("demo", out=out, seed=seed, noise=noise)
     target = Path(p.pop("out", "data/demo"))
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(target) as tmp:
         make_demo(tmp, DemoConfig(**p))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
     typer.echo(f"wrote {target}")

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from pipeline.data.fmri import prepare_fmri
+from pipeline.errors import UserError
 
 from .params import resolve, user_errors
 
@@ -18,16 +19,25 @@ def command(
     nsd_root: Optional[Path] = typer.Option(None, help="NSD root folder [params: prepare_fmri.nsd_root]."),
     out: Optional[Path] = typer.Option(None, help="Output store [default: cache/fmri/subjNN.zarr]."),
     zscore: Optional[str] = typer.Option(None, help="session (per session, per voxel, population std) or none."),
+    repeats: Optional[str] = typer.Option(
+        None, help="mean (one row per image: the mean of its trials), trials (one row per trial) or train-trials "
+        "(train rows per trial, test rows per image) [params: prepare_fmri.repeats]."
+    ),
     average_repeats: Optional[bool] = typer.Option(
-        None, "--average-repeats/--no-average-repeats", help="One row per image (mean of its trials) or one per trial."
+        None, "--average-repeats/--no-average-repeats", help="Aliases of --repeats mean / --repeats trials."
     ),
     sessions: Optional[int] = typer.Option(None, help="Use the first K sessions [default: all present]."),
     beta_format: Optional[str] = typer.Option(None, help="auto (prefer .hdf5), hdf5 or nifti."),
     betas_version: Optional[str] = typer.Option(None, help="Beta folder, e.g. betas_fithrf_GLMdenoise_RR."),
 ) -> None:
     """Prepare one subject's fMRI cache: z-scored betas split into train/test, ROI labels per voxel."""
+    if average_repeats is not None:
+        alias = "mean" if average_repeats else "trials"
+        if repeats not in (None, alias):
+            raise UserError(f"--repeats {repeats} contradicts --{'' if average_repeats else 'no-'}average-repeats")
+        repeats = alias
     p = resolve(
-        "prepare_fmri", nsd_root=nsd_root, zscore=zscore, average_repeats=average_repeats,
+        "prepare_fmri", nsd_root=nsd_root, zscore=zscore, repeats=repeats,
         sessions=sessions, beta_format=beta_format, betas_version=betas_version,
     )
     p.pop("subjects", None)

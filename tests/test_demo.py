@@ -41,7 +41,7 @@ def _repeat_reliability(store: zarr.Group) -> np.ndarray:
 
 def test_planted_voxels_are_reliable_and_others_are_noise(demo_root, tmp_path):
     store = zarr.open_group(
-        prepare_fmri(demo_root, 1, tmp_path / "s.zarr", average_repeats=False, progress=False), mode="r"
+        prepare_fmri(demo_root, 1, tmp_path / "s.zarr", repeats="trials", progress=False), mode="r"
     )
     r = _repeat_reliability(store)
     prf = store["voxels/prf-visualrois"][:] > 0

@@ -74,7 +74,7 @@ def test_voxel_order_rois_and_attrs(demo_root, subj01):
     assert subj01["voxels/prf-visualrois"].attrs["labels"]["7"] == "hV4"
     attrs = dict(subj01.attrs)
     assert attrs["subject"] == 1 and attrs["sessions"] == [1, 2, 3] and attrs["zscore"] == "session"
-    assert attrs["average_repeats"] is True and len(attrs["sources"]["betas"]) == 3
+    assert attrs["repeats"] == "mean" and len(attrs["sources"]["betas"]) == 3
 
 
 def test_invalid_voxels_are_zero_and_counted(demo_root, subj01):
@@ -99,7 +99,7 @@ def test_zscore_session_is_population_and_finite():
 
 
 def test_no_averaging_keeps_trials_in_chronological_order(demo_root, tmp_path):
-    out = prepare_fmri(demo_root, 2, tmp_path / "s2.zarr", average_repeats=False, zscore="none", progress=False)
+    out = prepare_fmri(demo_root, 2, tmp_path / "s2.zarr", repeats="trials", zscore="none", progress=False)
     g = zarr.open_group(out, mode="r")
     ref = reference(demo_root, 2, zscore=False)
     for split, is_test in (("train", False), ("test", True)):
@@ -109,6 +109,36 @@ def test_no_averaging_keeps_trials_in_chronological_order(demo_root, tmp_path):
         np.testing.assert_allclose(
             g[f"{split}/betas"][:], ref.drop(columns=["image", "test"]).to_numpy()[trials], atol=1e-6
         )
+
+
+def test_train_trials_store_matches_reference(demo_root, tmp_path):
+    """Train rows per trial (chronological), test rows per image (mean of its trials, sorted by id)."""
+    g = zarr.open_group(prepare_fmri(demo_root, 1, tmp_path / "tt.zarr", repeats="train-trials", progress=False))
+    ref = reference(demo_root, 1)
+    betas = ref.drop(columns=["image", "test"]).to_numpy()
+    trials = np.flatnonzero(~ref["test"].to_numpy())
+    np.testing.assert_array_equal(g["train/trial_ids"][:], trials)
+    np.testing.assert_array_equal(g["train/image_ids"][:], ref["image"].to_numpy()[trials])
+    np.testing.assert_allclose(g["train/betas"][:], betas[trials], atol=2e-5)
+    assert "train/n_repeats" not in g and "test/trial_ids" not in g
+    test = ref[ref["test"]].drop(columns="test")
+    mean = test.groupby("image").mean().sort_index()
+    np.testing.assert_array_equal(g["test/image_ids"][:], mean.index.to_numpy())
+    np.testing.assert_allclose(g["test/betas"][:], mean.to_numpy(), atol=2e-5)
+    np.testing.assert_array_equal(g["test/n_repeats"][:], test.groupby("image").size().sort_index())
+    assert g.attrs["repeats"] == "train-trials"
+
+
+def test_repeats_option_and_its_aliases(demo_root, tmp_path):
+    for args, mode in ((["--repeats", "train-trials"], "train-trials"), (["--no-average-repeats"], "trials"),
+                       (["--average-repeats"], "mean")):
+        out = tmp_path / f"{mode}.zarr"
+        result = CliRunner().invoke(app, ["prepare-fmri", "--nsd-root", str(demo_root), "--subject", "2",
+                                          "--sessions", "1", *args, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        assert zarr.open_group(out, mode="r").attrs["repeats"] == mode
+    _fails(["--nsd-root", str(demo_root), "--subject", "2", "--repeats", "median"], "--repeats must be one of", tmp_path / "o.zarr")
+    _fails(["--nsd-root", str(demo_root), "--subject", "2", "--repeats", "mean", "--no-average-repeats"], "contradicts", tmp_path / "o.zarr")
 
 
 def test_nifti_and_hdf5_give_identical_stores(demo_root, tmp_path):

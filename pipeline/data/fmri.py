@@ -18,6 +18,14 @@ from ..store import atomic_store, compressor
 from .nsd import NSD
 
 ZSCORE_MODES = ("session", "none")
+REPEATS = {
+    "mean": "train and test: one row per image, the mean of its trials, sorted by image id",
+    "trials": "train and test: one row per trial, in chronological order",
+    "train-trials": "train: one row per trial, in chronological order; test: one row per image, the mean "
+    "of its trials, sorted by image id",
+}
+"""``--repeats`` modes. ``train-trials`` is the MindEye / Lite-Mind regime: train on single trials,
+test on image averages."""
 SPLIT_RECIPE = (
     "test = trials whose masterordering 10k index <= len(sharedix) (the shared images); train = the rest"
 )
@@ -94,14 +102,19 @@ def prepare_fmri(
     *,
     sessions: int | None = None,
     zscore: str = "session",
-    average_repeats: bool = True,
+    repeats: str = "mean",
     beta_format: str = "auto",
     betas_version: str | None = None,
     progress: bool = True,
 ) -> Path:
-    """Build the fMRI cache of one subject; see shared/DESIGN.md "The fMRI cache" for the layout."""
+    """Build the fMRI cache of one subject; see shared/DESIGN.md "The fMRI cache" for the layout.
+
+    ``repeats``: one of :data:`REPEATS` (how the 1-3 trials of an image become rows, per split).
+    """
     if zscore not in ZSCORE_MODES:
         raise UserError(f"--zscore must be one of {ZSCORE_MODES}, not {zscore!r}")
+    if repeats not in REPEATS:
+        raise UserError(f"--repeats must be one of {', '.join(REPEATS)}, not {repeats!r}")
     nsd = NSD(nsd_root, **({"betas": betas_version} if betas_version else {}))
     nsd.expdesign.trials(subject, 0)  # validates the subject number early
     used = _select_sessions(nsd, subject, sessions)
@@ -111,20 +124,20 @@ def prepare_fmri(
     n_vox = int(mask.sum())
 
     splits = {"train": ~trials.is_test, "test": trials.is_test}
-    if average_repeats:
-        rows = {k: np.unique(trials.image_ids[sel]) for k, sel in splits.items()}
-        sums = {k: np.zeros((len(r), n_vox), np.float64) for k, r in rows.items()}
-        counts = {k: np.zeros(len(r), np.int64) for k, r in rows.items()}
-    else:
-        rows = {k: np.flatnonzero(sel) for k, sel in splits.items()}  # global trial ids
+    averaged = {"train": repeats == "mean", "test": repeats in ("mean", "train-trials")}
+    rows = {  # per split: the sorted image ids (averaged) or the global trial ids (per trial)
+        k: np.unique(trials.image_ids[sel]) if averaged[k] else np.flatnonzero(sel) for k, sel in splits.items()
+    }
+    sums = {k: np.zeros((len(r), n_vox), np.float64) for k, r in rows.items() if averaged[k]}
+    counts = {k: np.zeros(len(r), np.int64) for k, r in rows.items() if averaged[k]}
     invalid_sessions = np.zeros(n_vox, np.int32)
     sources = []
 
     out = Path(out)
     with atomic_store(out) as root:
-        if not average_repeats:
-            betas_out = {k: _create(root, f"{k}/betas", (len(r), n_vox), np.float32) for k, r in rows.items()}
-            row_of_trial = {k: {t: i for i, t in enumerate(r)} for k, r in rows.items()}
+        betas_out = {k: _create(root, f"{k}/betas", (len(r), n_vox), np.float32) for k, r in rows.items()
+                     if not averaged[k]}
+        row_of_trial = {k: {t: i for i, t in enumerate(rows[k])} for k in betas_out}
 
         for session, (start, stop) in tqdm(
             list(zip(used, trials.session_bounds)), desc=f"subj{subject:02d} sessions",
@@ -142,7 +155,7 @@ def prepare_fmri(
             invalid_sessions += invalid
             ids, test = trials.image_ids[start:stop], trials.is_test[start:stop]
             for split, sel in (("train", ~test), ("test", test)):
-                if average_repeats:
+                if averaged[split]:
                     pos = np.searchsorted(rows[split], ids[sel])
                     np.add.at(sums[split], pos, betas[sel])
                     np.add.at(counts[split], pos, 1)
@@ -152,7 +165,7 @@ def prepare_fmri(
                     betas_out[split][first : first + len(local)] = betas[sel]
 
         for split in ("train", "test"):
-            if average_repeats:
+            if averaged[split]:
                 mean = (sums[split] / counts[split][:, None]).astype(np.float32)
                 _create(root, f"{split}/betas", mean.shape, np.float32)[...] = mean
                 _create(root, f"{split}/image_ids", (len(rows[split]),), np.int64)[...] = rows[split]
@@ -178,7 +191,8 @@ def prepare_fmri(
                 "zscore": zscore,
                 "zscore_detail": "per session, per voxel, over all trials of the session, population std"
                 if zscore == "session" else "none (percent signal change)",
-                "average_repeats": average_repeats,
+                "repeats": repeats,
+                "repeats_detail": REPEATS[repeats],
                 "split": SPLIT_RECIPE,
                 "n_shared": nsd.expdesign.n_shared,
                 "volume_shape": list(mask.shape),

@@ -110,7 +110,7 @@ def write_grid(path: Path | str, gt: np.ndarray, rec: np.ndarray, per_row: int =
         canvas.paste(Image.fromarray(rec[i]).resize((tile, tile), Image.BILINEAR), (x, y + tile + gap))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    canvas.save(path, format="PNG")
     return path
 
 

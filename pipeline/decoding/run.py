@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,8 @@ import zarr
 
 from ..data.nsd import NSD
 from ..errors import UserError
-from ..store import open_existing
+from ..features.cache import filled_rows, open_cache
+from ..store import atomic_dir, atomic_file, open_existing, write_text
 from . import decode
 
 DECODERS = ("retrieval", "unclip")
@@ -26,7 +26,10 @@ def open_run(run: Path) -> tuple[dict, zarr.Group, np.ndarray]:
     preds = open_existing(run / "predictions.zarr", "predictions of the run (run fit-adapters first)")
     if "test/image_ids" not in preds:
         raise UserError(f"{run}/predictions.zarr: no test/image_ids")
-    return json.loads(info_path.read_text()), preds, preds["test/image_ids"][...]
+    ids = preds["test/image_ids"][...]
+    if len(np.unique(ids)) != len(ids):
+        raise UserError(f"{run}/predictions.zarr holds repeats of test images; fit the run again (one row per image)")
+    return json.loads(info_path.read_text()), preds, ids
 
 
 def run_prediction(preds: zarr.Group, run: Path, target: str) -> np.ndarray:
@@ -48,8 +51,9 @@ def decode_run(
     run = Path(run)
     info, preds, test_ids = open_run(run)
     pred = run_prediction(preds, run, target)
-    clip = open_existing(Path(info["clip"]), "CLIP cache of the run")
-    exclude = None if include_test else test_ids
+    clip = open_cache(Path(info["clip"]), rows=test_ids)
+    unfilled = np.flatnonzero(~filled_rows(clip))  # a partial cache: retrieve among extracted images only
+    exclude = unfilled if include_test else np.union1d(test_ids, unfilled)
     nsd = NSD(nsd_root)
     with nsd.stimuli() as brick:
         gt = decode.take_rows(brick, test_ids)
@@ -69,10 +73,11 @@ def decode_run(
                 guidance=guidance, noise_level=noise_level, seed=seed,
             )
     folder = run / "recon"
-    shutil.rmtree(folder, ignore_errors=True)
-    decode.write_reconstructions(folder, test_ids, images)  # images: (n, samples, H, W, 3)
-    decode.write_grid(run / "recon_grid.png", gt, images[:, 0])
-    (run / "decode.json").write_text(json.dumps({"method": method, "target": target, "samples": samples,
-                                                 "include_test": include_test, "unclip_model": unclip_model,
-                                                 "detail_target": detail_target}, indent=2))
+    with atomic_dir(folder) as tmp:
+        decode.write_reconstructions(tmp, test_ids, images)  # images: (n, samples, H, W, 3)
+    with atomic_file(run / "recon_grid.png") as tmp:
+        decode.write_grid(tmp, gt, images[:, 0])
+    write_text(run / "decode.json", json.dumps({"method": method, "target": target, "samples": samples,
+                                                "include_test": include_test, "unclip_model": unclip_model,
+                                                "detail_target": detail_target}, indent=2))
     return folder

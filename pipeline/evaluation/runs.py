@@ -23,7 +23,8 @@ from ..data.nsd import NSD
 from ..decoding import decode
 from ..decoding.run import open_run
 from ..errors import UserError
-from ..store import open_existing
+from ..features.cache import open_cache
+from ..store import write_text
 from . import metrics
 
 
@@ -39,7 +40,7 @@ def evaluate_run(
     with NSD(nsd_root).stimuli() as brick:
         gt = decode.take_rows(brick, test_ids)
     rec = decode.read_reconstructions(run / "recon", test_ids)
-    clip = open_existing(Path(info["clip"]), "CLIP cache of the run")
+    clip = open_cache(Path(info["clip"]), rows=test_ids)
     brain = image = None
     if f"test/{retrieval_target}" in preds:
         if retrieval_target not in clip:
@@ -60,10 +61,8 @@ def evaluate_run(
     missing = {k: v["unavailable"] for k, v in results.items() if isinstance(v, dict)}
     out = {"method": info.get("method"), "retrieval_pool": min(pool, n), "reconstruction": numbers,
            "retrieval": retrieval, "brainclip": brainclip, "targets": fit.get("targets", {}), "unavailable": missing}
-    (run / "metrics.json").write_text(json.dumps(out, indent=2))
-    plots = run / "plots"
-    plots.mkdir(exist_ok=True)
-    (plots / "targets.json").write_text(json.dumps(
+    write_text(run / "metrics.json", json.dumps(out, indent=2))
+    write_text(run / "plots" / "targets.json", json.dumps(
         [{"target": t, **{k: v for k, v in r.items() if isinstance(v, float)}} for t, r in out["targets"].items()],
         indent=2))
     return out
@@ -96,7 +95,7 @@ def brainclip_tasks(preds: zarr.Group, info: dict, nsd: NSD, test_ids: np.ndarra
     from .zeroshot import caption_targets, class_embeddings, coco_categories, zero_shot_accuracy
 
     out: dict[str, Any] = {}
-    store = open_existing(Path(info["clip"]), "CLIP cache of the run")
+    store = open_cache(Path(info["clip"]), rows=test_ids)
     held = list(info.get("holdout_categories") or [])
     if "test/image_embeds" in preds:
         names, labels = coco_categories(nsd, test_ids)

@@ -21,6 +21,7 @@ flagged in ``shard_done`` are 0 and :func:`filled_rows` says which rows are vali
 
 from __future__ import annotations
 
+import shlex
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -166,13 +167,63 @@ def filled_rows(group: zarr.Group) -> np.ndarray:
     return np.repeat(done[:], done.attrs["shard_rows"])[:n]
 
 
-def open_cache(path: Path | str, rows: Sequence[int] | np.ndarray | None = None) -> zarr.Group:
-    """Open a CLIP cache for reading; refuse it when ``rows`` (default: all) are not extracted yet."""
-    group = open_existing(Path(path), "CLIP cache")
+def _id_ranges(ids: np.ndarray, shard_rows: int, n: int) -> list[tuple[int, int]]:
+    """Inclusive id ranges of the shards holding ``ids``, consecutive shards merged."""
+    ranges: list[list[int]] = []
+    for s in np.unique(ids // shard_rows).tolist():
+        if ranges and ranges[-1][1] == s - 1:
+            ranges[-1][1] = s
+        else:
+            ranges.append([s, s])
+    return [(a * shard_rows, min((b + 1) * shard_rows, n) - 1) for a, b in ranges]
+
+
+def fill_command(group: zarr.Group, path: Path | str, first: int, last: int) -> str:
+    """The extract-clip command that resumes this store (same settings) over ids ``first..last``."""
+    attrs, settings = group.attrs, group.attrs["settings"]
+
+    def spec(layer: dict) -> str:
+        first, last = layer["blocks"][0], layer["blocks"][-1]
+        if layer.get("projected"):
+            return f"{first}:proj"
+        return str(first) if layer["aggregate"] is None else f"{first}-{last}:{layer['aggregate']}"
+
+    args = {
+        "--stimuli": attrs["source"]["path"], "--out": str(path), "--model": attrs["model"],
+        "--pretrained": attrs["pretrained"], "--activation": settings["activation"],
+        "--layers": ",".join(spec(v) for v in attrs["layers"].values()), "--tokens": settings["tokens"],
+        "--dtype": settings["dtype"], "--shard-rows": settings["shard_rows"],
+        "--chunk-rows": settings["chunk_rows"], "--images": f"{first}-{last}",
+    }
+    words = ["python", "cli.py", "extract-clip"] + [w for k, v in args.items() for w in (k, shlex.quote(str(v)))]
+    return " ".join(words + ["--captions" if settings["captions"] else "--no-captions"])
+
+
+def require_rows(group: zarr.Group, path: Path | str, rows: Sequence[int] | np.ndarray | None = None) -> None:
+    """Refuse a CLIP cache in which any of ``rows`` (default: all) lies in an unfinished shard.
+
+    The one check every stage-2 reader (fit-adapters, decode, evaluate) makes: a store made with
+    ``--images`` or killed half-way has all-zero rows that must never be trained on or scored. The
+    error names the missing id ranges and the extract-clip command that fills them.
+    """
     if DONE not in group or "settings" not in group.attrs:
-        raise UserError(f"{path}: not an extract-clip store (no {DONE} array / settings)")
+        raise UserError(f"{path}: not an extract-clip store (no {DONE} array / settings attribute)")
     filled = filled_rows(group)
-    missing = int((~(filled if rows is None else filled[np.asarray(rows)])).sum())
-    if missing:
-        raise UserError(f"{path}: {missing} requested images are not extracted yet; run extract-clip again to finish it")
+    wanted = np.arange(len(filled)) if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
+    missing = wanted[~filled[wanted]]
+    if not len(missing):
+        return
+    ranges = _id_ranges(missing, group[DONE].attrs["shard_rows"], len(filled))
+    shown = ", ".join(f"{a}-{b}" for a, b in ranges[:4]) + (f" and {len(ranges) - 4} more ranges" if len(ranges) > 4 else "")
+    raise UserError(
+        f"{path}: images {shown} are not extracted yet ({len(missing)} of the {len(wanted)} images this "
+        f"command reads); fill them with: {fill_command(group, path, ranges[0][0], ranges[-1][1])}"
+    )
+
+
+def open_cache(path: Path | str, rows: Sequence[int] | np.ndarray | None = None) -> zarr.Group:
+    """Open a CLIP cache for reading, refused (:func:`require_rows`) when ``rows`` (default: all)
+    are not all extracted."""
+    group = open_existing(Path(path), "CLIP cache")
+    require_rows(group, path, rows)
     return group

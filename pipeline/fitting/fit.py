@@ -4,20 +4,23 @@ Writes ``runs/<exp>/``::
 
     run.json              what was fitted: method, stores, targets, input voxels, parameters
     adapters/<method>/    the fitted adapter (safetensors + JSON config; reloads on its own)
-    predictions.zarr      test/<target> (n_test, ...) float32 and test/image_ids, in the fMRI
-                          store's test row order
+    predictions.zarr      test/<target> (n_images, ...) float32, test/image_ids and test/n_repeats:
+                          one row per unique test image, sorted by id; when the fMRI store has a
+                          row per trial, the predictions of an image's trials are averaged
+                          (MindEye2's test protocol), so no metric sees a repeat as a distractor
     fit_report.json       per target: Pearson r / cosine, two-way identification and top-1
                           retrieval of predicted vs true targets among the test images
 
-The run folder is assembled under ``<exp>.tmp-<pid>`` and renamed when complete, so an
-interrupted fit never leaves a run that looks finished. Trained methods keep their per-epoch
-checkpoints in ``<exp>.checkpoints/`` so a rerun resumes; it is removed after success.
+The run folder is assembled under ``<exp>.tmp-<pid>`` and swapped in when complete
+(:func:`pipeline.store.atomic_dir`), so an interrupted fit never leaves a run that looks finished
+and a rerun never leaves a moment without one. Trained methods keep their per-epoch checkpoints in
+``<exp>.checkpoints/`` so a rerun (after Ctrl-C or ``kill -9``) resumes to the same weights; they
+are removed after success.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,7 +32,7 @@ import zarr
 from .. import __version__
 from ..errors import UserError
 from ..evaluation import metrics
-from ..store import compressor
+from ..store import atomic_dir, compressor, take_rows
 from .adapters.base import make_config, roi_indices
 from .pairs import Pairs, open_pairs
 
@@ -69,32 +72,25 @@ def fit_adapters(
         raise UserError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
     out = Path(out)
     params = dict(params or {})
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    if method == "ridge":
+        pairs = open_pairs(fmri, clip, list(targets or ["image_embeds"]), subject)
+    else:
+        if rois:
+            raise UserError(f"--rois applies to ridge; set the ROI fields of {method} in params instead")
+        params = _trained_targets(method, params, targets)
+        from .models import adapter_targets
+
+        pairs = open_pairs(fmri, clip, adapter_targets(method, params), subject)
+    keep, held = _holdout_rows(pairs, holdout_categories, nsd_root)
+    checkpoints = out.with_name(f"{out.name}.checkpoints")
+    with atomic_dir(out) as tmp:
         if method == "ridge":
-            pairs = open_pairs(fmri, clip, list(targets or ["image_embeds"]), subject)
-            keep, held = _holdout_rows(pairs, holdout_categories, nsd_root)
             predictions, info = _fit_ridge(pairs, tmp, rois, params, seed, device, progress, keep)
         else:
-            if rois:
-                raise UserError(f"--rois applies to ridge; set the ROI fields of {method} in params instead")
-            params = _trained_targets(method, params, targets)
-            from .models import adapter_targets
-
-            pairs = open_pairs(fmri, clip, adapter_targets(method, params), subject)
-            keep, held = _holdout_rows(pairs, holdout_categories, nsd_root)
-            checkpoints = out.with_name(f"{out.name}.checkpoints")
             predictions, info = _fit_trained(pairs, method, tmp, params, train, seed, device, progress, checkpoints, keep)
         info.update(held)
         report = _write_outputs(tmp, pairs, method, predictions, info, params)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    shutil.rmtree(out.with_name(f"{out.name}.checkpoints"), ignore_errors=True)
+    shutil.rmtree(checkpoints, ignore_errors=True)
     return report
 
 
@@ -164,19 +160,22 @@ def _fit_trained(pairs: Pairs, method, run: Path, params, train, seed, device, p
     from .train import TrainConfig
     from .train import train as train_loop
 
-    data = CacheDataset.from_stores(pairs.fmri, pairs.clip, pairs.targets, split="train")
-    if keep is not None:
-        data = data.subset(np.flatnonzero(keep))
-    model = build_adapter(method, params, data, seed=seed)
     cfg = make_config(TrainConfig, {"seed": seed, "device": device, "progress": progress, **dict(train or {}),
                                     "checkpoint_dir": str(checkpoints)}, "train")
+    voxels = pairs.fmri["voxels"] if "voxels" in pairs.fmri else None
+    memory = None if cfg.memory_gb is None else int(cfg.memory_gb * 1e9)
+    rows = slice(None) if keep is None else keep  # held-out trials are never loaded
+    data = CacheDataset(pairs.betas("train")[rows], pairs.image_ids("train")[rows], pairs.clip, pairs.targets, voxels,
+                        name=f"{pairs.fmri_path} train", memory=memory, progress=progress)
+    model = build_adapter(method, params, data, seed=seed)
     result = train_loop(model, data, cfg)
     folder = save_adapter(run / "adapters" / method, model, extra={"train": result.as_dict()})
     reloaded = load_adapter(folder)  # predictions come from what was saved
     preds = predict(reloaded, pairs.betas("test"))
     return preds, {"n_params": model.n_params, "parameter_counts": model.parameter_counts(),
                    "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-                   "train_seconds": round(result.seconds, 2)}
+                   "resumed_from": result.resumed_from, "train_seconds": round(result.seconds, 2),
+                   "targets_read": data.bank.describe()}
 
 
 def target_report(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
@@ -192,9 +191,25 @@ def target_report(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
     }
 
 
-def _true_targets(pairs: Pairs, name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """Test rows of a target, reduced like the prediction (captions -> mean of present captions)."""
-    rows = pairs.target_rows(name, "test").astype(np.float32)
+def per_image(image_ids: np.ndarray, predictions: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(sorted unique ids, rows per id, {name: mean prediction of each id's rows}); a store that is
+    already one row per image, sorted, passes through unchanged."""
+    images, first, counts = np.unique(image_ids, return_index=True, return_counts=True)
+    if len(images) == len(image_ids) and (first == np.arange(len(first))).all():
+        return images, counts, {k: np.asarray(v, np.float32) for k, v in predictions.items()}
+    order = np.argsort(image_ids, kind="stable")
+    starts = np.r_[0, np.cumsum(counts)[:-1]]
+
+    def mean(v: np.ndarray) -> np.ndarray:
+        sums = np.add.reduceat(np.asarray(v, np.float64)[order], starts)
+        return (sums / counts.reshape(-1, *[1] * (sums.ndim - 1))).astype(np.float32)
+
+    return images, counts, {k: mean(v) for k, v in predictions.items()}
+
+
+def _true_targets(pairs: Pairs, name: str, images: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Target rows of ``images``, reduced like the prediction (captions -> mean of present captions)."""
+    rows = take_rows(pairs.target(name), images).astype(np.float32)
     if rows.shape[1:] == shape:
         return rows
     present = np.abs(rows).sum(-1, keepdims=True) > 0
@@ -202,16 +217,17 @@ def _true_targets(pairs: Pairs, name: str, shape: tuple[int, ...]) -> np.ndarray
 
 
 def _write_outputs(run: Path, pairs: Pairs, method: str, predictions: dict[str, np.ndarray], info: dict, params) -> dict:
-    test_ids = pairs.image_ids("test")
+    test_ids, n_repeats, predictions = per_image(pairs.image_ids("test"), predictions)
     root = zarr.open_group(run / "predictions.zarr", mode="w", zarr_format=3)
-    report: dict[str, Any] = {"method": method, "n_test": int(len(test_ids)), "targets": {}}
+    report: dict[str, Any] = {"method": method, "n_test": int(len(test_ids)), "n_test_rows": int(n_repeats.sum()),
+                              "targets": {}}
     for name, pred in predictions.items():
-        pred = np.asarray(pred, np.float32)
-        root.create_array(f"test/{name}", data=pred, chunks=(min(len(pred), 256), *pred.shape[1:]),
+        root.create_array(f"test/{name}", data=pred, chunks=(max(1, min(len(pred), 256)), *pred.shape[1:]),
                           compressors=[compressor()])
         if len(pred) >= 2:
-            report["targets"][name] = target_report(pred, _true_targets(pairs, name, pred.shape[1:]))
+            report["targets"][name] = target_report(pred, _true_targets(pairs, name, test_ids, pred.shape[1:]))
     root.create_array("test/image_ids", data=test_ids)
+    root.create_array("test/n_repeats", data=n_repeats)
     root.attrs.update({"method": method, "fmri": str(pairs.fmri_path), "clip": str(pairs.clip_path)})
     run_info = {
         "method": method, "fmri": str(pairs.fmri_path), "clip": str(pairs.clip_path),

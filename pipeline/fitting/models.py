@@ -8,7 +8,6 @@ parameters are the fields of ``MCLIPConfig`` / ``LiteMindConfig``. A saved adapt
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..errors import UserError
+from ..store import atomic_file
 from .adapters.base import Adapter, make_config, prediction_shape
 from .adapters.litemind import LiteMind
 from .adapters.mclip import BrainMCLIP
@@ -113,9 +113,8 @@ def save_adapter(directory: Path | str, model: Adapter, extra: Mapping[str, Any]
         ),
         (SPEC_FILE, lambda p: p.write_text(json.dumps(spec, indent=2, default=_jsonable))),
     ):
-        tmp = directory / f"{name}.tmp-{os.getpid()}"
-        write(tmp)
-        os.replace(tmp, directory / name)
+        with atomic_file(directory / name) as tmp:
+            write(tmp)
     return directory
 
 

@@ -1,21 +1,23 @@
 """Stage 2's input: an fMRI cache and a CLIP cache, checked to fit together.
 
 Rows of the fMRI store (``train/betas``) pair with rows of the CLIP store through
-``train/image_ids`` (0-based 73k ids = CLIP store row numbers). Nothing here runs CLIP; target
-arrays stay lazy zarr arrays, so callers can stream them in blocks.
+``train/image_ids`` (0-based 73k ids = CLIP store row numbers). Nothing here runs CLIP. The betas
+and ids are read once, here; target arrays stay lazy zarr arrays, so callers can stream them in
+blocks. Every row the pair reads is checked to be extracted (:func:`pipeline.features.cache.require_rows`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import zarr
 
 from ..errors import UserError
+from ..features.cache import require_rows
 from ..features.clip import SIZES_SUFFIX
-from ..store import open_existing, take_rows
+from ..store import open_existing
 
 SPLITS = ("train", "test")
 
@@ -29,20 +31,18 @@ class Pairs:
     fmri_path: Path
     clip_path: Path
     targets: list[str]
+    loaded: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # split -> betas, image_ids
 
     def betas(self, split: str) -> np.ndarray:
-        return self.fmri[f"{split}/betas"][...]
+        """(n, V) float32 betas of a split, read from the store once (by :func:`open_pairs`)."""
+        return self.loaded[split]["betas"]
 
     def image_ids(self, split: str) -> np.ndarray:
-        return self.fmri[f"{split}/image_ids"][...]
+        return self.loaded[split]["image_ids"]
 
     def target(self, name: str) -> zarr.Array:
         """A lazy (N, ...) target array of the CLIP store; index rows with :meth:`image_ids`."""
         return self.clip[name]
-
-    def target_rows(self, name: str, split: str) -> np.ndarray:
-        """The target rows of a split's images, in the fMRI store's row order."""
-        return take_rows(self.clip[name], self.image_ids(split))
 
     def roi(self, name: str) -> np.ndarray:
         key = f"voxels/{name}"
@@ -88,8 +88,9 @@ def open_pairs(fmri_path: Path | str, clip_path: Path | str, targets: list[str],
     if len(n_rows) != 1:
         raise UserError(f"{clip_path}: targets have different row counts {sorted(n_rows)}")
     n = n_rows.pop()
+    loaded = {split: {"image_ids": fmri[f"{split}/image_ids"][...]} for split in SPLITS}
     for split in SPLITS:
-        ids = fmri[f"{split}/image_ids"][...]
+        ids = loaded[split]["image_ids"]
         if len(ids) != fmri[f"{split}/betas"].shape[0]:
             raise UserError(f"{fmri_path}: {split}/image_ids and {split}/betas differ in length")
         if len(ids) and (ids.min() < 0 or ids.max() >= n):
@@ -97,22 +98,11 @@ def open_pairs(fmri_path: Path | str, clip_path: Path | str, targets: list[str],
                 f"{fmri_path}: {split} image ids reach {ids.max()} but {clip_path} has rows 0..{n - 1}; "
                 "were the two caches made from the same NSD stimuli?"
             )
-        _check_filled(clip, clip_path, ids, split)
-        betas = fmri[f"{split}/betas"][...]
+    require_rows(clip, clip_path, np.concatenate([loaded[split]["image_ids"] for split in SPLITS]))
+    for split in SPLITS:
+        betas = loaded[split]["betas"] = fmri[f"{split}/betas"][...]
         if not np.isfinite(betas).all():
             bad = np.unique(np.nonzero(~np.isfinite(betas))[1])
             raise UserError(f"{fmri_path}: {split}/betas has NaN/inf in {len(bad)} voxels (first: {bad[:5].tolist()})")
-    return Pairs(fmri, clip, fmri_path, clip_path, list(targets))
+    return Pairs(fmri, clip, fmri_path, clip_path, list(targets), loaded)
 
-
-def _check_filled(clip: zarr.Group, clip_path: Path, ids: np.ndarray, split: str) -> None:
-    """Refuse images whose CLIP rows were never extracted (a partial or ``--images`` subset cache)."""
-    if "filled" not in clip:
-        return
-    filled = clip["filled"][...].astype(bool)
-    missing = ids[~filled[ids]]
-    if len(missing):
-        raise UserError(
-            f"{clip_path}: {len(missing)} {split} images were not extracted (first ids {missing[:5].tolist()}); "
-            "rerun extract-clip with --images covering them"
-        )

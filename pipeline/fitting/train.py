@@ -4,7 +4,7 @@ Typical use (the ``fit-adapters`` stage; data in :mod:`.data`, models in :mod:`.
 
     fmri, clip = zarr.open_group(fmri_path, mode="r"), zarr.open_group(clip_path, mode="r")
     targets = adapter_targets("mclip", params)               # the cache arrays the config needs
-    data = CacheDataset.from_stores(fmri, clip, targets, split="train")
+    data = CacheDataset.from_stores(fmri, clip, targets, split="train")   # betas and targets read once
     model = build_adapter("mclip", params, data, seed=0)     # shapes, ROI voxels, target statistics
     result = train(model, data, TrainConfig(epochs=50, checkpoint_dir=run / "checkpoints"))
     save_adapter(run / "adapters" / "mclip", model, extra={"train": result.as_dict()})
@@ -16,9 +16,11 @@ Training parameters are the fields of :class:`TrainConfig`.
 Training: AdamW, linear warm-up then cosine decay per step, mixed precision on CUDA (bf16 where
 supported, else fp16 with loss scaling), a validation split taken from the training rows by image
 (all repeats of an image on the same side), early stopping on the validation loss with the best
-weights restored, a checkpoint after every epoch from which an interrupted run resumes to the same
-result, and a progress bar with the running loss. With a fixed seed, CPU runs are bit-for-bit
-deterministic.
+weights restored, a checkpoint after every epoch from which an interrupted run (even ``kill -9``)
+resumes to the same result, and a progress bar with the running loss. With a fixed seed, CPU runs are
+bit-for-bit deterministic. A checkpoint records the identity of its data (hashes of the betas and
+targets, see :meth:`CacheDataset.fingerprint`) and settings; a resume against anything else is
+refused. On CUDA the dataset's in-memory arrays move to the GPU when they fit in half its free memory.
 """
 
 from __future__ import annotations
@@ -26,20 +28,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..store import atomic_file
 from .adapters.base import Adapter, make_config
-from .data import batch_loader, split_by_image
+from .data import iter_batches, split_by_image
 
 CHECKPOINT_PARTS = ("model", "optimizer", "scheduler", "scaler")
 
@@ -61,7 +63,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto: cuda when available
     amp: bool = True  # mixed precision, CUDA only
-    num_workers: int = 0
+    memory_gb: float | None = None  # CLIP targets held in memory; larger ones are streamed. None: half the free RAM
     checkpoint_dir: str | None = None
     resume: bool = True
     progress: bool = True
@@ -77,7 +79,7 @@ class TrainConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings a resumed run must share with the checkpoint it resumes."""
-        skip = {"device", "num_workers", "checkpoint_dir", "resume", "progress"}
+        skip = {"device", "memory_gb", "checkpoint_dir", "resume", "progress"}  # the data fingerprint says what streamed
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
@@ -140,7 +142,7 @@ def evaluate_loss(
     totals: dict[str, float] = {}
     n = 0
     autocast, _ = _autocast(device, amp)
-    for batch in batch_loader(data, batch_size):
+    for batch in iter_batches(data, batch_size):
         x, targets, ids = _to(batch, device)
         with autocast:
             terms = model.loss(x, targets, ids)
@@ -150,8 +152,20 @@ def evaluate_loss(
     return {k: v / max(n, 1) for k, v in totals.items()}
 
 
-def _fingerprint(model: Adapter, cfg: TrainConfig, n_train: int) -> str:
-    return json.dumps({"model": model.spec(), "train": cfg.fingerprint(), "n_train": n_train}, sort_keys=True)
+def _fingerprint(model: Adapter, cfg: TrainConfig, data: Dataset, val: Dataset | None) -> dict[str, Any]:
+    """What a checkpoint must share with the run resuming it: model, settings and data identity."""
+
+    def identity(d: Dataset | None) -> Any:
+        return None if d is None else d.fingerprint() if hasattr(d, "fingerprint") else {"rows": len(d)}
+
+    found = {"model": model.spec(), "train": cfg.fingerprint(), "data": identity(data), "val": identity(val)}
+    return json.loads(json.dumps(found))  # as it reads back from the checkpoint
+
+
+def _differences(theirs: Any, ours: Any, prefix: str = "") -> list[str]:
+    if isinstance(theirs, dict) and isinstance(ours, dict):
+        return [d for k in sorted(set(theirs) | set(ours)) for d in _differences(theirs.get(k), ours.get(k), f"{prefix}{k}.")]
+    return [] if theirs == ours else [prefix.rstrip(".")]
 
 
 def train(
@@ -169,6 +183,10 @@ def train(
     cfg = make_config(TrainConfig, config, "train")
     start = time.perf_counter()
     device = resolve_device(cfg.device)
+    ckpt = Path(cfg.checkpoint_dir) / "last.pt" if cfg.checkpoint_dir else None
+    fingerprint = _fingerprint(model, cfg, data, val) if ckpt is not None else None
+    if device.type == "cuda" and hasattr(data, "to") and data.nbytes_in_memory < torch.cuda.mem_get_info(device)[0] / 2:
+        data = data.to(device)  # batches are then gathered on the GPU
     train_set = data
     if val is None and cfg.val_fraction:
         rows, val_rows = split_by_image(data.image_ids, cfg.val_fraction, cfg.seed)
@@ -195,8 +213,6 @@ def train(
         "bad": 0,
         "done": False,
     }
-    fingerprint = _fingerprint(model, cfg, len(train_set))
-    ckpt = Path(cfg.checkpoint_dir) / "last.pt" if cfg.checkpoint_dir else None
     parts = (model, optimizer, scheduler, scaler)
     resumed_from = None
     cuda_ids = (
@@ -216,9 +232,7 @@ def train(
             while not state["done"] and state["epoch"] < cfg.epochs:
                 epoch = state["epoch"] + 1
                 t0 = time.perf_counter()
-                loader = batch_loader(
-                    train_set, cfg.batch_size, True, cfg.seed * 100_003 + epoch, cfg.num_workers, drop_last
-                )
+                loader = iter_batches(train_set, cfg.batch_size, cfg.seed * 100_003 + epoch, drop_last)
                 record = {"epoch": epoch, **_train_epoch(parts, loader, autocast, device, cfg.grad_clip, bar, epoch)}
                 record["lr"] = optimizer.param_groups[0]["lr"]
                 if val is not None and len(val):
@@ -256,7 +270,7 @@ def train(
 
 def _train_epoch(
     parts: tuple,
-    loader: DataLoader,
+    loader: Iterator[dict[str, Any]],
     autocast: torch.autocast,
     device: torch.device,
     grad_clip: float | None,
@@ -296,11 +310,16 @@ def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     return {"cpu": torch.get_rng_state(), "cuda": cuda}
 
 
-def _load_checkpoint(path: Path, parts: tuple, state: dict, fingerprint: str, device: torch.device) -> int:
+def _load_checkpoint(path: Path, parts: tuple, state: dict, fingerprint: dict, device: torch.device) -> int:
     """Restore a run from its checkpoint; returns the number of epochs it had done."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    if saved.get("fingerprint") != fingerprint:
-        raise UserError(f"{path} was made with other settings or data; delete it (or set resume: false) to start over")
+    theirs = json.loads(saved.get("fingerprint", "null"))
+    if theirs != fingerprint:
+        diffs = _differences(theirs, fingerprint) if isinstance(theirs, dict) else ["everything"]
+        raise UserError(
+            f"{path} was made with other settings or data ({', '.join(diffs[:4])} differ); delete it "
+            "(or set resume: false) to start over"
+        )
     for part, key in zip(parts, CHECKPOINT_PARTS, strict=True):
         part.load_state_dict(saved[key])
     torch.set_rng_state(saved["rng"]["cpu"])
@@ -310,10 +329,8 @@ def _load_checkpoint(path: Path, parts: tuple, state: dict, fingerprint: str, de
     return state["epoch"]
 
 
-def _save_checkpoint(path: Path, parts: tuple, state: dict, fingerprint: str, device: torch.device) -> None:
+def _save_checkpoint(path: Path, parts: tuple, state: dict, fingerprint: dict, device: torch.device) -> None:
     """Everything a resumed run needs, written atomically (a kill leaves the previous checkpoint)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     saved = {key: part.state_dict() for part, key in zip(parts, CHECKPOINT_PARTS, strict=True)}
-    torch.save({**state, **saved, "rng": _rng_state(device), "fingerprint": fingerprint}, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save({**state, **saved, "rng": _rng_state(device), "fingerprint": json.dumps(fingerprint)}, tmp)

@@ -62,7 +62,6 @@ Without ``out`` the adapter lives in a temporary folder removed with the object.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import weakref
@@ -74,6 +73,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import UserError
+from ...store import write_text
 from ..backend import Backend, get_backend
 from .ridge_blocks import RowIndex, TargetLayout, TensorFile, axis1_chunk, block_reader, progress_items, target_layout
 from .ridge_solvers import (
@@ -434,9 +434,7 @@ class RidgeAdapter:
             "targets": self.targets_,
             "weights": WEIGHTS,
         }
-        tmp = out / f"{CONFIG}.tmp"
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
-        os.replace(tmp, out / CONFIG)
+        write_text(out / CONFIG, json.dumps(config, indent=2) + "\n")
 
     def _check_fitted(self) -> None:
         if self.path_ is None:

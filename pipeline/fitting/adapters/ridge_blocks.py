@@ -22,7 +22,7 @@ import numpy as np
 import zarr
 
 from ...errors import UserError
-from ...store import compressor
+from ...store import compressor, take_rows
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,7 @@ def stage_rows(array: Any, rows: RowIndex, layout: TargetLayout, folder: Path, p
     starts = list(range(0, n, slab))
     for start in progress_items(starts, progress, "ridge staging targets"):
         part = selected[start : start + slab]
-        block = array.oindex[(part,)] if hasattr(array, "oindex") else array[part]
-        staged[start : start + len(part)] = np.asarray(block).reshape(len(part), *layout.shape)
+        staged[start : start + len(part)] = take_rows(array, part).reshape(len(part), *layout.shape)
     return staged
 
 
