@@ -7,8 +7,6 @@ from typing import Optional
 
 import typer
 
-from pipeline.data.fmri import prepare_fmri
-
 from .params import resolve, user_errors
 
 
@@ -26,6 +24,8 @@ def command(
     betas_version: Optional[str] = typer.Option(None, help="Beta folder, e.g. betas_fithrf_GLMdenoise_RR."),
 ) -> None:
     """Prepare one subject's fMRI cache: z-scored betas split into train/test, ROI labels per voxel."""
+    from pipeline.data.fmri import prepare_fmri  # imported when run, like every stage: cli.py stays light
+
     p = resolve(
         "prepare_fmri", nsd_root=nsd_root, zscore=zscore, average_repeats=average_repeats,
         sessions=sessions, beta_format=beta_format, betas_version=betas_version,
