@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -72,6 +72,25 @@ def take_rows(array, rows) -> np.ndarray:
     else:
         block = np.asarray(array[unique]) if unique.size else np.asarray(array[:0])
     return block[inverse.reshape(rows.shape)]
+
+
+class LazyRows:
+    """Rows ``ids`` of a source, read only when sliced: ``rows[a:b]`` is ``read(ids[a:b])``.
+
+    Lets a consumer that works in batches (the image metrics) take 1000 full-size images without
+    holding them all, e.g. ``LazyRows(lambda ids: take_rows(brick, ids), test_ids)``.
+    """
+
+    def __init__(self, read: Callable[[np.ndarray], np.ndarray], ids: Sequence[int] | np.ndarray) -> None:
+        self.read, self.ids = read, np.asarray(ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        if not isinstance(rows, slice):
+            raise TypeError("LazyRows is read in slices: rows[a:b]")
+        return self.read(self.ids[rows])
 
 
 def human_bytes(n: float) -> str:
