@@ -67,6 +67,7 @@ class DemoConfig:
     trials_per_session: int = 150  # NSD: 750
     n_shared: int = 30  # NSD: 1000 (each 10k index appears 3x in masterordering)
     volume: tuple[int, int, int] = (14, 16, 12)  # (X, Y, Z); NSD subj01: 81x104x83
+    brain_scale: float = 1.0  # brain radius / half the volume; 0.44 at 81x104x83: 15,196 nsdgeneral voxels (NSD subj01: ~15.7k)
     noise: float = 0.7  # trial noise sd, relative to a unit-variance planted signal
     amplitude: float = 2.0  # percent signal change of one signal sd
     invalid_fraction: float = 0.02  # nsdgeneral voxels zeroed for one whole session
@@ -124,14 +125,16 @@ def captions_for(attrs: pd.Series, rng: np.random.Generator) -> list[str]:
 
 
 # ---- volumes --------------------------------------------------------------------------------------
-def make_rois(shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
-    """ROI volumes with the NSD value convention: -1 outside cortex, 0 unlabelled cortex, 1..N labels."""
+def make_rois(shape: tuple[int, int, int], brain_scale: float = 1.0) -> dict[str, np.ndarray]:
+    """ROI volumes with the NSD value convention: -1 outside cortex, 0 unlabelled cortex, 1..N labels.
+
+    The cortex is an ellipsoid shell whose radii are ``brain_scale`` times half the volume."""
     i, j, k = np.indices(shape, dtype=np.float64)
     c = (np.array(shape) - 1) / 2
-    rad = np.array(shape) / 2
+    rad = np.array(shape) / 2 * brain_scale
     d = np.sqrt(((i - c[0]) / rad[0]) ** 2 + ((j - c[1]) / rad[1]) ** 2 + ((k - c[2]) / rad[2]) ** 2)
     cortex = (d <= 1.0) & (d >= 0.55)
-    y = j / shape[1]  # 0 = posterior
+    y = (j - c[1] + rad[1] - 0.5) / (2 * rad[1])  # 0 = posterior edge of the brain (j / shape[1] at scale 1)
     general = cortex & (y < 0.55)
     early = general & (y < 0.25)
     ventral = general & (y >= 0.28) & (k < c[2] + 0.5)
@@ -257,7 +260,7 @@ def make_demo(out: Path | str, cfg: DemoConfig = DemoConfig()) -> Path:
     feats = planted_features(cfg, images, weights)
 
     # subjects: ROIs, betas
-    rois = make_rois(cfg.volume)
+    rois = make_rois(cfg.volume, cfg.brain_scale)
     planted: dict[str, np.ndarray] = {}
     for s in range(1, n_subjects + 1):
         planted.update(_write_subject(root, cfg, s, design, rois, feats, rng))
