@@ -29,7 +29,7 @@ with the square of the training rows) and about exact for extraction; at tiny si
 (~5 s of imports) dominates and the extrapolation means nothing.
 
     python benchmarks/rehearsal.py [--sessions 1] [--images N] [--trials 750] [--device auto]
-        [--pretrained TAG] [--epochs 1] [--decode-images 2] [--steps 2] [--small-models]
+        [--pretrained TAG] [--epochs 1] [--decode-images 1] [--steps 2] [--small-models]
         [--workdir DIR] [--out result.json]
 
 ``--small-models`` swaps in the demo's tiny ViT, demo-sized mclip, test-sized unCLIP components and
@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--pretrained", default="none", help="open_clip tag or checkpoint for ViT-L-14 (default: random)")
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--decode-images", type=int, default=2)
+    parser.add_argument("--decode-images", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--unclip-model", default=None, help="real unCLIP weights (default: random-weight -small architecture)")
     parser.add_argument("--small-models", action="store_true")
