@@ -478,15 +478,18 @@ def extract_features(
     body = create_feature_extractor(model, return_nodes=named) if named else None
     mean = torch.tensor(net.mean).view(1, 3, 1, 1)
     std = torch.tensor(net.std).view(1, 3, 1, 1)
-    out: dict[str | None, list[np.ndarray]] = {n: [] for n in nodes}
+    out: dict[str | None, np.ndarray] = {}
     for start in range(0, len(images), batch_size):
         x = ((resize_images(images[start : start + batch_size], net.size) - mean) / std).to(device)
         found = body(x) if body is not None else {}
-        if None in out:
+        if None in nodes:
             found[None] = model(x)
-        for node, feats in out.items():
-            feats.append(found[node].flatten(1).float().cpu().numpy())
-    return {n: np.concatenate(v) for n, v in out.items()}
+        for node in nodes:
+            feats = found[node].flatten(1).float().cpu().numpy()
+            if node not in out:  # filled in place: no second copy from concatenating batches
+                out[node] = np.empty((len(images), feats.shape[1]), np.float32)
+            out[node][start : start + len(feats)] = feats
+    return out
 
 
 # ---- the whole protocol ----------------------------------------------------------------------------------
