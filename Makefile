@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export DVC_NO_ANALYTICS := 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test
+.PHONY: setup demo test rehearsal
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -18,3 +18,8 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# The pipeline at NSD shapes (benchmarks/rehearsal.py): ~30 min on 2 CPU cores, ~40 GB of disk.
+# Quick plumbing check: make rehearsal REHEARSAL_ARGS="--trials 120 --images 40 --small-models"
+rehearsal: setup
+	$(PY) benchmarks/rehearsal.py $(REHEARSAL_ARGS)

@@ -7,7 +7,7 @@ import glob
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -199,6 +199,25 @@ def _zarr_rows(array: zarr.Array, rows: np.ndarray, slab_bytes: int = 64 << 20) 
     return out
 
 
+class LazyRows:
+    """Rows ``ids`` of a source, read only when sliced: ``rows[a:b]`` is ``read(ids[a:b])``.
+
+    Lets a consumer that works in batches (the image metrics) take 1000 full-size images without
+    holding them all, e.g. ``LazyRows(lambda ids: take_rows(brick, ids), test_ids)``.
+    """
+
+    def __init__(self, read: Callable[[np.ndarray], np.ndarray], ids: Sequence[int] | np.ndarray) -> None:
+        self.read, self.ids = read, np.asarray(ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        if not isinstance(rows, slice):
+            raise TypeError("LazyRows is read in slices: rows[a:b]")
+        return self.read(self.ids[rows])
+
+
 def human_bytes(n: float) -> str:
     unit = "B"
     for unit in ("B", "kB", "MB", "GB", "TB"):
@@ -208,15 +227,62 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} {unit}"
 
 
-def check_disk(out: Path, need: int) -> int:
-    """Fail clearly when ``need`` bytes will not fit on the file system of ``out``; return the free bytes."""
-    probe = Path(out).absolute()
+def dvc_cache_copy(out: Path) -> Path | None:
+    """The DVC cache folder that will receive a copy of ``out`` after the running stage, or None.
+
+    Inside ``dvc repro`` (``DVC_STAGE``/``DVC_ROOT`` set by DVC) an output declared without
+    ``cache: false`` is copied into the cache once the stage ends (unless the cache is configured
+    to link: ``cache.type`` hardlink or symlink only), so it takes twice its size; the project's large
+    outputs are ``cache: false`` for that reason. Outside DVC, or when the stage cannot be read, None.
+    """
+    stage, root = os.environ.get("DVC_STAGE"), os.environ.get("DVC_ROOT")
+    if not stage or not root:
+        return None
+    try:
+        from dvc.repo import Repo
+
+        with Repo(root) as repo:
+            links = {t.strip() for t in str(repo.config.get("cache", {}).get("type") or "reflink,copy").split(",")}
+            target = Path(out).absolute()
+            for declared in (o for s in repo.stage.collect(f"{Path(root) / 'dvc.yaml'}:{stage}") for o in s.outs):
+                path = Path(declared.fs_path).absolute()
+                if declared.use_cache and (target == path or path in target.parents):
+                    return None if links <= {"hardlink", "symlink"} else Path(repo.cache.local.path)
+    except Exception:  # not a DVC repository we can read: nothing to add
+        return None
+    return None
+
+
+def _existing(path: Path) -> Path:
+    probe = Path(path).absolute()
     while not probe.exists():
         probe = probe.parent
+    return probe
+
+
+def check_disk(out: Path, need: int) -> int:
+    """Fail clearly when ``need`` bytes will not fit on the file system of ``out``; return the free bytes.
+
+    Under ``dvc repro`` the copy DVC makes of a cached output is budgeted too (:func:`dvc_cache_copy`),
+    on the file system of the DVC cache.
+    """
+    probe = _existing(out)
     free = shutil.disk_usage(probe).free
+    cache = dvc_cache_copy(out)
+    extra = ""
+    if cache is not None:
+        cache_probe = _existing(cache)
+        if os.stat(cache_probe).st_dev == os.stat(probe).st_dev:
+            need *= 2
+            extra = " (twice: DVC copies it into its cache afterwards; mark the output `cache: false` in dvc.yaml)"
+        elif need > (cache_free := shutil.disk_usage(cache_probe).free):
+            raise UserError(
+                f"--out {out}: DVC will copy this output ({human_bytes(need)}) into its cache {cache}, which has "
+                f"only {human_bytes(cache_free)} free; mark the output `cache: false` in dvc.yaml or free space"
+            )
     if need > free:
         raise UserError(
-            f"--out {out}: this run writes up to {human_bytes(need)} (uncompressed) but only "
+            f"--out {out}: this run writes up to {human_bytes(need)} (uncompressed){extra} but only "
             f"{human_bytes(free)} is free on {probe}; free space, choose another --out, or shrink the "
             "store (--tokens cls|mean|grid:K, fewer --layers, a range aggregate such as 11-20:mean, or --images)"
         )

@@ -23,12 +23,14 @@ def command(
     """Score reconstructions with the MindEye2 protocol (metrics without local weights are reported unavailable)."""
     from pipeline.evaluation.runs import evaluate_run  # imports torch: only when run
 
-    p = resolve("evaluate", nsd_root=nsd_root, device=device, retrieval_target=retrieval_target)
+    # weights, pool, draws, seed: params.yaml only (resolve reads a key only when it is named)
+    p = resolve("evaluate", nsd_root=nsd_root, device=device, retrieval_target=retrieval_target,
+                weights=None, pool=None, draws=None, seed=None)
     root = p.pop("nsd_root", None)
     if root is None:
         raise typer.BadParameter("give --nsd-root or set evaluate.nsd_root in params.yaml")
     weights = p.pop("weights", None) or None
-    out = evaluate_run(run, root, weights=weights, **{k: v for k, v in p.items() if k in ("device", "pool", "draws", "seed", "retrieval_target")})
+    out = evaluate_run(run, root, weights=weights, **p)
     typer.echo(json.dumps(out["reconstruction"], indent=1))
     for name, reason in out["unavailable"].items():
         typer.echo(f"{name}: unavailable ({reason})")

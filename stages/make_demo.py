@@ -7,8 +7,6 @@ from typing import Optional
 
 import typer
 
-from pipeline.store import atomic_dir
-
 from .params import resolve, user_errors
 
 
@@ -20,6 +18,7 @@ def command(
 ) -> None:
     """Write a miniature NSD look-alike with a planted encoding model (the embedded demo data)."""
     from pipeline.data.demo import DemoConfig, make_demo  # imports torch: only when run
+    from pipeline.store import atomic_dir
 
     p = resolve("demo", out=out, seed=seed, noise=noise)
     target = Path(p.pop("out", "data/demo"))

@@ -7,7 +7,6 @@ from typing import Optional
 
 import typer
 
-from pipeline.data.fmri import prepare_fmri
 from pipeline.errors import UserError
 
 from .params import resolve, user_errors
@@ -31,6 +30,8 @@ def command(
     betas_version: Optional[str] = typer.Option(None, help="Beta folder, e.g. betas_fithrf_GLMdenoise_RR."),
 ) -> None:
     """Prepare one subject's fMRI cache: z-scored betas split into train/test, ROI labels per voxel."""
+    from pipeline.data.fmri import prepare_fmri  # imported when run, like every stage: cli.py stays light
+
     if average_repeats is not None:
         alias = "mean" if average_repeats else "trials"
         if repeats not in (None, alias):

@@ -15,6 +15,7 @@ weights and noise level are saved in ``demo/planted.npz`` so tests can compute t
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -66,6 +67,7 @@ class DemoConfig:
     trials_per_session: int = 150  # NSD: 750
     n_shared: int = 30  # NSD: 1000 (each 10k index appears 3x in masterordering)
     volume: tuple[int, int, int] = (14, 16, 12)  # (X, Y, Z); NSD subj01: 81x104x83
+    brain_scale: float = 1.0  # brain radius / half the volume; 0.44 at 81x104x83: 15,196 nsdgeneral voxels (NSD subj01: ~15.7k)
     noise: float = 0.7  # trial noise sd, relative to a unit-variance planted signal
     amplitude: float = 2.0  # percent signal change of one signal sd
     invalid_fraction: float = 0.02  # nsdgeneral voxels zeroed for one whole session
@@ -123,14 +125,16 @@ def captions_for(attrs: pd.Series, rng: np.random.Generator) -> list[str]:
 
 
 # ---- volumes --------------------------------------------------------------------------------------
-def make_rois(shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
-    """ROI volumes with the NSD value convention: -1 outside cortex, 0 unlabelled cortex, 1..N labels."""
+def make_rois(shape: tuple[int, int, int], brain_scale: float = 1.0) -> dict[str, np.ndarray]:
+    """ROI volumes with the NSD value convention: -1 outside cortex, 0 unlabelled cortex, 1..N labels.
+
+    The cortex is an ellipsoid shell whose radii are ``brain_scale`` times half the volume."""
     i, j, k = np.indices(shape, dtype=np.float64)
     c = (np.array(shape) - 1) / 2
-    rad = np.array(shape) / 2
+    rad = np.array(shape) / 2 * brain_scale
     d = np.sqrt(((i - c[0]) / rad[0]) ** 2 + ((j - c[1]) / rad[1]) ** 2 + ((k - c[2]) / rad[2]) ** 2)
     cortex = (d <= 1.0) & (d >= 0.55)
-    y = j / shape[1]  # 0 = posterior
+    y = (j - c[1] + rad[1] - 0.5) / (2 * rad[1])  # 0 = posterior edge of the brain (j / shape[1] at scale 1)
     general = cortex & (y < 0.55)
     early = general & (y < 0.25)
     ventral = general & (y >= 0.28) & (k < c[2] + 0.5)
@@ -159,8 +163,14 @@ def make_rois(shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
 
 
 def write_ctab(path: Path, names: list[str]) -> None:
-    """FreeSurfer label table, with the trailing tabs/spaces real NSD tables carry."""
-    lines = ["0 Unknown"] + [f"{n} {name}\t    " for n, name in enumerate(names, start=1)]
+    """FreeSurfer label table: ``0 Unknown``, then ``<n> <name>`` with a trailing tab.
+
+    Real NSD names carry trailing whitespace; a tab alone keeps two space-separated fields per
+    line, which the common ``pd.read_csv(f, delimiter=' ', header=None, index_col=0)`` (nsd_access)
+    reads, as it does NSD's nsdgeneral / HCP_MMP1 tables (tab + spaces, as in NSD's Kastner2015
+    table, breaks it: nsd_access issue #7).
+    """
+    lines = ["0 Unknown"] + [f"{n} {name}\t" for n, name in enumerate(names, start=1)]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -235,11 +245,11 @@ def make_demo(out: Path | str, cfg: DemoConfig = DemoConfig()) -> Path:
         f.create_dataset("imgBrick", data=images, chunks=(1, *images.shape[1:]))
     design = make_design(cfg, n_subjects, rng)
     root.expdesign_path.parent.mkdir(parents=True, exist_ok=True)
-    scipy.io.savemat(root.expdesign_path, design)
+    _write_mat(root.expdesign_path, design)
     coco_ids = rng.choice(np.arange(1, 600_000), cfg.n_images, replace=False)
     split = np.where(rng.random(cfg.n_images) < 0.85, "train2017", "val2017")
     _write_stim_info(root, cfg, design, coco_ids, split)
-    _write_coco(root, attrs, coco_ids, split, rng)
+    _write_coco(root, attrs, images, coco_ids, split, rng)
     _write_responses(root, cfg, design)
 
     # tiny CLIP weights (the demo's "pretrained" model) and the planted features
@@ -250,7 +260,7 @@ def make_demo(out: Path | str, cfg: DemoConfig = DemoConfig()) -> Path:
     feats = planted_features(cfg, images, weights)
 
     # subjects: ROIs, betas
-    rois = make_rois(cfg.volume)
+    rois = make_rois(cfg.volume, cfg.brain_scale)
     planted: dict[str, np.ndarray] = {}
     for s in range(1, n_subjects + 1):
         planted.update(_write_subject(root, cfg, s, design, rois, feats, rng))
@@ -277,6 +287,20 @@ def make_demo(out: Path | str, cfg: DemoConfig = DemoConfig()) -> Path:
         )
     )
     return out
+
+
+MAT_DESCRIPTION = b"MATLAB 5.0 MAT-file, Platform: posix, written by nsd-feature-cache make-demo"
+"""Header text of the demo's .mat file, fixed: scipy writes the current time there, which would make
+every regenerated demo differ (and every clone's ``dvc repro`` look changed)."""
+
+
+def _write_mat(path: Path, variables: dict[str, np.ndarray]) -> None:
+    """``scipy.io.savemat`` (MATLAB 5 format) with the 116-byte header text replaced by a fixed one."""
+    buf = io.BytesIO()
+    scipy.io.savemat(buf, variables)
+    data = bytearray(buf.getvalue())
+    data[:116] = MAT_DESCRIPTION.ljust(116)
+    path.write_bytes(bytes(data))
 
 
 def _write_stim_info(root: NSDLayout, cfg: DemoConfig, design: dict, coco_ids: np.ndarray, split: np.ndarray) -> None:
@@ -311,35 +335,100 @@ def _write_stim_info(root: NSDLayout, cfg: DemoConfig, design: dict, coco_ids: n
     df.to_csv(root.stim_info_path)  # unnamed 0-based index column first, as in NSD
 
 
-def _write_coco(root: NSDLayout, attrs: pd.DataFrame, coco_ids: np.ndarray, split: np.ndarray, rng: np.random.Generator) -> None:
+COCO_SIZE = (640, 480)
+"""(width, height) of every demo image's "original" COCO image: the stimulus is its centre square
+(``cropBox`` (0, 0, 0.125, 0.125) crops 12.5% of the width on each side), resized."""
+
+
+def _shape_bbox(image: np.ndarray, fg: str, bg: str) -> list[float]:
+    """COCO ``[x, y, w, h]`` of the shape (pixels nearer the foreground colour than the background),
+    in the coordinates of the original COCO image."""
+    px = image.astype(np.float64)
+    near_fg = ((px - COLOURS[fg]) ** 2).sum(-1) < ((px - COLOURS[bg]) ** 2).sum(-1)
+    rows, cols = np.nonzero(near_fg) if near_fg.any() else (np.arange(image.shape[0]), np.arange(image.shape[1]))
+    width, height = COCO_SIZE
+    scale = height / image.shape[0]  # the crop is height x height, starting at x = (width - height) / 2
+    x0, y0 = (width - height) / 2 + cols.min() * scale, rows.min() * scale
+    return [round(x0, 2), round(y0, 2), round((cols.max() + 1 - cols.min()) * scale, 2),
+            round((rows.max() + 1 - rows.min()) * scale, 2)]
+
+
+def _write_coco(
+    root: NSDLayout, attrs: pd.DataFrame, images: np.ndarray, coco_ids: np.ndarray, split: np.ndarray,
+    rng: np.random.Generator,
+) -> None:
+    """``captions_*`` and ``instances_*`` json with COCO's schema: captions files have no
+    ``categories`` (pycocotools would index them as instances), instances carry ``bbox``, ``area``,
+    ``iscrowd`` and a ``segmentation`` (the bbox rectangle); annotation ids are unique across files."""
     root.annotations_path("captions", "train2017").parent.mkdir(parents=True, exist_ok=True)
     categories = [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(SHAPES)]
+    width, height = COCO_SIZE
+    next_id = {"captions": 1, "instances": 1}
     for sp in ("train2017", "val2017"):
         idx = np.flatnonzero(split == sp)
-        images = [{"id": int(coco_ids[i]), "file_name": f"{coco_ids[i]:012d}.jpg"} for i in idx]
+        info = {"description": f"nsd-feature-cache demo ({sp})", "version": "1.0", "year": 2017}
+        coco_images = [{"id": int(coco_ids[i]), "file_name": f"{coco_ids[i]:012d}.jpg", "width": width,
+                        "height": height, "license": 0} for i in idx]
         caps, inst = [], []
         for i in idx:
             for text in captions_for(attrs.iloc[i], rng):
-                caps.append({"id": len(caps) + 1, "image_id": int(coco_ids[i]), "caption": text})
-            inst.append({"id": len(inst) + 1, "image_id": int(coco_ids[i]),
-                         "category_id": SHAPES.index(attrs.iloc[i]["shape"]) + 1})
-        for kind, anns in (("captions", caps), ("instances", inst)):
-            doc = {"images": images, "annotations": anns, "categories": categories if kind == "instances" else []}
+                caps.append({"id": next_id["captions"], "image_id": int(coco_ids[i]), "caption": text})
+                next_id["captions"] += 1
+            x, y, w, h = _shape_bbox(images[i], attrs.iloc[i]["fg"], attrs.iloc[i]["bg"])
+            inst.append({"id": next_id["instances"], "image_id": int(coco_ids[i]),
+                         "category_id": SHAPES.index(attrs.iloc[i]["shape"]) + 1, "bbox": [x, y, w, h],
+                         "area": round(w * h, 2), "iscrowd": 0,
+                         "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]})
+            next_id["instances"] += 1
+        docs = {
+            "captions": {"info": info, "licenses": [], "images": coco_images, "annotations": caps},
+            "instances": {"info": info, "licenses": [], "images": coco_images, "annotations": inst,
+                          "categories": categories},
+        }
+        for kind, doc in docs.items():
             root.annotations_path(kind, sp).write_text(json.dumps(doc))
 
 
 def _write_responses(root: NSDLayout, cfg: DemoConfig, design: dict) -> None:
+    """``responses.tsv`` (NSD manual, "Behavioral data"): design columns plus a simulated old/new
+    recognition task whose answers are right 80% of the time.
+
+    ISOLD / ISOLDCURRENT: the image was shown on an earlier trial (any session / this session);
+    MEMORYRECENT / MEMORYFIRST: stimulus trials between this and the most recent / first earlier
+    showing (NaN when novel); TIME: trial onset in days since midnight of session 1's day
+    (sessions a week apart, runs of 5 min); RT in ms; one press per trial (BUTTON 1 = "new",
+    2 = "old": a demo convention, NSD's button mapping is not documented here; TOTAL1/TOTAL2 count
+    presses of each). Responses use their own random stream, so the rest of the demo does not
+    depend on them.
+    """
     order = design["masterordering"].ravel().astype(int)
     per_run = -(-cfg.trials_per_session // 12)
     for s, n_sess in enumerate(cfg.sessions, start=1):
+        rng = np.random.default_rng([cfg.seed, 12, s])
         t = np.arange(n_sess * cfg.trials_per_session)
         k = t % cfg.trials_per_session
+        session, run, trial = t // cfg.trials_per_session + 1, k // per_run + 1, k % per_run + 1
+        ids = design["subjectim"][s - 1, order[t] - 1].astype(int)
+        first, last, first_in_session = {}, {}, {}
+        is_old, is_old_current = np.zeros(len(t), int), np.zeros(len(t), int)
+        recent, since_first = np.full(len(t), np.nan), np.full(len(t), np.nan)
+        for i, (img, sess) in enumerate(zip(ids, session)):
+            if img in last:
+                is_old[i], recent[i], since_first[i] = 1, i - last[img] - 1, i - first[img] - 1
+            is_old_current[i] = int((img, sess) in first_in_session)
+            first.setdefault(img, i)
+            first_in_session.setdefault((img, sess), i)
+            last[img] = i
+        says_old = np.where(rng.random(len(t)) < 0.8, is_old, 1 - is_old)
+        onset_s = 9 * 3600 + (run - 1) * 360 + 3 + (trial - 1) * 4  # runs start at 9:00, 6 min apart, 4-s trials
+        button = says_old + 1
         cols = {
-            "SUBJECT": s, "SESSION": t // cfg.trials_per_session + 1, "RUN": k // per_run + 1,
-            "TRIAL": k % per_run + 1, "73KID": design["subjectim"][s - 1, order[t] - 1].astype(int),
-            "10KID": order[t], "TIME": np.nan, "ISOLD": 0, "ISCORRECT": np.nan, "RT": np.nan,
-            "CHANGEMIND": np.nan, "MEMORYRECENT": np.nan, "MEMORYFIRST": np.nan, "ISOLDCURRENT": 0,
-            "ISCORRECTCURRENT": np.nan, "TOTAL1": np.nan, "TOTAL2": np.nan, "BUTTON": np.nan, "MISSINGDATA": 0,
+            "SUBJECT": s, "SESSION": session, "RUN": run, "TRIAL": trial, "73KID": ids, "10KID": order[t],
+            "TIME": (session - 1) * 7 + onset_s / 86400, "ISOLD": is_old, "ISCORRECT": (says_old == is_old).astype(int),
+            "RT": np.round(rng.lognormal(np.log(900), 0.25, len(t)), 1), "CHANGEMIND": 0,
+            "MEMORYRECENT": recent, "MEMORYFIRST": since_first, "ISOLDCURRENT": is_old_current,
+            "ISCORRECTCURRENT": (says_old == is_old_current).astype(int), "TOTAL1": (button == 1).astype(int),
+            "TOTAL2": (button == 2).astype(int), "BUTTON": button, "MISSINGDATA": 0,
         }
         path = root.root / f"nsddata/ppdata/subj{s:02d}/behav/responses.tsv"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -354,9 +443,9 @@ def _write_subject(
         path = root.roi_path(s, name)
         path.parent.mkdir(parents=True, exist_ok=True)
         _save_nifti(path, vol.astype(np.float64))
-        ctab = root.ctab_path(s, name)
-        ctab.parent.mkdir(parents=True, exist_ok=True)
-        write_ctab(ctab, ROI_TABLES[name])
+        for ctab in (root.ctab_path(s, name), root.root / f"nsddata/freesurfer/fsaverage/label/{name}.mgz.ctab"):
+            ctab.parent.mkdir(parents=True, exist_ok=True)  # NSD has the tables under fsaverage/label too
+            write_ctab(ctab, ROI_TABLES[name])
     brain = rois["nsdgeneral"] > -1
     brain |= np.pad(brain[1:], ((0, 1), (0, 0), (0, 0))) | np.pad(brain[:-1], ((1, 0), (0, 0), (0, 0)))
     _save_nifti(root.root / f"nsddata/ppdata/subj{s:02d}/func1pt8mm/brainmask.nii.gz", brain.astype(np.int16))

@@ -200,7 +200,7 @@ def prepare_fmri(
                 "rois": rois,
                 "betas_version": nsd.betas_version,
                 "sources": {
-                    "nsd_root": str(nsd.root.resolve()),
+                    "nsd_root": str(nsd.root),  # as given: an absolute path would differ between clones
                     "expdesign": str(nsd.expdesign_path),
                     "betas": sources,
                     "rois": [str(nsd.roi_path(subject, r)) for r in rois],

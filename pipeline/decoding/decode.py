@@ -41,6 +41,11 @@ from ..evaluation.metrics import as_float_images
 from ..features.clip import hf_hub_cache
 from ..store import take_rows  # noqa: F401  (part of this module's API)
 
+GUIDANCE = 10.0
+"""Classifier-free guidance of unCLIP decoding: ``StableUnCLIPImg2ImgPipeline``'s own default, the
+value Stability's unCLIP models are run with through diffusers (7.5 is text-to-image Stable
+Diffusion's default and has no unCLIP basis). One constant, so the CLI, the run driver and the
+library agree."""
 ID_WIDTH = 5
 """Digits of the zero-padded 0-based 73k id in file names (NSD ids run 0..72999)."""
 
@@ -279,7 +284,7 @@ def denoise(
     generators: list[torch.Generator],
     *,
     steps: int = 20,
-    guidance: float = 10.0,
+    guidance: float = GUIDANCE,
     noise_level: int = 0,
     init_images: torch.Tensor | None = None,
     strength: float = 1.0,
@@ -337,7 +342,7 @@ def unclip_decode(
     *,
     samples: int = 1,
     steps: int = 20,
-    guidance: float = 10.0,
+    guidance: float = GUIDANCE,
     noise_level: int = 0,
     seed: int = 0,
     batch_size: int = 4,

@@ -42,7 +42,7 @@ def run_prediction(preds: zarr.Group, run: Path, target: str) -> np.ndarray:
 def decode_run(
     run: Path | str, nsd_root: Path | str, *, method: str = "retrieval", target: str = "image_embeds",
     include_test: bool = False, unclip_model: str | None = None, detail_target: str | None = None,
-    strength: float = 0.85, steps: int = 20, guidance: float = 7.5, noise_level: int = 0,
+    strength: float = 0.85, steps: int = 20, guidance: float = decode.GUIDANCE, noise_level: int = 0,
     samples: int = 1, seed: int = 0, device: str = "cpu",
 ) -> Path:
     """Reconstruct every test image of a run; returns the ``recon/`` folder."""
@@ -77,7 +77,9 @@ def decode_run(
         decode.write_reconstructions(tmp, test_ids, images)  # images: (n, samples, H, W, 3)
     with atomic_file(run / "recon_grid.png") as tmp:
         decode.write_grid(tmp, gt, images[:, 0])
-    write_text(run / "decode.json", json.dumps({"method": method, "target": target, "samples": samples,
-                                                "include_test": include_test, "unclip_model": unclip_model,
-                                                "detail_target": detail_target}, indent=2))
+    record = {"method": method, "target": target, "samples": samples, "include_test": include_test}
+    if method == "unclip":  # what reproduces the images (evaluate copies this into metrics.json)
+        record.update(unclip_model=unclip_model, steps=steps, guidance=guidance, noise_level=noise_level, seed=seed,
+                      detail_target=detail_target, strength=strength if detail_target is not None else None)
+    write_text(run / "decode.json", json.dumps(record, indent=2))
     return folder

@@ -76,8 +76,15 @@ def _check_pair(gt: np.ndarray, rec: np.ndarray) -> None:
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """(N, H, W, 3) uint8/float images -> (N, 3, H, W) float32 tensor in [0, 1]."""
-    return torch.from_numpy(as_float_images(images).astype(np.float32)).permute(0, 3, 1, 2).contiguous()
+    """(N, H, W, 3) uint8/float images -> (N, 3, H, W) float32 tensor in [0, 1].
+
+    uint8 goes to float32 directly (x / 255 in float32 equals float32(x / 255 in float64) for every
+    byte value), without a float64 copy of the batch."""
+    arr = np.asarray(images)
+    if arr.dtype == np.uint8 and arr.ndim == 4 and arr.shape[-1] == 3:
+        tensor = torch.from_numpy(arr).permute(0, 3, 1, 2).to(torch.float32) / 255.0
+        return tensor.contiguous()
+    return torch.from_numpy(as_float_images(arr).astype(np.float32)).permute(0, 3, 1, 2).contiguous()
 
 
 def resize_images(images: torch.Tensor, size: int, antialias: bool = False) -> torch.Tensor:
@@ -156,22 +163,40 @@ def _check_feats(gt: np.ndarray, rec: np.ndarray, min_n: int = 1) -> None:
         raise UserError(f"need at least {min_n} images, got {len(gt)}")
 
 
-def _centred_unit(x: np.ndarray) -> np.ndarray:
-    """Rows centred and scaled to unit norm, so their dot products are Pearson r (NaN if constant)."""
-    x = x - x.mean(1, keepdims=True)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+def _flat(x: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
+    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if arr.ndim < 2:
+        raise UserError(f"{what}: expected (n, ...) features, got shape {arr.shape}")
+    return arr.reshape(len(arr), -1)
+
+
+def cross_correlation(a: np.ndarray, b: np.ndarray, block: int = 1 << 14) -> np.ndarray:
+    """(n, m) Pearson r between the rows of ``a`` (n, d) and ``b`` (m, d), in float64, NaN for a
+    constant row. Accumulated over column blocks, so only ``block`` columns are ever upcast: the
+    features can stay float32 (AlexNet(2) of 1000 images is 0.7 GB as float32, 1.5 GB as float64)."""
+    ma, mb = a.mean(1, dtype=np.float64), b.mean(1, dtype=np.float64)
+    dot, na, nb = np.zeros((len(a), len(b))), np.zeros(len(a)), np.zeros(len(b))
+    for start in range(0, a.shape[1], block):
+        ab = a[:, start : start + block].astype(np.float64) - ma[:, None]
+        bb = b[:, start : start + block].astype(np.float64) - mb[:, None]
+        dot += ab @ bb.T
+        na += (ab * ab).sum(1)
+        nb += (bb * bb).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return dot / np.sqrt(na)[:, None] / np.sqrt(nb)[None, :]
 
 
 def two_way_identification(gt_feats: np.ndarray, rec_feats: np.ndarray) -> float:
     """ME/BD two-way identification: mean over reconstructions j of the fraction of distractor GTs i
     with ``corr(GT_i, rec_j) < corr(GT_j, rec_j)``; all n(n-1) pairs, ties fail, chance 0.5.
 
-    Works in float64 on the flattened features (n x d; AlexNet(2) at 256 px has d = 184,512).
+    Correlations in float64 on the flattened features (n x d; AlexNet(2) at 256 px has d = 184,512),
+    accumulated in column blocks (:func:`cross_correlation`).
     """
-    g, r = _flat64(gt_feats, "gt_feats"), _flat64(rec_feats, "rec_feats")
+    g, r = _flat(gt_feats, "gt_feats"), _flat(rec_feats, "rec_feats")
     _check_feats(g, r, min_n=2)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        corr = _centred_unit(g) @ _centred_unit(r).T  # corr[i, j] = r(GT_i, rec_j); NaN for constant rows
+    corr = cross_correlation(g, r)  # corr[i, j] = r(GT_i, rec_j); NaN for constant rows
+    with np.errstate(invalid="ignore"):
         success = corr < np.diag(corr)[None, :]
     n = len(g)
     return float(success.sum(0).mean() / (n - 1))
@@ -445,19 +470,41 @@ def extract_features(
     body = create_feature_extractor(model, return_nodes=named) if named else None
     mean = torch.tensor(net.mean).view(1, 3, 1, 1)
     std = torch.tensor(net.std).view(1, 3, 1, 1)
-    out: dict[str | None, list[np.ndarray]] = {n: [] for n in nodes}
+    out: dict[str | None, np.ndarray] = {}
     for start in range(0, len(images), batch_size):
         x = ((resize_images(images[start : start + batch_size], net.size) - mean) / std).to(device)
         found = body(x) if body is not None else {}
-        if None in out:
+        if None in nodes:
             found[None] = model(x)
-        for node, feats in out.items():
-            feats.append(found[node].flatten(1).float().cpu().numpy())
-    return {n: np.concatenate(v) for n, v in out.items()}
+        for node in nodes:
+            feats = found[node].flatten(1).float().cpu().numpy()
+            if node not in out:  # filled in place: no second copy from concatenating batches
+                out[node] = np.empty((len(images), feats.shape[1]), np.float32)
+            out[node][start : start + len(feats)] = feats
+    return out
 
 
 # ---- the whole protocol ----------------------------------------------------------------------------------
 Result = dict[str, float | int | dict[str, str]]
+
+
+def resized_images(images, size: int, antialias: bool = False, batch_size: int = 32) -> torch.Tensor:
+    """(N, 3, size, size) float32 in [0, 1] from (N, H, W, 3) uint8/float images, converted and
+    resized ``batch_size`` at a time.
+
+    ``images`` is an array or any object with ``len()`` whose slices are image arrays (such as
+    :class:`pipeline.store.LazyRows`), so full-size images are never all in memory, let alone as
+    floats: 1000 reconstructions at 768 px are 1.8 GB as uint8 and 14 GB as float64, but 0.8 GB
+    at 256 px as float32.
+    """
+    n = len(images)
+    out: torch.Tensor | None = None
+    for start in range(0, n, batch_size):
+        batch = resize_images(to_tensor(np.asarray(images[start : start + batch_size])), size, antialias)
+        if out is None:
+            out = torch.empty((n, *batch.shape[1:]), dtype=torch.float32)
+        out[start : start + len(batch)] = batch
+    return out if out is not None else torch.empty((0, 3, size, size))
 
 
 def evaluate(
@@ -479,8 +526,9 @@ def evaluate(
     """Every metric of the ME2 protocol that can run here; the others are ``{"unavailable": reason}``.
 
     ``gt_images``/``rec_images``: (N, H, W, 3) uint8 or [0, 1] float, row i of each for test image i
-    (sizes may differ between the two). Both are resized to ``size`` (ME2: 256), then to 425 for
-    PixCorr/SSIM and to each network's input size. ``brain``/``image``: (N, ...) predicted and true
+    (sizes may differ between the two), as arrays or lazy row sources read in batches
+    (:func:`resized_images`). Both are resized to ``size`` (ME2: 256), then to 425 for
+    PixCorr/SSIM and to each network's input size, batch by batch. ``brain``/``image``: (N, ...) predicted and true
     embeddings for retrieval (§5.4). ``weights`` maps a :class:`FeatureNet` key (``alexnet``,
     ``inception_v3``, ``clip_vit_l14``, ``efficientnet_b1``, ``swav_resnet50``) to a local file;
     absent keys are looked up in the torch-hub / Hugging Face caches. ``metrics`` can be replaced,
@@ -490,12 +538,12 @@ def evaluate(
     unknown = sorted(set(weights) - {m.net.key for m in metrics})
     if unknown:
         raise UserError(f"metric weights: unknown network {unknown} (known: {sorted({m.net.key for m in metrics})})")
-    gt = resize_images(to_tensor(gt_images), size, antialias)
-    rec = resize_images(to_tensor(rec_images), size, antialias)
-    if len(gt) != len(rec):
-        raise UserError(f"{len(gt)} ground-truth images but {len(rec)} reconstructions")
-    if len(gt) < 2:
-        raise UserError(f"need at least 2 test images to evaluate, got {len(gt)}")
+    if len(gt_images) != len(rec_images):
+        raise UserError(f"{len(gt_images)} ground-truth images but {len(rec_images)} reconstructions")
+    if len(gt_images) < 2:
+        raise UserError(f"need at least 2 test images to evaluate, got {len(gt_images)}")
+    gt = resized_images(gt_images, size, antialias, batch_size)
+    rec = resized_images(rec_images, size, antialias, batch_size)
     results: Result = {"n_images": len(gt)}
 
     px, ss = [], []

@@ -8,6 +8,12 @@ column it is comparable to; ``brainclip.zero_shot`` is COCO-category decoding ov
 the test images, all seen in training, and ``brainclip.zero_shot_heldout`` BrainCLIP's protocol:
 categories held out at fit time (``holdout_categories``), scored on the test images that contain
 them, ranking the held-out categories only.
+
+The run (predictions, reconstructions) and the stimuli are required; everything else is optional
+and degrades to ``{"unavailable": reason}``, listed under ``unavailable`` too: a metric's network
+weights, the run's CLIP cache (retrieval, BrainCLIP tasks), the COCO ``instances_*.json`` files or
+the CLIP model's weights (zero-shot categories). ``metrics.json`` also records the decoder the
+reconstructions came from (``decode.json``). Images are read and scored in batches.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from ..decoding import decode
 from ..decoding.run import open_run
 from ..errors import UserError
 from ..features.cache import open_cache
-from ..store import write_text
+from ..store import LazyRows, write_text
 from . import metrics
 
 
@@ -37,35 +43,58 @@ def evaluate_run(
     info, preds, test_ids = open_run(run)
     if not (run / "recon").is_dir():
         raise UserError(f"{run}: no recon/ folder; run decode first")
-    with NSD(nsd_root).stimuli() as brick:
-        gt = decode.take_rows(brick, test_ids)
-    rec = decode.read_reconstructions(run / "recon", test_ids)
-    clip = open_cache(Path(info["clip"]), rows=test_ids)
+    missing = [int(i) for i in test_ids if not (run / "recon" / decode.recon_name(i)).is_file()]
+    if missing:
+        raise UserError(f"{run}/recon: no reconstruction of {len(missing)} test images (first: "
+                        f"{decode.recon_name(missing[0])}); run decode again")
+    unavailable: dict[str, str] = {}
+    clip = run_cache(info, test_ids)
+    retrieval: dict[str, Any] = {"space": retrieval_target}
     brain = image = None
-    if f"test/{retrieval_target}" in preds:
-        if retrieval_target not in clip:
-            raise UserError(f"evaluate.retrieval_target {retrieval_target!r} is not an array of {info['clip']}")
-        brain = preds[f"test/{retrieval_target}"][...]
-        image = decode.take_rows(clip[retrieval_target], test_ids)
+    if isinstance(clip, str):
+        unavailable.update(dict.fromkeys(("retrieval_image_to_brain", "retrieval_brain_to_image"), clip))
+    else:
+        retrieval = retrieval_space(clip, retrieval_target)
+        if f"test/{retrieval_target}" in preds:
+            if retrieval_target not in clip:
+                raise UserError(f"evaluate.retrieval_target {retrieval_target!r} is not an array of {info['clip']}")
+            brain = preds[f"test/{retrieval_target}"][...]
+            image = decode.take_rows(clip[retrieval_target], test_ids)
+        else:
+            unavailable.update(dict.fromkeys(("retrieval_image_to_brain", "retrieval_brain_to_image"),
+                                             f"the run predicted no {retrieval_target}"))
     n = len(test_ids)
-    results = metrics.evaluate(gt, rec, brain=brain, image=image, weights=weights, device=device,
-                               pool=min(pool, n), draws=draws, seed=seed)
-    retrieval = retrieval_space(clip, retrieval_target)
+    nsd = NSD(nsd_root)
+    with nsd.stimuli() as brick:
+        gt = LazyRows(lambda ids: decode.take_rows(brick, ids), test_ids)
+        rec = LazyRows(lambda ids: decode.read_reconstructions(run / "recon", ids), test_ids)
+        results = metrics.evaluate(gt, rec, brain=brain, image=image, weights=weights, device=device,
+                                   pool=min(pool, n), draws=draws, seed=seed)
+    results.update({k: {"unavailable": v} for k, v in unavailable.items()})
+    brainclip = brainclip_tasks(preds, info, nsd, test_ids, device, pool=min(pool, n), draws=draws, seed=seed)
+    missing = {k: v["unavailable"] for k, v in {**results, **brainclip}.items() if isinstance(v, dict) and "unavailable" in v}
     for key in ("retrieval_image_to_brain", "retrieval_brain_to_image"):
-        value = results.pop(key)
-        retrieval[key.removeprefix("retrieval_")] = value if brain is not None else {
-            "unavailable": f"the run predicted no {retrieval_target}"}
-    brainclip = brainclip_tasks(preds, info, NSD(nsd_root), test_ids, device, pool=min(pool, n), draws=draws, seed=seed)
+        retrieval[key.removeprefix("retrieval_")] = results.pop(key)
     fit = json.loads((run / "fit_report.json").read_text()) if (run / "fit_report.json").is_file() else {}
     numbers = {k: v for k, v in results.items() if not isinstance(v, dict)}
-    missing = {k: v["unavailable"] for k, v in results.items() if isinstance(v, dict)}
-    out = {"method": info.get("method"), "retrieval_pool": min(pool, n), "reconstruction": numbers,
+    decoder = (json.loads((run / "decode.json").read_text()) if (run / "decode.json").is_file()
+               else {"unavailable": f"no {run / 'decode.json'}"})
+    out = {"method": info.get("method"), "decoder": decoder, "retrieval_pool": min(pool, n), "reconstruction": numbers,
            "retrieval": retrieval, "brainclip": brainclip, "targets": fit.get("targets", {}), "unavailable": missing}
     write_text(run / "metrics.json", json.dumps(out, indent=2))
     write_text(run / "plots" / "targets.json", json.dumps(
         [{"target": t, **{k: v for k, v in r.items() if isinstance(v, float)}} for t, r in out["targets"].items()],
         indent=2))
     return out
+
+
+def run_cache(info: dict, test_ids: np.ndarray) -> zarr.Group | str:
+    """The run's CLIP cache, checked to hold every test row; the reason it is unavailable when it
+    is gone (a cache that exists but misses test rows is refused: its numbers would be wrong)."""
+    path = Path(info["clip"])
+    if not path.exists():
+        return f"CLIP cache of the run not found: {path}"
+    return open_cache(path, rows=test_ids)
 
 
 def retrieval_space(clip: zarr.Group, target: str) -> dict[str, Any]:
@@ -95,25 +124,37 @@ def brainclip_tasks(preds: zarr.Group, info: dict, nsd: NSD, test_ids: np.ndarra
     from .zeroshot import caption_targets, class_embeddings, coco_categories, zero_shot_accuracy
 
     out: dict[str, Any] = {}
-    store = open_cache(Path(info["clip"]), rows=test_ids)
+    store = run_cache(info, test_ids)
+    if isinstance(store, str):
+        return {k: {"unavailable": store} for k in ("zero_shot", "fmri_to_text_top1")}
     held = list(info.get("holdout_categories") or [])
     if "test/image_embeds" in preds:
-        names, labels = coco_categories(nsd, test_ids)
-        loaded = clip_models.load_model(store.attrs["model"], store.attrs["pretrained"], device,
-                                        activation=store.attrs.get("activation", "auto"))
-        classes = class_embeddings(loaded, names, device=device)
-        pred = preds["test/image_embeds"][...]
-        out["zero_shot"] = zero_shot_accuracy(pred, classes, labels, topk=[k for k in (1, 5) if k <= len(names)])
-        out["zero_shot"]["chance_top1"] = float(labels.sum(1).mean() / len(names))
-        out["zero_shot"]["protocol"] = (
-            "COCO categories of the test images, ranked among all of them; categories seen in training"
-            + (f" except the held-out {held}" if held else ""))
-        if held:
-            out["zero_shot_heldout"] = heldout_zero_shot(pred, classes, labels, names, held)
-    if "test/text_embeds" in preds and "text_embeds" in store:
-        truth = caption_targets(decode.take_rows(store["text_embeds"], test_ids))
-        ret = metrics.retrieval_top1(preds["test/text_embeds"][...], truth, pool=pool, draws=draws, seed=seed)
-        out["fmri_to_text_top1"] = ret.brain_to_image
+        try:
+            names, labels = coco_categories(nsd, test_ids)
+            loaded = clip_models.load_model(store.attrs["model"], store.attrs["pretrained"], device,
+                                            activation=store.attrs.get("activation", "auto"))
+        except UserError as exc:  # no COCO instances files, no stim info, no CLIP weights
+            out["zero_shot"] = {"unavailable": str(exc)}
+        else:
+            classes = class_embeddings(loaded, names, device=device)
+            pred = preds["test/image_embeds"][...]
+            out["zero_shot"] = zero_shot_accuracy(pred, classes, labels, topk=[k for k in (1, 5) if k <= len(names)])
+            out["zero_shot"]["chance_top1"] = float(labels.sum(1).mean() / len(names))
+            out["zero_shot"]["protocol"] = (
+                "COCO categories of the test images, ranked among all of them; categories seen in training"
+                + (f" except the held-out {held}" if held else ""))
+            if held:
+                out["zero_shot_heldout"] = heldout_zero_shot(pred, classes, labels, names, held)
+    if "test/text_embeds" in preds:
+        if "text_embeds" not in store:
+            out["fmri_to_text_top1"] = {"unavailable": f"{info['clip']} has no text_embeds (extract-clip --captions)"}
+        else:
+            truth = caption_targets(decode.take_rows(store["text_embeds"], test_ids))
+            pred = preds["test/text_embeds"][...]
+            if pred.ndim == 3:  # a per-caption prediction (ridge on the (n, K, D) array): reduce it like the truth
+                pred = caption_targets(pred)
+            ret = metrics.retrieval_top1(pred, truth, pool=pool, draws=draws, seed=seed)
+            out["fmri_to_text_top1"] = ret.brain_to_image
     return out
 
 

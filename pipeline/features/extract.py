@@ -85,7 +85,7 @@ def describe_source(path: Path, n_samples: int = 64) -> dict:
         for i in np.unique(np.linspace(0, images.shape[0] - 1, n_samples).astype(int)):
             h.update(images[i].tobytes())
         return {
-            "path": str(path.resolve()),
+            "path": str(path),  # as given (resolving it would make every clone's store differ)
             "size": path.stat().st_size,
             "n_images": int(images.shape[0]),
             "image_shape": list(images.shape[1:]),

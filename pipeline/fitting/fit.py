@@ -10,6 +10,8 @@ Writes ``runs/<exp>/``::
                           (MindEye2's test protocol), so no metric sees a repeat as a distractor
     fit_report.json       per target: Pearson r / cosine, two-way identification and top-1
                           retrieval of predicted vs true targets among the test images
+    timings.json          trained methods: wall-clock seconds (the only file that differs
+                          between two identical runs; not a DVC output)
 
 The run folder is assembled under ``<exp>.tmp-<pid>`` and swapped in when complete
 (:func:`pipeline.store.atomic_dir`), so an interrupted fit never leaves a run that looks finished
@@ -37,6 +39,8 @@ from .adapters.base import make_config, roi_indices
 from .pairs import Pairs, open_pairs
 
 METHODS = ("ridge", "mclip", "litemind")
+TIMINGS = "timings.json"
+"""Wall-clock seconds of a trained method, kept out of the hashed outputs (see :func:`_without_timings`)."""
 RIDGE_KEYS = ("alphas", "cv", "alpha_per", "rescale", "n_targets_batch", "backend", "coef_dtype")
 
 
@@ -169,13 +173,27 @@ def _fit_trained(pairs: Pairs, method, run: Path, params, train, seed, device, p
                         name=f"{pairs.fmri_path} train", memory=memory, progress=progress)
     model = build_adapter(method, params, data, seed=seed)
     result = train_loop(model, data, cfg)
-    folder = save_adapter(run / "adapters" / method, model, extra={"train": result.as_dict()})
+    record, seconds = _without_timings(result.as_dict())
+    seconds["targets_read"] = data.bank.describe()  # depends on the memory free at run time
+    (run / TIMINGS).write_text(json.dumps(seconds, indent=2))
+    folder = save_adapter(run / "adapters" / method, model, extra={"train": record})
     reloaded = load_adapter(folder)  # predictions come from what was saved
     preds = predict(reloaded, pairs.betas("test"))
     return preds, {"n_params": model.n_params, "parameter_counts": model.parameter_counts(),
                    "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-                   "resumed_from": result.resumed_from, "train_seconds": round(result.seconds, 2),
-                   "targets_read": data.bank.describe()}
+                   "resumed_from": result.resumed_from}
+
+
+def _without_timings(record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A training record without its wall-clock seconds, and those seconds.
+
+    Everything DVC hashes must be byte-identical between two runs of the same stage; timings are
+    not, so they go to ``timings.json``, which no stage declares.
+    """
+    history = [{k: v for k, v in epoch.items() if k != "seconds"} for epoch in record["history"]]
+    seconds = {"train_seconds": round(record["seconds"], 2),
+               "epoch_seconds": [round(epoch["seconds"], 3) for epoch in record["history"] if "seconds" in epoch]}
+    return {**{k: v for k, v in record.items() if k != "seconds"}, "history": history}, seconds
 
 
 def target_report(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
