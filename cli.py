@@ -2,7 +2,7 @@
 
 import typer
 
-from stages import decode, evaluate, extract_clip, fit_adapters, make_demo, prepare_fmri
+from stages import analyze_layers, decode, evaluate, extract_clip, fit_adapters, make_demo, prepare_fmri
 
 app = typer.Typer(
     add_completion=False,
@@ -17,6 +17,7 @@ app.command("extract-clip")(extract_clip.command)
 app.command("fit-adapters")(fit_adapters.command)
 app.command("decode")(decode.command)
 app.command("evaluate")(evaluate.command)
+app.command("analyze-layers")(analyze_layers.command)
 
 if __name__ == "__main__":
     app()

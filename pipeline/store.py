@@ -146,6 +146,23 @@ def atomic_store(out: Path) -> Iterator[zarr.Group]:
         yield zarr.open_group(tmp, mode="w", zarr_format=3)
 
 
+@contextmanager
+def atomic_folder(out: Path) -> Iterator[Path]:
+    """A fresh folder at ``out.tmp-<pid>`` to fill, renamed onto ``out`` (replacing it) on success;
+    on any failure it is removed, so ``out`` is either the previous result or the complete new one."""
+    out = Path(out)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
 def open_existing(path: Path, what: str) -> zarr.Group:
     """Open a store for reading, with a clear error when it is missing or not a Zarr group."""
     path = Path(path)

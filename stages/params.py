@@ -39,6 +39,14 @@ def resolve(name: str, **options: Any) -> dict[str, Any]:
     return {k: v for k, v in merged.items() if v is not None}
 
 
+def comma_list(value: Any) -> list[str] | None:
+    """A list option given as ``"a,b"`` on the command line or as a YAML list/scalar; None when empty."""
+    if value is None:
+        return None
+    items = value if isinstance(value, list) else str(value).split(",")
+    return [str(v).strip() for v in items if str(v).strip()] or None
+
+
 def user_errors(func: Callable) -> Callable:
     """Turn the failures a user can cause into one line on stderr and exit code 1 (no traceback)."""
 

@@ -8,6 +8,7 @@ import scipy.io
 import zarr
 
 from pipeline.data.demo import DemoConfig, make_demo
+from pipeline.data.demo_tower import TowerTraining
 from pipeline.data.fmri import prepare_fmri
 from pipeline.data.nsd import NSD
 
@@ -54,8 +55,10 @@ def test_planted_voxels_are_reliable_and_others_are_noise(demo_root, tmp_path):
 
 
 def test_same_seed_same_data(tmp_path):
-    cfg = DemoConfig(n_images=120, sessions=(1,), trials_per_session=90, n_shared=10, volume=(8, 9, 7))
+    cfg = DemoConfig(n_images=120, sessions=(1,), trials_per_session=90, n_shared=10, volume=(8, 9, 7),
+                     tower=TowerTraining(epochs=2))  # a short training: still part of what must repeat
     a, b = make_demo(tmp_path / "a", cfg), make_demo(tmp_path / "b", cfg)
+    assert (a / "demo/nsd-tiny-vit.safetensors").read_bytes() == (b / "demo/nsd-tiny-vit.safetensors").read_bytes()
     with h5py.File(NSD(a).betas_path(1, 1, "hdf5")) as fa, h5py.File(NSD(b).betas_path(1, 1, "hdf5")) as fb:
         np.testing.assert_array_equal(fa["betas"][()], fb["betas"][()])
     with NSD(a).stimuli() as ia, NSD(b).stimuli() as ib:

@@ -2,7 +2,8 @@
 
 Same relative paths, file formats, dtypes, 1-based ids and axis orders as the real release
 (shared/reference/nsd.md), only smaller. Betas are generated from CLIP features of the images
-themselves, computed with the project's tiny open_clip ViT (random weights saved next to the data):
+themselves, computed with the project's tiny open_clip ViT (trained contrastively on the demo's own
+images and captions at make-demo time, :mod:`.demo_tower`; weights saved next to the data):
 
 - ``prf-visualrois`` voxels respond to the tokens of an intermediate block (``mid_block``),
 - ``floc-*`` voxels respond to the final embedding (``encode_image``),
@@ -29,7 +30,8 @@ import torch
 from safetensors.torch import save_file
 
 from ..features import clip
-from .nsd import NSDLayout
+from .demo_tower import TowerTraining, train_tower
+from .nsd import NSD, NSDLayout
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "stripes", "diamond", "dots")
 COLOURS = {
@@ -75,6 +77,7 @@ class DemoConfig:
     mid_block: int = 3  # the "intermediate" layer prf voxels see (1-based)
     seed: int = 0
     nifti_subjects: tuple[int, ...] = (1,)  # subjects that also get .nii.gz betas (all get .hdf5)
+    tower: TowerTraining = TowerTraining()  # CLIP training of the tiny model (epochs=0: random weights)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -252,9 +255,11 @@ def make_demo(out: Path | str, cfg: DemoConfig = DemoConfig()) -> Path:
     _write_coco(root, attrs, images, coco_ids, split, rng)
     _write_responses(root, cfg, design)
 
-    # tiny CLIP weights (the demo's "pretrained" model) and the planted features
+    # tiny CLIP weights (the demo's "pretrained" model, trained on its own captions) and the planted features
     torch.manual_seed(cfg.seed)
-    model = clip.load_model(cfg.model, "none").model
+    loaded = clip.load_model(cfg.model, "none")
+    tower_history = train_tower(loaded, images, NSD(out).captions(np.arange(cfg.n_images)), cfg.tower, cfg.seed)
+    model = loaded.model
     weights = extras / f"{cfg.model}.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     feats = planted_features(cfg, images, weights)
@@ -279,8 +284,10 @@ def make_demo(out: Path | str, cfg: DemoConfig = DemoConfig()) -> Path:
                 "response": "psc = offset[session, v] + gain[session, v] * amplitude * "
                 "(signal[image, v] + noise * N(0, 1)); signal has unit variance over images",
                 "ceiling": "per-voxel r^2 of the signal with the mean of r repeats = 1 / (1 + noise^2 / r)",
-                "weights": f"{weights.name} (random init, seed {cfg.seed}); the model config is "
+                "weights": f"{weights.name} (random init, seed {cfg.seed}, then {cfg.tower.epochs} epochs of "
+                "CLIP training on the demo's images and captions); the model config is "
                 f"pipeline/model_configs/{cfg.model}.json",
+                "tower_training": tower_history,
                 "classes": list(SHAPES),
             },
             indent=2,
