@@ -58,6 +58,13 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
+def teardown() -> None:
+    """Leave the process group (the end of a torchrun fit)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 @contextmanager
 def gathering(active: bool) -> Iterator[None]:
     """Within this block :func:`gather` concatenates the shards of every process."""
