@@ -19,16 +19,21 @@ def command(
     retrieval_target: Optional[str] = typer.Option(
         None, help="CLIP-cache array retrieval is computed in, flattened: image_embeds, or layers/24_proj for "
         "MindEye1's protocol [params: evaluate.retrieval_target]."),
+    drop_rois: Optional[str] = typer.Option(
+        None, help="Also score the model with these ROIs removed, comma-separated: ROI files (floc-faces), "
+        "labels (floc-faces/FFA-1) or floc (every floc-* file) [params: evaluate.drop_rois]."),
 ) -> None:
     """Score reconstructions with the MindEye2 protocol (metrics without local weights are reported unavailable)."""
     from pipeline.evaluation.runs import evaluate_run  # imports torch: only when run
 
-    p = resolve("evaluate", nsd_root=nsd_root, device=device, retrieval_target=retrieval_target)
+    p = resolve("evaluate", nsd_root=nsd_root, device=device, retrieval_target=retrieval_target, drop_rois=drop_rois)
+    if "drop_rois" in p and isinstance(p["drop_rois"], str):
+        p["drop_rois"] = [n.strip() for n in p["drop_rois"].split(",") if n.strip()]
     root = p.pop("nsd_root", None)
     if root is None:
         raise typer.BadParameter("give --nsd-root or set evaluate.nsd_root in params.yaml")
     weights = p.pop("weights", None) or None
-    out = evaluate_run(run, root, weights=weights, **{k: v for k, v in p.items() if k in ("device", "pool", "draws", "seed", "retrieval_target")})
+    out = evaluate_run(run, root, weights=weights, **{k: v for k, v in p.items() if k in ("device", "pool", "draws", "seed", "retrieval_target", "drop_rois")})
     typer.echo(json.dumps(out["reconstruction"], indent=1))
     for name, reason in out["unavailable"].items():
         typer.echo(f"{name}: unavailable ({reason})")

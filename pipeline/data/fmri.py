@@ -161,8 +161,8 @@ def prepare_fmri(
             else:
                 invalid = ~np.any(betas != 0, axis=0)
             invalid_sessions += invalid
-            ids, test = trials.image_ids[start:stop], trials.is_test[start:stop]
-            for split, sel in (("train", ~test), ("test", test)):
+            ids = trials.image_ids[start:stop]
+            for split, sel in (("train", splits["train"][start:stop]), ("test", splits["test"][start:stop])):
                 if averaged[split]:
                     pos = np.searchsorted(rows[split], ids[sel])
                     np.add.at(sums[split], pos, betas[sel])
