@@ -54,9 +54,10 @@ def command(
     base = section("fit_adapters")
     exp = {}
     if experiment is not None:
-        exp = (base.get("experiments") or {}).get(experiment)
+        known = {**(base.get("experiments") or {}), **(base.get("cross_subject") or {})}
+        exp = known.get(experiment)
         if exp is None:
-            raise UserError(f"params.yaml: no experiment {experiment!r} in fit_adapters.experiments")
+            raise UserError(f"params.yaml: no experiment {experiment!r} in fit_adapters.experiments or cross_subject")
     p = resolve("fit_adapters", fmri=_split(fmri) or exp.get("fmri"), clip=clip, seed=seed, device=device, subject=subject)
     chosen = method or exp.get("method")
     if chosen is None:

@@ -34,12 +34,6 @@ from ..store import write_text
 from . import metrics
 
 
-def _mean(reports: list[dict]) -> dict:
-    from ..fitting.fit_subjects import mean_report
-
-    return mean_report(reports)
-
-
 def evaluate_run(
     run: Path | str, nsd_root: Path | str, *, weights: dict[str, str] | None = None, device: str = "cpu",
     pool: int = 300, draws: int = 30, seed: int = 42, retrieval_target: str = "image_embeds",
@@ -66,7 +60,7 @@ def evaluate_run(
         out = scored[None]
     else:
         out = {"method": info.get("method"), "subjects": scored,
-               **{k: v for k, v in _mean(list(scored.values())).items() if k != "subjects"}}
+               **{k: v for k, v in metrics.mean_report(list(scored.values())).items() if k != "subjects"}}
         out["retrieval"] = {**scored[next(iter(scored))]["retrieval"], **out.get("retrieval", {})}
         out["unavailable"] = scored[next(iter(scored))]["unavailable"]
     if dropped is not None:
@@ -93,7 +87,7 @@ def _score_without(run: Path, info: dict, groups, drop: dict) -> dict[str, Any]:
                                 for name, p in preds.items() if len(p) >= 2}}
     if None in per:
         return per[None]
-    return {"subjects": per, **_mean(list(per.values()))}
+    return {"subjects": per, **metrics.mean_report(list(per.values()))}
 
 
 def _evaluate_group(run: Path, info: dict, preds: zarr.Group, test_ids: np.ndarray, recon: Path, nsd_root,

@@ -27,24 +27,12 @@ import zarr
 
 from .. import __version__
 from ..errors import UserError
+from ..evaluation.metrics import mean_report
 from ..store import compressor
 from .adapters.base import make_config
 from .adapters.finetune import MODES, apply_finetune, set_trainable
 from .adapters.subjects import SubjectAdapter, SubjectConfig, subject_key
 from .pairs import Pairs, clip_identity, open_cohort, store_settings
-
-
-def mean_report(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The mean of every number that all ``reports`` share, nested dicts alike (the published
-    tables average subjects 1, 2, 5, 7 this way)."""
-    out: dict[str, Any] = {}
-    for key in reports[0]:
-        values = [r.get(key) for r in reports]
-        if all(isinstance(v, dict) for v in values):
-            out[key] = mean_report(values)
-        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            out[key] = float(np.mean(values))
-    return out
 
 
 def load_init(init: Path | str, method: str, pairs: Pairs, targets: list[str]) -> tuple[SubjectAdapter, dict]:
