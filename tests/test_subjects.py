@@ -232,7 +232,8 @@ def test_bad_input_is_one_line_and_leaves_no_run(stores, pretrained, demo_root, 
     ]
     for i, (fmri, message) in enumerate(cases):
         out = tmp_path / f"run{i}"
-        result = _cli("--fmri", fmri[0], *fmri[1:], "--clip", clip, "--method", "mclip", "--out", str(out))
+        result = _cli("--fmri", fmri[0], *fmri[1:], "--clip", clip, "--method", "mclip", "--out", str(out),
+                      *([] if "--targets" in fmri else ["--targets", ",".join(TARGETS)]), "--epochs", "1")
         lines = result.output.strip().splitlines()
         assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error:"), result.output
         assert message in lines[0], lines[0]

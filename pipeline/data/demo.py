@@ -63,17 +63,19 @@ ROI_TABLES = {
     "streams": ["early", "midventral", "midlateral", "midparietal", "ventral", "lateral", "parietal"],
 }
 FLOC = ("floc-faces", "floc-bodies", "floc-places", "floc-words")
+VOLUME_STEPS = ((0, 0, 0), (-1, 0, 0), (0, -1, 1), (-1, 1, 0))
+"""Per subject (in order), its volume minus the first subject's: 692, 630, 742, 720 nsdgeneral voxels at 14x16x12."""
 
 
 @dataclass(frozen=True)
 class DemoConfig:
     """Sizes of the look-alike; defaults run the whole demo pipeline in minutes on 2 CPU cores."""
 
-    n_images: int = 680  # the "73k" pool
+    n_images: int = 520  # the "73k" pool
     image_size: int = 64  # NSD is 425; every reader resizes anyway
     subjects: tuple[int, ...] = (1, 2, 5, 7)  # NSD subject numbers written
     sessions: tuple[int, ...] = (4, 3, 4, 5)  # per subject of `subjects`; subject 2 has fewer, like subj03/04/06/08
-    trials_per_session: int = 120  # NSD: 750
+    trials_per_session: int = 96  # NSD: 750
     n_shared: int = 40  # NSD: 1000 (each 10k index appears 3x in masterordering)
     volume: tuple[int, int, int] = (14, 16, 12)  # (X, Y, Z) of the first subject; NSD subj01: 81x104x83
     noise: float = 0.7  # trial noise sd, relative to a unit-variance planted signal
@@ -83,7 +85,7 @@ class DemoConfig:
     mid_block: int = 3  # the "intermediate" layer prf voxels see (1-based)
     code_dim: int = 32  # width of the shared non-linear code (per hierarchy level)
     code_bandwidth: float = 2.0  # phase sd of its random Fourier features: larger is more non-linear
-    code_share: float = 0.7  # fraction of a planted voxel's signal variance that comes from the shared code
+    code_share: float = 0.5  # fraction of a planted voxel's signal variance that comes from the shared code
     seed: int = 0
     nifti_subjects: tuple[int, ...] = (1,)  # subjects that also get .nii.gz betas (all get .hdf5)
     extra: dict = field(default_factory=dict)
@@ -101,9 +103,8 @@ class DemoConfig:
     def volume_of(self, subject: int) -> tuple[int, int, int]:
         """Each subject's (X, Y, Z): the first subject's, a voxel smaller or larger along one axis or
         two, so voxel counts differ like NSD's."""
-        i = self.subjects.index(subject)
-        x, y, z = self.volume
-        return (x - i % 2, y - (i // 2) % 2, z + (i % 4 == 2))
+        step = VOLUME_STEPS[self.subjects.index(subject) % len(VOLUME_STEPS)]
+        return tuple(int(a + b) for a, b in zip(self.volume, step, strict=True))
 
 
 # ---- images and captions ----------------------------------------------------------------------------

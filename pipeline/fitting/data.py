@@ -179,7 +179,8 @@ class TargetBank:
         if self.streamed:
             blocks = self.block_of_image[rows]
             parts = {name: torch.empty((len(rows), *self.shapes[name])) for name in self.streamed}
-            for b in np.unique(blocks):
+            _, first = np.unique(blocks, return_index=True)
+            for b in blocks[np.sort(first)]:  # in the pass's order: the batch's last block stays held for the next
                 held = self._block(int(b))
                 at = np.flatnonzero(blocks == b)
                 local = torch.as_tensor(rows[at] - self._block_start[b])
