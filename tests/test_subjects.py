@@ -273,3 +273,21 @@ def test_torchrun_two_gloo_processes_equal_one_process(stores, tmp_path):
     pa, pb = (zarr.open_group(tmp_path / r / "predictions.zarr", mode="r") for r in ("one", "two"))
     np.testing.assert_allclose(pa["subj02/test/image_embeds"][:], pb["subj02/test/image_embeds"][:], rtol=1e-4, atol=1e-4)
     assert not list(tmp_path.glob("two.*"))
+
+
+def test_brain_experts_second_stage_and_litemind_trunk(stores, tmp_path):
+    run = tmp_path / "experts"
+    _fit([stores[1], stores[2]], stores["clip"], run, experts=2, subjects={**SUBJ, "expert_hidden": 8, "expert_epochs": 2})
+    info = json.loads((run / "run.json").read_text())
+    pre, second = info["trained"]
+    model = load_adapter(run / "adapters/mclip")
+    assert (pre["stage"], second["stage"]) == ("pretrain", "experts")
+    assert second["trainable"] == info["parameter_counts"]["experts"] == sum(p.numel() for p in model.experts.parameters())
+    assert pre["trainable"] == info["n_params"] - info["parameter_counts"]["experts"]
+    gates = {k: torch.softmax(v.detach(), 0) for k, v in model.experts.gates.items()}
+    assert not torch.allclose(gates["subj01"], gates["subj02"])  # subject-conditioned
+    lite = {"targets": TARGETS, "patch_size": 4, "dims": [16, 17], "depths": [1, 1], "mlp_ratio": 2.0,
+            "drop_path": 0.0, "dropout": 0.0, "temperature": 0.05}
+    report = fit_adapters([stores[1], stores[2]], stores["clip"], "litemind", tmp_path / "lite", params=lite,
+                          train=TRAIN, subjects=SUBJ, align="roi", progress=False)
+    assert set(report["subjects"]) == {"subj01", "subj02"} and np.isfinite(report["targets"]["image_embeds"]["pearson_r"])
