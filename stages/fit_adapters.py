@@ -29,6 +29,11 @@ def _split(text: str | list | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _several(fmri, *multi_options) -> bool:
+    """Whether this is a multi-subject run (then ``fit_adapters.subjects`` applies)."""
+    return (isinstance(fmri, list) and len(fmri) > 1) or any(o is not None and o != 0 for o in multi_options)
+
+
 @user_errors
 def command(
     experiment: Optional[str] = typer.Option(None, help="Name of an experiment in params.yaml fit_adapters.experiments; its settings are the defaults."),
@@ -81,7 +86,9 @@ def command(
         train=train, subject=p.get("subject"), seed=p.get("seed", 0), device=p.get("device", "auto"),
         holdout_categories=_split(exp.get("holdout_categories")), nsd_root=base.get("nsd_root"),
         align=align or exp.get("align"), experts=experts if experts is not None else exp.get("experts"),
-        init=init or exp.get("init"), finetune=finetune or exp.get("finetune"), subjects=subjects,
+        init=init or exp.get("init"), finetune=finetune or exp.get("finetune"),
+        subjects=subjects if _several(p["fmri"], align or exp.get("align"), experts or exp.get("experts"),
+                                      init or exp.get("init"), finetune or exp.get("finetune")) else None,
     )
     if not report:  # another process of a torchrun run: process 0 writes and reports
         return
