@@ -119,7 +119,7 @@ def main() -> None:
 
     n10k = args.sessions * args.trials // 3
     cfg = DemoConfig(
-        n_images=args.images or n10k, image_size=425, sessions=(args.sessions,), trials_per_session=args.trials,
+        n_images=args.images or n10k, image_size=425, subjects=(1,), sessions=(args.sessions,), trials_per_session=args.trials,
         n_shared=max(2, n10k // 10), volume=VOLUME, brain_scale=BRAIN_SCALE, nifti_subjects=(),
     )
     n_test, n_train = cfg.n_shared, n10k - cfg.n_shared

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .params import resolve, user_errors
+from .params import comma_list, resolve, user_errors
 
 
 @user_errors
@@ -19,13 +19,18 @@ def command(
     retrieval_target: Optional[str] = typer.Option(
         None, help="CLIP-cache array retrieval is computed in, flattened: image_embeds, or layers/24_proj for "
         "MindEye1's protocol [params: evaluate.retrieval_target]."),
+    drop_rois: Optional[str] = typer.Option(
+        None, help="Also score the model with these ROIs removed, comma-separated: ROI files (floc-faces), "
+        "labels (floc-faces/FFA-1) or floc (every floc-* file) [params: evaluate.drop_rois]."),
 ) -> None:
     """Score reconstructions with the MindEye2 protocol (metrics without local weights are reported unavailable)."""
     from pipeline.evaluation.runs import evaluate_run  # imports torch: only when run
 
     # weights, pool, draws, seed: params.yaml only (resolve reads a key only when it is named)
     p = resolve("evaluate", nsd_root=nsd_root, device=device, retrieval_target=retrieval_target,
-                weights=None, pool=None, draws=None, seed=None)
+                drop_rois=drop_rois, weights=None, pool=None, draws=None, seed=None)
+    if "drop_rois" in p:
+        p["drop_rois"] = comma_list(p["drop_rois"])
     root = p.pop("nsd_root", None)
     if root is None:
         raise typer.BadParameter("give --nsd-root or set evaluate.nsd_root in params.yaml")

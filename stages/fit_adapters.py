@@ -3,7 +3,11 @@
 Parameters live in the ``fit_adapters`` section of params.yaml: the two stores, and one entry per
 experiment under ``experiments`` (its method, targets, ROIs); each method's own settings sit in a
 section named after it (``ridge``, ``mclip``, ``litemind``; trained methods carry a ``train``
-sub-section with :class:`pipeline.fitting.train.TrainConfig` fields).
+sub-section with :class:`pipeline.fitting.train.TrainConfig` fields). Multi-subject runs: an
+experiment's ``fmri`` (a list of stores), ``align``, ``experts``, ``init``, ``finetune`` and
+``train`` override, and ``fit_adapters.subjects`` holds the
+:class:`pipeline.fitting.adapters.subjects.SubjectConfig` defaults. Runs unchanged under
+``torchrun --nproc-per-node N cli.py fit-adapters ...``.
 """
 
 from __future__ import annotations
@@ -16,19 +20,18 @@ import typer
 
 from pipeline.errors import UserError
 
-from .params import resolve, section, user_errors
+from .params import comma_list, resolve, section, user_errors
 
 
-def _split(text: str | list | None) -> list[str] | None:
-    if text is None or isinstance(text, list):
-        return text
-    return [t.strip() for t in text.split(",") if t.strip()]
+def _several(fmri, *multi_options) -> bool:
+    """Whether this is a multi-subject run (then ``fit_adapters.subjects`` applies)."""
+    return (isinstance(fmri, list) and len(fmri) > 1) or any(o is not None and o != 0 for o in multi_options)
 
 
 @user_errors
 def command(
     experiment: Optional[str] = typer.Option(None, help="Name of an experiment in params.yaml fit_adapters.experiments; its settings are the defaults."),
-    fmri: Optional[Path] = typer.Option(None, help="fMRI cache made by prepare-fmri [params: fit_adapters.fmri]."),
+    fmri: Optional[str] = typer.Option(None, help="fMRI cache made by prepare-fmri, or a comma-separated list of several subjects' caches (one multi-subject model) [params: fit_adapters.fmri]."),
     clip: Optional[Path] = typer.Option(None, help="CLIP cache made by extract-clip [params: fit_adapters.clip]."),
     method: Optional[str] = typer.Option(None, help="ridge, mclip or litemind."),
     out: Optional[Path] = typer.Option(None, help="Run folder [default: runs/<experiment or method>]."),
@@ -38,6 +41,11 @@ def command(
     seed: Optional[int] = typer.Option(None, help="Seed of folds, initialisation and batching."),
     device: Optional[str] = typer.Option(None, help="auto (cuda when present), cpu or cuda[:N]."),
     subject: Optional[int] = typer.Option(None, help="Refuse an fMRI cache of another subject."),
+    align: Optional[str] = typer.Option(None, help="Multi-subject input layers: voxels (a linear map per subject, MindEye2) or roi (per-ROI-label tokens)."),
+    experts: Optional[int] = typer.Option(None, help="K brain experts after the shared trunk, trained in a second stage (Wills Aligner)."),
+    init: Optional[Path] = typer.Option(None, help="Pre-trained multi-subject run to fine-tune on the new subject of --fmri."),
+    finetune: Optional[str] = typer.Option(None, help="With --init: all (everything), lora or skip-lora (adapters only) [default: all]."),
+    lora_rank: Optional[int] = typer.Option(None, help="Rank of the LoRA / Skip-LoRA adapters [params: fit_adapters.subjects.lora_rank]."),
 ) -> None:
     """Fit fMRI -> CLIP-layer adapters (ridge, BrainMCLIP, Lite-Mind) from the caches and predict the test set."""
     from pipeline.fitting.fit import fit_adapters  # imports torch: only when run
@@ -45,15 +53,19 @@ def command(
     base = section("fit_adapters")
     exp = {}
     if experiment is not None:
-        exp = (base.get("experiments") or {}).get(experiment)
+        known = {**(base.get("experiments") or {}), **(base.get("cross_subject") or {})}
+        exp = known.get(experiment)
         if exp is None:
-            raise UserError(f"params.yaml: no experiment {experiment!r} in fit_adapters.experiments")
-    p = resolve("fit_adapters", fmri=fmri, clip=clip, seed=seed, device=device, subject=subject)
+            raise UserError(f"params.yaml: no experiment {experiment!r} in fit_adapters.experiments or cross_subject")
+    p = resolve("fit_adapters", fmri=comma_list(fmri) or exp.get("fmri"), clip=clip, seed=seed, device=device, subject=subject)
     chosen = method or exp.get("method")
     if chosen is None:
         raise UserError("give --method (ridge, mclip or litemind) or --experiment")
     settings = dict(base.get(chosen) or {})
-    train = dict(settings.pop("train", None) or {})
+    train = {**dict(settings.pop("train", None) or {}), **dict(exp.get("train") or {})}
+    subjects = {**dict(base.get("subjects") or {}), **dict(exp.get("subjects") or {})}
+    if lora_rank is not None:
+        subjects["lora_rank"] = lora_rank
     if epochs is not None:
         train["epochs"] = epochs
     for key in ("fmri", "clip"):
@@ -62,11 +74,19 @@ def command(
     run = out or Path("runs") / (experiment or chosen)
     report = fit_adapters(
         p["fmri"], p["clip"], chosen, run,
-        targets=_split(targets) or _split(exp.get("targets")),
-        rois=_split(rois) or _split(exp.get("rois")),
+        targets=comma_list(targets) or comma_list(exp.get("targets")),
+        rois=comma_list(rois) or comma_list(exp.get("rois")),
         params={**settings, **(exp.get("params") or {})},
         train=train, subject=p.get("subject"), seed=p.get("seed", 0), device=p.get("device", "auto"),
-        holdout_categories=_split(exp.get("holdout_categories")), nsd_root=base.get("nsd_root"),
+        holdout_categories=comma_list(exp.get("holdout_categories")), nsd_root=base.get("nsd_root"),
+        align=align or exp.get("align"), experts=experts if experts is not None else exp.get("experts"),
+        init=init or exp.get("init"), finetune=finetune or exp.get("finetune"),
+        subjects=subjects if _several(p["fmri"], align or exp.get("align"), experts or exp.get("experts"),
+                                      init or exp.get("init"), finetune or exp.get("finetune")) else None,
     )
+    if not report:  # another process of a torchrun run: process 0 writes and reports
+        return
     typer.echo(json.dumps({name: {k: round(v, 4) for k, v in r.items()} for name, r in report["targets"].items()}, indent=1))
+    if "subjects" in report:
+        typer.echo(f"(mean over {', '.join(report['subjects'])})")
     typer.echo(f"wrote {run}")

@@ -26,6 +26,7 @@ def command(
         None, "--average-repeats/--no-average-repeats", help="Aliases of --repeats mean / --repeats trials."
     ),
     sessions: Optional[int] = typer.Option(None, help="Use the first K sessions [default: all present]."),
+    train_sessions: Optional[int] = typer.Option(None, help="Training rows from the first K sessions only; test rows from every session used (MindEye2's 1-hour protocol)."),
     beta_format: Optional[str] = typer.Option(None, help="auto (prefer .hdf5), hdf5 or nifti."),
     betas_version: Optional[str] = typer.Option(None, help="Beta folder, e.g. betas_fithrf_GLMdenoise_RR."),
 ) -> None:
@@ -41,6 +42,8 @@ def command(
         "prepare_fmri", nsd_root=nsd_root, zscore=zscore, repeats=repeats,
         sessions=sessions, beta_format=beta_format, betas_version=betas_version,
     )
+    if train_sessions is not None:
+        p["train_sessions"] = train_sessions
     p.pop("subjects", None)
     root = p.pop("nsd_root", None)
     if root is None:

@@ -176,7 +176,8 @@ def test_demo_planted_layers_are_the_best_layers(demo_result, demo_root):
 def test_demo_noise_ceiling_matches_the_planted_one(demo_result, demo_root):
     result, _ = demo_result
     noise = float(np.load(demo_root / "demo/planted.npz")["noise"])
-    planted = 100 / (1 + noise**2 / 3)  # signal variance share of the mean of 3 repeats (planted.json)
+    repeats = zarr.open_group(result["fmri"], mode="r")["test/n_repeats"][...]
+    planted = 100 / (1 + noise**2 * np.mean(1 / repeats))  # signal share of the mean of each image's repeats
     assert result["noise_ceiling"]["prf-visualrois"] == pytest.approx(planted, abs=3)
     assert result["noise_ceiling"]["floc"] == pytest.approx(planted, abs=3)
     assert result["noise_ceiling"]["streams/lateral"] < 15  # not planted: noise only

@@ -18,6 +18,7 @@ from test_extract import hooked_forward, images_of
 from typer.testing import CliRunner
 
 from cli import app
+from pipeline.data.demo import DemoConfig
 from pipeline.data.nsd import NSD
 from pipeline.errors import UserError
 from pipeline.features import clip
@@ -151,7 +152,7 @@ def test_projected_tokens_match_hooks_and_token0_is_image_embeds(demo_root, tmp_
     out = extract_clip(demo_root, tmp_path / "p.zarr", pretrained=str(weights), layers="6:proj,3:proj", tokens="all", **KW)
     g = zarr.open_group(out, mode="r")
     loaded, blocks, embeds = hooked_forward(weights, images_of(demo_root, range(64)))
-    assert g["layers/6_proj"].shape == (360, 17, 32)  # D = embed_dim 32, not the width 64
+    assert g["layers/6_proj"].shape == (DemoConfig().n_images, 17, 32)  # D = embed_dim 32, not the width 64
     for k in (3, 6):
         np.testing.assert_allclose(g[f"layers/{k}_proj"][0:64], project(loaded.model, torch.from_numpy(blocks[k])),
                                    rtol=2e-3, atol=2e-3)

@@ -14,7 +14,7 @@ import torch
 import zarr
 from PIL import Image
 
-from pipeline.data.demo import SHAPES
+from pipeline.data.demo import SHAPES, DemoConfig
 from pipeline.data.nsd import NSD
 from pipeline.decoding import decode
 from pipeline.errors import UserError
@@ -22,6 +22,7 @@ from pipeline.evaluation import zeroshot
 from pipeline.features import clip
 
 D = 32  # tiny CLIP embedding size (the demo's nsd-tiny-vit has embed_dim 32 too)
+N = DemoConfig().n_images
 
 
 
@@ -120,20 +121,20 @@ def test_retrieval_decode_on_the_demo(demo_clip: dict):
     assert recon.shape == (len(test_ids), 2, *images.shape[1:])
     assert not np.isin(ids, test_ids).any()
     np.testing.assert_array_equal(recon[3, 1], images[ids[3, 1]])
-    with pytest.raises(UserError, match="the cache has 360 rows but the stimulus file 359"):
+    with pytest.raises(UserError, match=f"the cache has {N} rows but the stimulus file {N - 1}"):
         decode.retrieval_decode(pred, emb, images[:-1])
 
 
 # ---- zero-shot and text targets --------------------------------------------------------------------------
 def test_coco_categories_are_the_planted_classes(demo_clip: dict):
-    ids = np.array([0, 9, 13, 200, 359])
+    ids = np.array([0, 9, 13, 200, N - 1])
     names, labels = zeroshot.coco_categories(demo_clip["nsd"], ids)
     assert names == list(SHAPES)
     expected = np.zeros((5, len(SHAPES)), bool)
     expected[np.arange(5), ids % len(SHAPES)] = True  # the demo draws shape i % 8 for image i
     np.testing.assert_array_equal(labels, expected)
-    with pytest.raises(UserError, match=r"image ids \[360\] are not in .*nsd_stim_info_merged.csv"):
-        zeroshot.coco_categories(demo_clip["nsd"], [3, 360])
+    with pytest.raises(UserError, match=rf"image ids \[{N}\] are not in .*nsd_stim_info_merged.csv"):
+        zeroshot.coco_categories(demo_clip["nsd"], [3, N])
 
 
 def test_class_embeddings_use_the_clip_text_tower(demo_clip: dict):

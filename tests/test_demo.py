@@ -21,7 +21,7 @@ def test_formats_dtypes_and_index_bases(demo_root):
     assert (mat["subjectim"][:, : mat["sharedix"].size] == mat["sharedix"]).all()
     nsd = NSD(demo_root)
     with h5py.File(nsd.betas_path(2, 1, "hdf5")) as f:
-        assert f["betas"].dtype == np.int16 and f["betas"].shape[1:] == (12, 16, 14)  # (T, Z, Y, X)
+        assert f["betas"].dtype == np.int16 and f["betas"].shape[1:] == (12, 16, 13)  # (T, Z, Y, X); subj02 is 13x16x12
     assert not nsd.betas_path(2, 1, "nifti").exists() and nsd.betas_path(1, 1, "nifti").exists()
     assert list(nsd.stim_info.columns[:8]) == ["cocoId", "cocoSplit", "cropBox", "loss", "nsdId",
                                                 "flagged", "BOLD5000", "shared1000"]
@@ -55,7 +55,7 @@ def test_planted_voxels_are_reliable_and_others_are_noise(demo_root, tmp_path):
 
 
 def test_same_seed_same_data(tmp_path):
-    cfg = DemoConfig(n_images=120, sessions=(1,), trials_per_session=90, n_shared=10, volume=(8, 9, 7),
+    cfg = DemoConfig(n_images=120, subjects=(1,), sessions=(1,), trials_per_session=90, n_shared=10, volume=(8, 9, 7),
                      tower=TowerTraining(epochs=2))  # a short training: still part of what must repeat
     a, b = make_demo(tmp_path / "a", cfg), make_demo(tmp_path / "b", cfg)
     assert (a / "demo/nsd-tiny-vit.safetensors").read_bytes() == (b / "demo/nsd-tiny-vit.safetensors").read_bytes()
@@ -63,3 +63,17 @@ def test_same_seed_same_data(tmp_path):
         np.testing.assert_array_equal(fa["betas"][()], fb["betas"][()])
     with NSD(a).stimuli() as ia, NSD(b).stimuli() as ib:
         np.testing.assert_array_equal(ia[()], ib[()])
+
+
+def test_subjects_differ_in_voxels_and_sessions_and_share_one_code(demo_root):
+    """Subjects 1, 2, 5, 7 (NSD's numbers), each with its own volume and session count; their planted
+    voxels mix the same shared code, so one subject's signal is (nearly) a linear map of another's."""
+    cfg = DemoConfig()
+    nsd = NSD(demo_root)
+    counts = {s: int((nsd.read_roi(s, "nsdgeneral") == 1).sum()) for s in cfg.subjects}
+    assert len(set(counts.values())) == len(cfg.subjects)
+    assert {s: len(nsd.sessions(s)) for s in cfg.subjects} == dict(zip(cfg.subjects, cfg.sessions))
+    mat = scipy.io.loadmat(demo_root / "nsddata/experiments/nsd/nsd_expdesign.mat")
+    assert mat["subjectim"].shape[0] == max(cfg.subjects)
+    planted = np.load(demo_root / "demo/planted.npz")
+    assert planted["subj07_m_final"].shape[0] == cfg.code_dim and "code_final_w" in planted

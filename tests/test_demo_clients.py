@@ -184,5 +184,5 @@ def test_responses_tsv_records_old_images_and_answers(demo_root):
         assert resp["RT"].between(200, 3000).all()
         for _, sess in resp.groupby("SESSION"):
             assert (np.diff(sess["TIME"]) > 0).all() and np.ptp(sess["TIME"]) < 1  # within one day
-        if subject == 1:  # three sessions: every image is shown three times, so two thirds are repeats
-            assert resp["ISOLD"].mean() == pytest.approx(2 / 3)
+        if subject == 1:  # fewer sessions than the design: some images shown once or twice only
+            assert resp["ISOLD"].mean() == pytest.approx(1 - resp["73KID"].nunique() / len(resp))

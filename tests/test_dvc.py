@@ -169,7 +169,8 @@ def test_import_closure_follows_relative_and_lazy_imports():
     # -> ..features.clip (lazy, inside brainclip_tasks)
     assert {"pipeline/evaluation/runs.py", "pipeline/decoding/decode.py", "pipeline/features/clip.py",
             "pipeline/store.py", "stages/params.py"} <= deps
-    assert "pipeline/fitting/fit.py" not in deps
+    assert "pipeline/fitting/fit.py" in deps  # evaluate --drop-rois re-predicts (lazy, in evaluate_run)
+    assert "pipeline/analysis/alignment.py" not in deps
 
 
 def test_check_disk_budgets_the_copy_dvc_makes_of_cached_outputs(tmp_path, monkeypatch):

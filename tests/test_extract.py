@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cli import app
+from pipeline.data.demo import DemoConfig
 from pipeline.errors import UserError
 from pipeline.features import clip
 from pipeline.features.cache import filled_rows, open_cache
@@ -31,7 +32,8 @@ from pipeline.features.extract import extract_clip, select_images
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = "2,4,6,2-4:mean"  # the demo's analogue of 8,16,24,11-20:mean
 KW = dict(model="nsd-tiny-vit", layers=LAYERS, shard_rows=64, batch_size=24, progress=False)
-# 360 images -> 6 shards (the last one 40 rows); 64 = 24 + 24 + 16, so batches never cross a shard
+N = DemoConfig().n_images  # 520 images -> 9 shards (the last one 8 rows); 64 = 24 + 24 + 16, so batches never cross a shard
+SHARDS = -(-N // 64)
 
 
 
@@ -101,15 +103,15 @@ def test_tokens_embeds_and_captions_match_independent_references(demo_root, weig
     np.testing.assert_allclose(store["text_embeds"][row], ref, rtol=1e-5, atol=1e-5)
 
     assert store["layers/2"].dtype == np.float16 and store["image_embeds"].dtype == np.float32
-    assert store["text_embeds"].shape == (360, 5, 32)
+    assert store["text_embeds"].shape == (N, 5, 32)
     arr = store["layers/6"]
     assert arr.shards == (64, 17, 64) and 64 % arr.chunks[0] == 0
     attrs = dict(store.attrs)
     assert attrs["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert attrs["layers"]["2-4_mean"] == {"blocks": [2, 3, 4], "aggregate": "mean", "projected": False}
     assert attrs["activation"] == "gelu" and attrs["open_clip_model"] == "nsd-tiny-vit"
-    assert attrs["N"] == 360 and attrs["tokens"] == "all" and attrs["compute_dtype"] == "float32"
-    assert attrs["preprocessing"]["size"] == [32, 32] and attrs["source"]["n_images"] == 360
+    assert attrs["N"] == N and attrs["tokens"] == "all" and attrs["compute_dtype"] == "float32"
+    assert attrs["preprocessing"]["size"] == [32, 32] and attrs["source"]["n_images"] == N
     assert filled_rows(store).all()
 
 
@@ -128,10 +130,10 @@ def test_token_modes_and_image_subsets(demo_root, weights, store, tmp_path):
                            images="10-20", captions=False, **KW)
         g = zarr.open_group(out, mode="r")
         got = g["layers/4"]
-        assert got.shape == (360, want.shape[1], 64)
+        assert got.shape == (N, want.shape[1], 64)
         np.testing.assert_allclose(got[0:64], want, rtol=1e-2, atol=1e-2)  # float16 rounding of both
         # ids 10..20 -> shard 0 filled whole; every other row untouched (0) and marked unfilled
-        np.testing.assert_array_equal(filled_rows(g), np.arange(360) < 64)
+        np.testing.assert_array_equal(filled_rows(g), np.arange(N) < 64)
         assert not got[64:].any() and "text_embeds" not in g and g.attrs["tokens"] == mode
     with pytest.raises(UserError, match="not extracted yet"):
         open_cache(tmp_path / "cls.zarr")
@@ -143,11 +145,11 @@ def test_images_selection_follows_expdesign(demo_root):
 
     mat = scipy.io.loadmat(demo_root / "nsddata/experiments/nsd/nsd_expdesign.mat")
     nsd = NSD(demo_root)
-    np.testing.assert_array_equal(select_images("shared", 360, nsd), np.sort(mat["sharedix"].ravel() - 1))
-    np.testing.assert_array_equal(select_images("subject:2", 360, nsd), np.unique(mat["subjectim"][1] - 1))
-    np.testing.assert_array_equal(select_images("5-9", 360, nsd), np.arange(5, 10))
+    np.testing.assert_array_equal(select_images("shared", N, nsd), np.sort(mat["sharedix"].ravel() - 1))
+    np.testing.assert_array_equal(select_images("subject:2", N, nsd), np.unique(mat["subjectim"][1] - 1))
+    np.testing.assert_array_equal(select_images("5-9", N, nsd), np.arange(5, 10))
     with pytest.raises(UserError, match="needs nsd_expdesign.mat"):
-        select_images("shared", 360, None)
+        select_images("shared", N, None)
 
 
 def test_local_checkpoint_files_load(demo_root, weights, store, tmp_path):
@@ -192,7 +194,7 @@ def test_resume_after_kill_9_is_bit_identical_and_skips_done_shards(demo_root, w
     )
     assert proc.returncode == -9, proc.stderr  # shards 0, 1 complete; shard 2 half written, unflagged
     g = zarr.open_group(out, mode="r")
-    np.testing.assert_array_equal(g["shard_done"][:], [True, True, False, False, False, False])
+    np.testing.assert_array_equal(g["shard_done"][:], np.arange(SHARDS) < 2)
     shard1 = out / "layers/4/c/1/0/0"
     stamp = shard1.stat().st_ino, shard1.stat().st_mtime_ns
 
@@ -207,7 +209,7 @@ def test_resume_after_kill_9_is_bit_identical_and_skips_done_shards(demo_root, w
     with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
         m.setattr(zarr.Array, "__setitem__", interrupt)
         extract_clip(demo_root, out, **kw)
-    np.testing.assert_array_equal(g["shard_done"][:], [True, True, True, False, False, False])
+    np.testing.assert_array_equal(g["shard_done"][:], np.arange(SHARDS) < 3)
     # a torn shard object and a stray temp file, as an interrupted atomic write leaves them
     torn = out / "layers/2/c/3/0/0"
     torn.write_bytes(torn.read_bytes()[:100])
@@ -224,7 +226,7 @@ def test_other_settings_refused_same_settings_resume(demo_root, weights, store_p
         extract_clip(demo_root, store_path, pretrained=str(weights), **{**KW, "layers": "2,4"})
     lines = []
     extract_clip(demo_root, store_path, pretrained=str(weights), report=lines.append, **KW)
-    assert "6 of 6 requested shards already done, writing 0" in lines[0]
+    assert f"{SHARDS} of {SHARDS} requested shards already done, writing 0" in lines[0]
     assert tree(store_path) == before  # neither call changed a byte
 
     small = tmp_path / "small.zarr"
@@ -255,8 +257,8 @@ BAD = [
     Case(["--tokens", "grid:5"], "finer than the model's (4, 4) patch grid"),
     Case(["--tokens", "merge:16"], "merge:16 must merge into fewer than the model's 16 patches"),
     Case(["--layers", "2-4:proj"], "cannot parse '2-4:proj'"),
-    Case(["--images", "subject:9"], "subjects are 1..2"),
-    Case(["--images", "300-400"], "need A <= B < 360"),
+    Case(["--images", "subject:9"], f"subjects are 1..{max(DemoConfig().subjects)}"),
+    Case(["--images", f"300-{N + 40}"], f"need A <= B < {N}"),
     Case(["--images", "odd"], "--images must be all, shared, subject:N or A-B"),
     Case(["--dtype", "int8"], "--dtype must be one of"),
     Case(["--pretrained", "{tmp}/missing.pt"], "checkpoint file not found"),

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.data.demo import DemoConfig
 from pipeline.data.nsd import NSD, read_ctab
 from pipeline.errors import UserError
 
@@ -18,7 +19,8 @@ from pipeline.errors import UserError
 def test_trial_mapping_matches_stim_info_rep_columns(demo_root):
     nsd = NSD(demo_root)
     info = nsd.stim_info
-    for subject, n_sessions in ((1, 3), (2, 2)):
+    cfg = DemoConfig()
+    for subject, n_sessions in zip(cfg.subjects, cfg.sessions):
         n_trials = n_sessions * nsd.n_trials(subject, 1)
         ids, is_test = nsd.expdesign.trials(subject, n_trials)
         # independent: the CSV lists, per image, the 1-based global trials it was shown in
@@ -47,8 +49,10 @@ def test_test_split_is_the_shared_images(demo_root):
 
 def test_fewer_sessions_leave_images_with_one_or_two_repeats(demo_root):
     nsd = NSD(demo_root)
-    assert nsd.sessions(1) == [1, 2, 3] and nsd.sessions(2) == [1, 2]
-    ids, _ = nsd.expdesign.trials(2, 2 * nsd.n_trials(2, 1))
+    cfg = DemoConfig()
+    assert [nsd.sessions(s) for s in cfg.subjects] == [list(range(1, n + 1)) for n in cfg.sessions]
+    assert len(nsd.sessions(2)) < max(cfg.sessions)
+    ids, _ = nsd.expdesign.trials(2, len(nsd.sessions(2)) * nsd.n_trials(2, 1))
     counts = np.bincount(np.unique(ids, return_counts=True)[1])
     assert counts[1] > 0 and counts[2] > 0 and counts[3] > 0
 
@@ -102,5 +106,5 @@ def test_missing_root_and_bad_subject(demo_root, tmp_path):
         NSD(tmp_path / "nope")
     with pytest.raises(UserError, match="subject 9 is not in"):
         NSD(demo_root).expdesign.trials(9, 10)
-    with pytest.raises(UserError, match="no betas for subject 5"):
-        NSD(demo_root).sessions(5)
+    with pytest.raises(UserError, match="no betas for subject 3"):  # the demo writes subjects 1, 2, 5, 7
+        NSD(demo_root).sessions(3)

@@ -15,6 +15,7 @@ import zarr
 from typer.testing import CliRunner
 
 from cli import app
+from pipeline.data.demo import DemoConfig
 from pipeline.data.fmri import prepare_fmri, zscore_session
 from pipeline.data.nsd import NSD
 
@@ -73,13 +74,14 @@ def test_voxel_order_rois_and_attrs(demo_root, subj01):
     np.testing.assert_array_equal(subj01["voxels/prf-visualrois"][:], np.maximum(prf, 0))
     assert subj01["voxels/prf-visualrois"].attrs["labels"]["7"] == "hV4"
     attrs = dict(subj01.attrs)
-    assert attrs["subject"] == 1 and attrs["sessions"] == [1, 2, 3] and attrs["zscore"] == "session"
-    assert attrs["repeats"] == "mean" and len(attrs["sources"]["betas"]) == 3
+    n = DemoConfig().sessions[0]
+    assert attrs["subject"] == 1 and attrs["sessions"] == list(range(1, n + 1)) and attrs["zscore"] == "session"
+    assert attrs["repeats"] == "mean" and len(attrs["sources"]["betas"]) == n and attrs["train_sessions"] == attrs["sessions"]
 
 
 def test_invalid_voxels_are_zero_and_counted(demo_root, subj01):
     ref = reference(demo_root, 1, zscore=False)
-    per_session = np.split(ref.drop(columns=["image", "test"]).to_numpy(), 3)
+    per_session = np.split(ref.drop(columns=["image", "test"]).to_numpy(), DemoConfig().sessions[0])
     expected = sum((s == 0).all(0).astype(int) for s in per_session)
     assert expected.max() >= 1  # the demo plants some
     np.testing.assert_array_equal(subj01["voxels/invalid_sessions"][:], expected)
@@ -168,7 +170,8 @@ def test_bad_root_subject_and_sessions(demo_root, tmp_path):
     out = tmp_path / "o.zarr"
     _fails(["--nsd-root", str(tmp_path / "missing"), "--subject", "1"], "NSD root not found", out)
     _fails(["--nsd-root", str(demo_root), "--subject", "9"], "subject 9", out)
-    _fails(["--nsd-root", str(demo_root), "--subject", "2", "--sessions", "3"], "sessions 1..2", out)
+    _fails(["--nsd-root", str(demo_root), "--subject", "2", "--sessions", "4"], "sessions 1..3", out)
+    _fails(["--nsd-root", str(demo_root), "--subject", "2", "--train-sessions", "4"], "--train-sessions 4: choose 1..3", out)
     _fails(["--nsd-root", str(demo_root), "--subject", "1", "--zscore", "run"], "--zscore", out)
 
 
@@ -198,9 +201,9 @@ def test_cli_help_and_real_process_exit_code(demo_root, tmp_path):
     for command in ("make-demo", "prepare-fmri"):
         assert command in helptext.stdout
     run = subprocess.run(
-        [sys.executable, "cli.py", "prepare-fmri", "--nsd-root", str(demo_root), "--subject", "7",
+        [sys.executable, "cli.py", "prepare-fmri", "--nsd-root", str(demo_root), "--subject", "3",
          "--out", str(tmp_path / "x.zarr")],
         cwd=ROOT, capture_output=True, text=True,
     )
-    assert run.returncode == 1 and "Traceback" not in run.stderr
-    assert run.stderr.strip().splitlines() == [run.stderr.strip()] and "subject 7" in run.stderr
+    assert run.returncode == 1 and "Traceback" not in run.stderr  # the demo writes subjects 1, 2, 5, 7
+    assert run.stderr.strip().splitlines() == [run.stderr.strip()] and "subject 3" in run.stderr

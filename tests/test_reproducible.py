@@ -24,7 +24,7 @@ from pipeline.features.extract import extract_clip
 from pipeline.fitting.fit import TIMINGS, fit_adapters
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = DemoConfig(n_images=120, sessions=(3,), trials_per_session=60, n_shared=12, volume=(8, 9, 7))
+SMALL = DemoConfig(n_images=120, subjects=(1,), sessions=(3,), trials_per_session=60, n_shared=12, volume=(8, 9, 7))
 
 
 def tree_hashes(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:

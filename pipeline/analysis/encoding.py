@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UserError
-from ..fitting.backend import Backend, get_backend
 from ..fitting.adapters.ridge_solvers import cv_r2, decompose, grouped_folds, select_alphas, shrinkage
+from ..fitting.backend import Backend, get_backend
 
 DEFAULT_ALPHAS = tuple(10.0 ** np.arange(-1, 8))
 """Penalties for z-scored features: 0.1 .. 1e7 (the largest eigenvalue of a 9000-image, 1024-wide

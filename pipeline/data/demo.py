@@ -9,6 +9,20 @@ images and captions at make-demo time, :mod:`.demo_tower`; weights saved next to
 - ``floc-*`` voxels respond to the final embedding (``encode_image``),
 - other ``nsdgeneral`` voxels respond to neither (noise only),
 
+each through a subject-specific linear read-out of the features; the ``floc`` voxels (the levels in
+``code_levels``) also through a subject-specific mixing of one *shared*, strongly non-linear code of
+them (random Fourier features, the same for every subject; ``code_share`` of the signal variance).
+The prf voxels get no such code on purpose: a non-linear function of block-3 tokens is predicted
+linearly better by block 4 than by block 3 itself, which would hide the planted hierarchy from
+analyze-layers (measured: the prf best layer moved from 3 to 4). The shared code is what makes cross-subject
+transfer real: a model pre-trained on several subjects has learned to decode it, so a new subject
+only needs its linear mixing, which one session suffices to fit (issue 11's measurements: a tanh
+of a linear map of the features is nearly linear at this scale and gave no transfer; random Fourier
+features did). ``code_share`` 0.5 keeps half of the signal linear, so the single-subject methods
+keep decoding it as before. Subjects
+(``subjects``, NSD numbers 1, 2, 5, 7 by default) differ in voxel count (their volumes differ by a
+voxel in X or Y) and in sessions,
+
 plus independent trial noise (so repeats differ), a per-session offset and gain per voxel (so
 z-scoring matters) and a few voxels that are 0 for a whole session (invalid there). The planted
 weights and noise level are saved in ``demo/planted.npz`` so tests can compute the ceiling.
@@ -57,32 +71,51 @@ ROI_TABLES = {
     "streams": ["early", "midventral", "midlateral", "midparietal", "ventral", "lateral", "parietal"],
 }
 FLOC = ("floc-faces", "floc-bodies", "floc-places", "floc-words")
+VOLUME_STEPS = ((0, 0, 0), (-1, 0, 0), (0, -1, 1), (-1, 1, 0))
+"""Per subject (in order), its volume minus the first subject's: 692, 630, 742, 720 nsdgeneral voxels at 14x16x12."""
 
 
 @dataclass(frozen=True)
 class DemoConfig:
     """Sizes of the look-alike; defaults run the whole demo pipeline in minutes on 2 CPU cores."""
 
-    n_images: int = 360  # the "73k" pool
+    n_images: int = 520  # the "73k" pool
     image_size: int = 64  # NSD is 425; every reader resizes anyway
-    sessions: tuple[int, ...] = (3, 2)  # per subject; subject 2 has fewer, like subj03/04/06/08
-    trials_per_session: int = 150  # NSD: 750
-    n_shared: int = 30  # NSD: 1000 (each 10k index appears 3x in masterordering)
-    volume: tuple[int, int, int] = (14, 16, 12)  # (X, Y, Z); NSD subj01: 81x104x83
+    subjects: tuple[int, ...] = (1, 2, 5, 7)  # NSD subject numbers written
+    sessions: tuple[int, ...] = (4, 3, 4, 5)  # per subject of `subjects`; subject 2 has fewer, like subj03/04/06/08
+    trials_per_session: int = 96  # NSD: 750
+    n_shared: int = 40  # NSD: 1000 (each 10k index appears 3x in masterordering)
+    volume: tuple[int, int, int] = (14, 16, 12)  # (X, Y, Z) of the first subject; NSD subj01: 81x104x83
     brain_scale: float = 1.0  # brain radius / half the volume; 0.44 at 81x104x83: 15,196 nsdgeneral voxels (NSD subj01: ~15.7k)
     noise: float = 0.7  # trial noise sd, relative to a unit-variance planted signal
     amplitude: float = 2.0  # percent signal change of one signal sd
     invalid_fraction: float = 0.02  # nsdgeneral voxels zeroed for one whole session
     model: str = "nsd-tiny-vit"
     mid_block: int = 3  # the "intermediate" layer prf voxels see (1-based)
+    code_dim: int = 32  # width of the shared non-linear code (per hierarchy level)
+    code_bandwidth: float = 2.0  # phase sd of its random Fourier features: larger is more non-linear
+    code_share: float = 0.5  # fraction of a planted voxel's signal variance that comes from the shared code
+    code_levels: tuple[str, ...] = ("final",)  # hierarchy levels that get it (see the module docstring)
     seed: int = 0
     nifti_subjects: tuple[int, ...] = (1,)  # subjects that also get .nii.gz betas (all get .hdf5)
     tower: TowerTraining = TowerTraining()  # CLIP training of the tiny model (epochs=0: random weights)
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if len(self.sessions) != len(self.subjects) or len(set(self.subjects)) != len(self.subjects):
+            raise ValueError("sessions needs one count per subject, and subjects must be distinct")
+        if min(self.subjects) < 1 or max(self.subjects) > 8:
+            raise ValueError("NSD subjects are numbered 1..8")
+
     @property
     def n_10k(self) -> int:
         return max(self.sessions) * self.trials_per_session // 3
+
+    def volume_of(self, subject: int) -> tuple[int, int, int]:
+        """Each subject's (X, Y, Z): the first subject's, a voxel smaller or larger along one axis or
+        two, so voxel counts differ like NSD's."""
+        step = VOLUME_STEPS[self.subjects.index(subject) % len(VOLUME_STEPS)]
+        return tuple(int(a + b) for a, b in zip(self.volume, step, strict=True))
 
 
 # ---- images and captions ----------------------------------------------------------------------------
@@ -185,7 +218,9 @@ def _save_nifti(path: Path, data: np.ndarray, tr: float | None = None) -> None:
 
 # ---- experiment design ----------------------------------------------------------------------------
 def make_design(cfg: DemoConfig, n_subjects: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """``masterordering``/``subjectim``/``sharedix`` with NSD's conventions (1-based, float64)."""
+    """``masterordering``/``subjectim``/``sharedix`` with NSD's conventions (1-based, float64).
+    ``subjectim`` has a row per subject number up to the largest written; rows of subjects that
+    are not written repeat the first written subject's (they have no betas)."""
     n10k, n_total = cfg.n_10k, max(cfg.sessions) * cfg.trials_per_session
     if n_total != 3 * n10k:
         raise ValueError("max(sessions) * trials_per_session must be a multiple of 3")
@@ -196,10 +231,12 @@ def make_design(cfg: DemoConfig, n_subjects: int, rng: np.random.Generator) -> d
         raise ValueError(f"n_images must be >= {need} for this design")
     pool = rng.permutation(cfg.n_images) + 1  # 1-based 73k ids
     shared = pool[: cfg.n_shared]
-    subjectim = np.zeros((n_subjects, n10k), np.float64)
+    subjectim = np.zeros((max(cfg.subjects), n10k), np.float64)
     for s in range(n_subjects):
         own = pool[cfg.n_shared + s * (n10k - cfg.n_shared):][: n10k - cfg.n_shared]
-        subjectim[s] = np.concatenate([shared, own])
+        subjectim[cfg.subjects[s] - 1] = np.concatenate([shared, own])
+    for s in set(range(1, max(cfg.subjects) + 1)) - set(cfg.subjects):
+        subjectim[s - 1] = subjectim[cfg.subjects[0] - 1]
     return {
         "masterordering": order[None, :].astype(np.float64),
         "subjectim": subjectim,
@@ -224,6 +261,15 @@ def planted_features(cfg: DemoConfig, images: np.ndarray, weights: Path) -> dict
     return {k: (v - v.mean(0)) / (v.std(0) + 1e-8) for k, v in feats.items()}
 
 
+def shared_code(feats: np.ndarray, dim: int, bandwidth: float, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    """Random Fourier features ``cos(F W + b)`` of z-scored features (phase sd ``bandwidth``), z-scored:
+    one strongly non-linear code of the image, the same for every subject."""
+    w = rng.normal(size=(feats.shape[1], dim)) * bandwidth / np.sqrt(feats.shape[1])
+    b = rng.uniform(0, 2 * np.pi, dim)
+    code = np.cos(feats @ w + b)
+    return (code - code.mean(0)) / (code.std(0) + 1e-8), {"w": w.astype(np.float32), "b": b.astype(np.float32)}
+
+
 def planted_signal(feats: np.ndarray, n_vox: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Random linear read-out of features, scaled so each voxel's signal has unit variance over images."""
     w = rng.normal(size=(feats.shape[1], n_vox))
@@ -236,7 +282,7 @@ def make_demo(out: Path | str, cfg: DemoConfig = DemoConfig()) -> Path:
     """Write the look-alike under ``out`` (an NSD root); see the module docstring."""
     out = Path(out)
     rng = np.random.default_rng(cfg.seed)
-    n_subjects = len(cfg.sessions)
+    n_subjects = len(cfg.subjects)
     root = NSDLayout(out)
     extras = out / "demo"
     extras.mkdir(parents=True, exist_ok=True)
@@ -263,12 +309,15 @@ def make_demo(out: Path | str, cfg: DemoConfig = DemoConfig()) -> Path:
     weights = extras / f"{cfg.model}.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     feats = planted_features(cfg, images, weights)
+    codes, code_maps = {}, {}
+    for level in cfg.code_levels:
+        codes[level], maps = shared_code(feats[level], cfg.code_dim, cfg.code_bandwidth, rng)
+        code_maps.update({f"code_{level}_{k}": v for k, v in maps.items()})
 
     # subjects: ROIs, betas
-    rois = make_rois(cfg.volume, cfg.brain_scale)
-    planted: dict[str, np.ndarray] = {}
-    for s in range(1, n_subjects + 1):
-        planted.update(_write_subject(root, cfg, s, design, rois, feats, rng))
+    planted: dict[str, np.ndarray] = dict(code_maps)
+    for s in cfg.subjects:
+        planted.update(_write_subject(root, cfg, s, design, make_rois(cfg.volume_of(s), cfg.brain_scale), feats, codes, rng))
 
     np.savez_compressed(extras / "planted.npz", **planted, noise=cfg.noise, amplitude=cfg.amplitude)
     (extras / "planted.json").write_text(
@@ -281,6 +330,10 @@ def make_demo(out: Path | str, cfg: DemoConfig = DemoConfig()) -> Path:
                 },
                 "voxels": "prf-visualrois > 0 -> mid features; any floc-* > 0 -> final features; "
                 "other nsdgeneral voxels -> none",
+                "shared_code": "per level of code_levels, code = zscore(cos(features @ code_<level>_w + code_<level>_b)), "
+                "the same for every subject; signal = zscore(sqrt(1 - code_share) * zscore(features @ w_<level>) + "
+                "sqrt(code_share) * zscore(code @ m_<level>)) with subject-specific w and m; other levels: "
+                "signal = zscore(features @ w_<level>)",
                 "response": "psc = offset[session, v] + gain[session, v] * amplitude * "
                 "(signal[image, v] + noise * N(0, 1)); signal has unit variance over images",
                 "ceiling": "per-voxel r^2 of the signal with the mean of r repeats = 1 / (1 + noise^2 / r)",
@@ -329,8 +382,8 @@ def _write_stim_info(root: NSDLayout, cfg: DemoConfig, design: dict, coco_ids: n
     for s in range(1, 9):
         seen = np.zeros(n, int)
         rep = np.zeros((n, 3), int)
-        if s <= design["subjectim"].shape[0]:
-            n_trials = cfg.sessions[s - 1] * cfg.trials_per_session
+        if s in cfg.subjects:
+            n_trials = cfg.sessions[cfg.subjects.index(s)] * cfg.trials_per_session
             ids = design["subjectim"][s - 1, order[:n_trials] - 1].astype(int) - 1
             for trial, img in enumerate(ids):
                 rep[img, seen[img]] = trial + 1  # 1-based global trial number
@@ -410,7 +463,7 @@ def _write_responses(root: NSDLayout, cfg: DemoConfig, design: dict) -> None:
     """
     order = design["masterordering"].ravel().astype(int)
     per_run = -(-cfg.trials_per_session // 12)
-    for s, n_sess in enumerate(cfg.sessions, start=1):
+    for s, n_sess in zip(cfg.subjects, cfg.sessions, strict=True):
         rng = np.random.default_rng([cfg.seed, 12, s])
         t = np.arange(n_sess * cfg.trials_per_session)
         k = t % cfg.trials_per_session
@@ -444,7 +497,7 @@ def _write_responses(root: NSDLayout, cfg: DemoConfig, design: dict) -> None:
 
 def _write_subject(
     root: NSDLayout, cfg: DemoConfig, s: int, design: dict, rois: dict[str, np.ndarray],
-    feats: dict[str, np.ndarray], rng: np.random.Generator,
+    feats: dict[str, np.ndarray], codes: dict[str, np.ndarray], rng: np.random.Generator,
 ) -> dict[str, np.ndarray]:
     for name, vol in rois.items():
         path = root.roi_path(s, name)
@@ -462,14 +515,22 @@ def _write_subject(
     prf = general & (rois["prf-visualrois"][brain] > 0)
     floc = general & np.any([rois[n][brain] > 0 for n in FLOC], axis=0)
     signal = np.zeros((cfg.n_images, len(vox)), np.float64)
-    signal[:, prf], w_mid = planted_signal(feats["mid"], int(prf.sum()), rng)
-    signal[:, floc], w_final = planted_signal(feats["final"], int(floc.sum()), rng)
+    weights = {}
+    for level, sel in (("mid", prf), ("final", floc)):
+        linear, weights[f"w_{level}"] = planted_signal(feats[level], int(sel.sum()), rng)
+        if level not in codes:
+            signal[:, sel] = linear
+            continue
+        mixed, weights[f"m_{level}"] = planted_signal(codes[level], int(sel.sum()), rng)
+        both = np.sqrt(1 - cfg.code_share) * linear + np.sqrt(cfg.code_share) * mixed
+        signal[:, sel] = both / both.std(0)
+    volume = cfg.volume_of(s)
 
     order = design["masterordering"].ravel().astype(int)
     n_t = cfg.trials_per_session
     bdir = root.betas_dir(s)
     bdir.mkdir(parents=True, exist_ok=True)
-    for sess in range(1, cfg.sessions[s - 1] + 1):
+    for sess in range(1, cfg.sessions[cfg.subjects.index(s)] + 1):
         t = np.arange((sess - 1) * n_t, sess * n_t)
         ids = design["subjectim"][s - 1, order[t] - 1].astype(int) - 1
         offset = rng.normal(0, 1.0, len(vox))
@@ -478,14 +539,12 @@ def _write_subject(
         psc = offset + gain * cfg.amplitude * resp
         dead = np.flatnonzero(general)[rng.random(int(general.sum())) < cfg.invalid_fraction]
         psc[:, dead] = 0.0  # outside this session's field of view
-        vol = np.zeros((*cfg.volume, n_t), np.int16)
+        vol = np.zeros((*volume, n_t), np.int16)
         vol[brain] = np.clip(np.rint(psc * 300), -32768, 32767).astype(np.int16).T
         if s in cfg.nifti_subjects:
             _save_nifti(root.betas_path(s, sess, "nifti"), vol, tr=1.333)
         with h5py.File(root.betas_path(s, sess, "hdf5"), "w") as f:
             f.create_dataset("betas", data=vol.transpose(3, 2, 1, 0), chunks=(n_t, 1, 1, 1))
     key = f"subj{s:02d}"
-    return {
-        f"{key}_prf_ijk": vox[prf], f"{key}_floc_ijk": vox[floc],
-        f"{key}_w_mid": w_mid.astype(np.float32), f"{key}_w_final": w_final.astype(np.float32),
-    }
+    return {f"{key}_prf_ijk": vox[prf], f"{key}_floc_ijk": vox[floc],
+            **{f"{key}_{name}": w.astype(np.float32) for name, w in weights.items()}}

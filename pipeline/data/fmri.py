@@ -105,11 +105,15 @@ def prepare_fmri(
     repeats: str = "mean",
     beta_format: str = "auto",
     betas_version: str | None = None,
+    train_sessions: int | None = None,
     progress: bool = True,
 ) -> Path:
     """Build the fMRI cache of one subject; see shared/DESIGN.md "The fMRI cache" for the layout.
 
     ``repeats``: one of :data:`REPEATS` (how the 1-3 trials of an image become rows, per split).
+    ``train_sessions``: training rows come from the first K of the sessions used only, test rows
+    from all of them (MindEye2's 1-hour protocol: one session to train on, the full test set to
+    score on).
     """
     if zscore not in ZSCORE_MODES:
         raise UserError(f"--zscore must be one of {ZSCORE_MODES}, not {zscore!r}")
@@ -124,6 +128,10 @@ def prepare_fmri(
     n_vox = int(mask.sum())
 
     splits = {"train": ~trials.is_test, "test": trials.is_test}
+    if train_sessions is not None:
+        if not isinstance(train_sessions, int) or not 1 <= train_sessions <= len(used):
+            raise UserError(f"--train-sessions {train_sessions}: choose 1..{len(used)} (the sessions used)")
+        splits["train"] = splits["train"] & (np.arange(len(trials.is_test)) < trials.session_bounds[train_sessions - 1][1])
     averaged = {"train": repeats == "mean", "test": repeats in ("mean", "train-trials")}
     rows = {  # per split: the sorted image ids (averaged) or the global trial ids (per trial)
         k: np.unique(trials.image_ids[sel]) if averaged[k] else np.flatnonzero(sel) for k, sel in splits.items()
@@ -153,8 +161,8 @@ def prepare_fmri(
             else:
                 invalid = ~np.any(betas != 0, axis=0)
             invalid_sessions += invalid
-            ids, test = trials.image_ids[start:stop], trials.is_test[start:stop]
-            for split, sel in (("train", ~test), ("test", test)):
+            ids = trials.image_ids[start:stop]
+            for split, sel in (("train", splits["train"][start:stop]), ("test", splits["test"][start:stop])):
                 if averaged[split]:
                     pos = np.searchsorted(rows[split], ids[sel])
                     np.add.at(sums[split], pos, betas[sel])
@@ -187,6 +195,7 @@ def prepare_fmri(
             {
                 "subject": subject,
                 "sessions": used,
+                "train_sessions": used[:train_sessions] if train_sessions else used,
                 "trials_per_session": [b - a for a, b in trials.session_bounds],
                 "zscore": zscore,
                 "zscore_detail": "per session, per voxel, over all trials of the session, population std"

@@ -1,5 +1,8 @@
 """decode over a run folder written by fit-adapters: ``runs/<exp>/predictions.zarr`` ->
-``runs/<exp>/recon/`` (one PNG per test image), ``recon_grid.png`` and ``decode.json``."""
+``runs/<exp>/recon/`` (one PNG per test image), ``recon_grid.png`` and ``decode.json``.
+
+A multi-subject run (one ``subjNN/`` group per subject in ``predictions.zarr``) gets
+``recon/subjNN/`` per subject and a grid with every subject's rows."""
 
 from __future__ import annotations
 
@@ -18,18 +21,29 @@ from . import decode
 DECODERS = ("retrieval", "unclip")
 
 
-def open_run(run: Path) -> tuple[dict, zarr.Group, np.ndarray]:
+Groups = dict[str | None, tuple[zarr.Group, np.ndarray]]
+"""Per subject (``subjNN``; None for a single-subject run): its predictions group and test image ids."""
+
+
+def open_run(run: Path) -> tuple[dict, Groups]:
+    """run.json and the prediction groups of a run folder."""
     run = Path(run)
     info_path = run / "run.json"
     if not info_path.is_file():
         raise UserError(f"{run}: no run.json; is it a run folder written by fit-adapters?")
     preds = open_existing(run / "predictions.zarr", "predictions of the run (run fit-adapters first)")
-    if "test/image_ids" not in preds:
-        raise UserError(f"{run}/predictions.zarr: no test/image_ids")
-    ids = preds["test/image_ids"][...]
-    if len(np.unique(ids)) != len(ids):
-        raise UserError(f"{run}/predictions.zarr holds repeats of test images; fit the run again (one row per image)")
-    return json.loads(info_path.read_text()), preds, ids
+    keys = list(preds.attrs.get("subjects") or [None])
+    groups: Groups = {}
+    for key in keys:
+        group = preds if key is None else preds[key]
+        where = "test/image_ids" if key is None else f"{key}/test/image_ids"
+        if "test/image_ids" not in group:
+            raise UserError(f"{run}/predictions.zarr: no {where}")
+        ids = group["test/image_ids"][...]
+        if len(np.unique(ids)) != len(ids):
+            raise UserError(f"{run}/predictions.zarr holds repeats of test images; fit the run again (one row per image)")
+        groups[key] = (group, ids)
+    return json.loads(info_path.read_text()), groups
 
 
 def run_prediction(preds: zarr.Group, run: Path, target: str) -> np.ndarray:
@@ -49,37 +63,55 @@ def decode_run(
     if method not in DECODERS:
         raise UserError(f"--method must be one of {', '.join(DECODERS)}, not {method!r}")
     run = Path(run)
-    info, preds, test_ids = open_run(run)
-    pred = run_prediction(preds, run, target)
-    clip = open_cache(Path(info["clip"]), rows=test_ids)
+    info, groups = open_run(run)
+    all_ids = np.unique(np.concatenate([ids for _, ids in groups.values()]))
+    clip = open_cache(Path(info["clip"]), rows=all_ids)
     unfilled = np.flatnonzero(~filled_rows(clip))  # a partial cache: retrieve among extracted images only
-    exclude = unfilled if include_test else np.union1d(test_ids, unfilled)
     nsd = NSD(nsd_root)
+    if method == "unclip" and unclip_model is None:
+        raise UserError("--unclip-model: give a hub id or local folder of a Stable unCLIP pipeline")
+    pipe = decode.load_unclip(unclip_model, device=device) if method == "unclip" else None
+    decoded = {}
+    for key, (preds, test_ids) in groups.items():
+        exclude = unfilled if include_test else np.union1d(test_ids, unfilled)
+        decoded[key] = _decode_group(run, preds, test_ids, clip, nsd, exclude, pipe, method=method, target=target,
+                                     detail_target=detail_target, strength=strength, steps=steps,
+                                     guidance=guidance, noise_level=noise_level, samples=samples, seed=seed)
+    folder = run / "recon"
+    with atomic_dir(folder) as tmp:
+        for key, (gt, images) in decoded.items():  # images: (n, samples, H, W, 3)
+            decode.write_reconstructions(tmp if key is None else tmp / key, groups[key][1], images)
+    with atomic_file(run / "recon_grid.png") as tmp:
+        decode.write_grid(tmp, np.concatenate([gt for gt, _ in decoded.values()]),
+                          np.concatenate([images[:, 0] for _, images in decoded.values()]))
+    record = {"method": method, "target": target, "samples": samples, "include_test": include_test}
+    if None not in groups:
+        record["subjects"] = list(groups)
+    if method == "unclip":  # what reproduces the images (evaluate copies this into metrics.json)
+        record.update(unclip_model=unclip_model, steps=steps, guidance=guidance, noise_level=noise_level, seed=seed,
+                      detail_target=detail_target, strength=strength if detail_target is not None else None)
+    write_text(run / "decode.json", json.dumps(record, indent=2))
+    return folder
+
+
+def _decode_group(run: Path, preds: zarr.Group, test_ids: np.ndarray, clip: zarr.Group, nsd: NSD,
+                  exclude: np.ndarray, pipe, *, method: str, target: str, detail_target: str | None,
+                  strength: float, steps: int, guidance: float, noise_level: int, samples: int,
+                  seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ground-truth images, reconstructions (n, samples, H, W, 3)) of one prediction group."""
+    pred = run_prediction(preds, run, target)
     with nsd.stimuli() as brick:
         gt = decode.take_rows(brick, test_ids)
         if method == "retrieval":
             rows, _ = decode.nearest_rows(pred, clip[target], exclude=exclude, k=samples)
             images = np.stack([decode.take_rows(brick, rows[:, s]) for s in range(samples)], axis=1)
         else:
-            if unclip_model is None:
-                raise UserError("--unclip-model: give a hub id or local folder of a Stable unCLIP pipeline")
             init = None
             if detail_target is not None:  # the detail branch: start from the nearest image by detail tokens
                 near, _ = decode.nearest_rows(run_prediction(preds, run, detail_target), clip[detail_target], exclude=exclude)
                 init = decode.take_rows(brick, near[:, 0])
-            pipe = decode.load_unclip(unclip_model, device=device)
             images = decode.unclip_decode(
                 pipe, pred, test_ids, samples=samples, init_images=init, strength=strength, steps=steps,
                 guidance=guidance, noise_level=noise_level, seed=seed,
             )
-    folder = run / "recon"
-    with atomic_dir(folder) as tmp:
-        decode.write_reconstructions(tmp, test_ids, images)  # images: (n, samples, H, W, 3)
-    with atomic_file(run / "recon_grid.png") as tmp:
-        decode.write_grid(tmp, gt, images[:, 0])
-    record = {"method": method, "target": target, "samples": samples, "include_test": include_test}
-    if method == "unclip":  # what reproduces the images (evaluate copies this into metrics.json)
-        record.update(unclip_model=unclip_model, steps=steps, guidance=guidance, noise_level=noise_level, seed=seed,
-                      detail_target=detail_target, strength=strength if detail_target is not None else None)
-    write_text(run / "decode.json", json.dumps(record, indent=2))
-    return folder
+    return gt, images

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 from urllib.parse import urlparse
 
 import numpy as np
@@ -586,3 +586,16 @@ def _retrieval(brain, image, n: int, pool: int, draws: int, seed: int) -> Result
     if pool > n:
         return {k: {"unavailable": f"pool of {pool} is larger than the {n} test images"} for k in keys}
     return dict(zip(keys, retrieval_top1(brain, image, pool=pool, draws=draws, seed=seed)))
+
+
+def mean_report(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The mean of every number that all ``reports`` share, nested dicts alike (the published
+    tables average subjects 1, 2, 5, 7 this way)."""
+    out: dict[str, Any] = {}
+    for key in reports[0]:
+        values = [r.get(key) for r in reports]
+        if all(isinstance(v, dict) for v in values):
+            out[key] = mean_report(values)
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            out[key] = float(np.mean(values))
+    return out

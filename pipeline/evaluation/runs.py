@@ -9,6 +9,12 @@ the test images, all seen in training, and ``brainclip.zero_shot_heldout`` Brain
 categories held out at fit time (``holdout_categories``), scored on the test images that contain
 them, ranking the held-out categories only.
 
+A multi-subject run is scored subject by subject (``subjects.subjNN``, from ``recon/subjNN/``); the
+top-level numbers are their mean, the convention of the published tables (subjects 1, 2, 5, 7).
+``drop_rois`` scores the run's saved model again with those ROIs removed
+(:mod:`pipeline.fitting.rerun`), into ``drop_rois.<name>`` (per-target scores, retrieval pool of all
+test images).
+
 The run (predictions, reconstructions) and the stimuli are required; everything else is optional
 and degrades to ``{"unavailable": reason}``, listed under ``unavailable`` too: a metric's network
 weights, the run's CLIP cache (retrieval, BrainCLIP tasks), the COCO ``instances_*.json`` files or
@@ -37,15 +43,68 @@ from . import metrics
 def evaluate_run(
     run: Path | str, nsd_root: Path | str, *, weights: dict[str, str] | None = None, device: str = "cpu",
     pool: int = 300, draws: int = 30, seed: int = 42, retrieval_target: str = "image_embeds",
+    drop_rois: list[str] | None = None,
 ) -> dict[str, Any]:
     """MindEye2-protocol metrics of a decoded run -> ``metrics.json`` (and ``plots/targets.json``)."""
     run = Path(run)
-    info, preds, test_ids = open_run(run)
+    info, groups = open_run(run)
     if not (run / "recon").is_dir():
         raise UserError(f"{run}: no recon/ folder; run decode first")
-    missing = [int(i) for i in test_ids if not (run / "recon" / decode.recon_name(i)).is_file()]
+    dropped = None
+    if drop_rois:
+        from ..fitting.rerun import dropped_voxels, run_stores
+
+        dropped = dropped_voxels(run_stores(info), drop_rois)  # unknown names fail before anything is written
+    fit = json.loads((run / "fit_report.json").read_text()) if (run / "fit_report.json").is_file() else {}
+    scored = {}
+    for key, (preds, test_ids) in groups.items():
+        targets = fit.get("targets", {}) if key is None else fit.get("subjects", {}).get(key, {}).get("targets", {})
+        scored[key] = _evaluate_group(info, preds, test_ids, run / "recon" if key is None else run / "recon" / key,
+                                      nsd_root, targets, weights=weights, device=device, pool=pool, draws=draws,
+                                      seed=seed, retrieval_target=retrieval_target)
+    if None in scored:
+        out = scored[None]
+    else:
+        out = {"method": info.get("method"), "subjects": scored,
+               **{k: v for k, v in metrics.mean_report(list(scored.values())).items() if k != "subjects"}}
+        out["retrieval"] = {**scored[next(iter(scored))]["retrieval"], **out.get("retrieval", {})}
+        out["unavailable"] = scored[next(iter(scored))]["unavailable"]
+    out["decoder"] = (json.loads((run / "decode.json").read_text()) if (run / "decode.json").is_file()
+                      else {"unavailable": f"no {run / 'decode.json'}"})
+    if dropped is not None:
+        out["drop_rois"] = {name: _score_without(run, info, groups, {k: d[name] for k, d in dropped.items()})
+                            for name in drop_rois}
+    write_text(run / "metrics.json", json.dumps(out, indent=2))
+    write_text(run / "plots" / "targets.json", json.dumps(
+        [{"target": t, **{k: v for k, v in r.items() if isinstance(v, float)}} for t, r in out["targets"].items()],
+        indent=2))
+    return out
+
+
+def _score_without(run: Path, info: dict, groups, drop: dict) -> dict[str, Any]:
+    """Per-target scores of the run's model on each subject's test set with ``drop`` voxels removed."""
+    from ..fitting.fit import target_report
+    from ..fitting.rerun import predict_without, true_targets
+
+    clip = open_cache(Path(info["clip"]))
+    per = {}
+    for key, (_, test_ids) in groups.items():
+        preds = predict_without(run, info, key, drop[key])
+        per[key] = {"dropped_voxels": int(drop[key].sum()),
+                    "targets": {name: target_report(p, true_targets(clip, name, test_ids, p.shape[1:]))
+                                for name, p in preds.items() if len(p) >= 2}}
+    if None in per:
+        return per[None]
+    return {"subjects": per, **metrics.mean_report(list(per.values()))}
+
+
+def _evaluate_group(info: dict, preds: zarr.Group, test_ids: np.ndarray, recon: Path, nsd_root,
+                    targets: dict, *, weights, device: str, pool: int, draws: int, seed: int,
+                    retrieval_target: str) -> dict[str, Any]:
+    """The metrics of one subject's predictions and reconstructions."""
+    missing = [int(i) for i in test_ids if not (recon / decode.recon_name(i)).is_file()]
     if missing:
-        raise UserError(f"{run}/recon: no reconstruction of {len(missing)} test images (first: "
+        raise UserError(f"{recon}: no reconstruction of {len(missing)} test images (first: "
                         f"{decode.recon_name(missing[0])}); run decode again")
     unavailable: dict[str, str] = {}
     clip = run_cache(info, test_ids)
@@ -67,7 +126,7 @@ def evaluate_run(
     nsd = NSD(nsd_root)
     with nsd.stimuli() as brick:
         gt = LazyRows(lambda ids: decode.take_rows(brick, ids), test_ids)
-        rec = LazyRows(lambda ids: decode.read_reconstructions(run / "recon", ids), test_ids)
+        rec = LazyRows(lambda ids: decode.read_reconstructions(recon, ids), test_ids)
         results = metrics.evaluate(gt, rec, brain=brain, image=image, weights=weights, device=device,
                                    pool=min(pool, n), draws=draws, seed=seed)
     results.update({k: {"unavailable": v} for k, v in unavailable.items()})
@@ -75,17 +134,9 @@ def evaluate_run(
     missing = {k: v["unavailable"] for k, v in {**results, **brainclip}.items() if isinstance(v, dict) and "unavailable" in v}
     for key in ("retrieval_image_to_brain", "retrieval_brain_to_image"):
         retrieval[key.removeprefix("retrieval_")] = results.pop(key)
-    fit = json.loads((run / "fit_report.json").read_text()) if (run / "fit_report.json").is_file() else {}
     numbers = {k: v for k, v in results.items() if not isinstance(v, dict)}
-    decoder = (json.loads((run / "decode.json").read_text()) if (run / "decode.json").is_file()
-               else {"unavailable": f"no {run / 'decode.json'}"})
-    out = {"method": info.get("method"), "decoder": decoder, "retrieval_pool": min(pool, n), "reconstruction": numbers,
-           "retrieval": retrieval, "brainclip": brainclip, "targets": fit.get("targets", {}), "unavailable": missing}
-    write_text(run / "metrics.json", json.dumps(out, indent=2))
-    write_text(run / "plots" / "targets.json", json.dumps(
-        [{"target": t, **{k: v for k, v in r.items() if isinstance(v, float)}} for t, r in out["targets"].items()],
-        indent=2))
-    return out
+    return {"method": info.get("method"), "retrieval_pool": min(pool, n), "reconstruction": numbers,
+            "retrieval": retrieval, "brainclip": brainclip, "targets": targets, "unavailable": missing}
 
 
 def run_cache(info: dict, test_ids: np.ndarray) -> zarr.Group | str:

@@ -179,7 +179,8 @@ class TargetBank:
         if self.streamed:
             blocks = self.block_of_image[rows]
             parts = {name: torch.empty((len(rows), *self.shapes[name])) for name in self.streamed}
-            for b in np.unique(blocks):
+            _, first = np.unique(blocks, return_index=True)
+            for b in blocks[np.sort(first)]:  # in the pass's order: the batch's last block stays held for the next
                 held = self._block(int(b))
                 at = np.flatnonzero(blocks == b)
                 local = torch.as_tensor(rows[at] - self._block_start[b])
@@ -366,15 +367,7 @@ class CacheDataset(Dataset):
         return {"betas": _sha256(self.betas.cpu().numpy(), self.rows, self.image_ids), "targets": self.bank.fingerprint()}
 
     def order(self, seed: int | None) -> np.ndarray:
-        """Row order of one pass: ``seed`` None = grouped by block, else shuffled (fully when every
-        target is in memory; blocks, then rows within each block, when one is streamed)."""
-        blocks = self.bank.block_of_image[self.bank_rows]
-        if seed is None:
-            return np.argsort(blocks, kind="stable") if self.bank.streamed else np.arange(len(self))
-        rng = np.random.default_rng(seed)
-        if not self.bank.streamed:
-            return rng.permutation(len(self))
-        return np.concatenate([rng.permutation(np.flatnonzero(blocks == b)) for b in rng.permutation(np.unique(blocks))])
+        return block_order(self.bank, self.bank_rows, seed)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -397,11 +390,27 @@ class CacheDataset(Dataset):
         }
 
 
+def block_order(bank: TargetBank, bank_rows: np.ndarray, seed: int | None) -> np.ndarray:
+    """Row order of one pass over rows showing bank rows ``bank_rows``: ``seed`` None = grouped by
+    block, else shuffled (fully when every target is in memory; blocks, then rows within each
+    block, when one is streamed, so every block is decoded once per pass)."""
+    blocks = bank.block_of_image[bank_rows]
+    if seed is None:
+        return np.argsort(blocks, kind="stable") if bank.streamed else np.arange(len(bank_rows))
+    rng = np.random.default_rng(seed)
+    if not bank.streamed:
+        return rng.permutation(len(bank_rows))
+    return np.concatenate([rng.permutation(np.flatnonzero(blocks == b)) for b in rng.permutation(np.unique(blocks))])
+
+
 def iter_batches(
-    data: Dataset, batch_size: int, seed: int | None = None, drop_last: bool = False
+    data: Dataset, batch_size: int, seed: int | None = None, drop_last: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Batches of ``data`` in :meth:`CacheDataset.order` (``seed`` None: unshuffled); any dataset
-    with ``__len__`` and a batch-returning ``__getitems__`` works (shuffled by ``seed``)."""
+    with ``__len__`` and a batch-returning ``__getitems__`` works (shuffled by ``seed``).
+    ``shard=(rank, n)``: only the rank-th of n equal contiguous slices of every batch is read
+    (several training processes, :mod:`pipeline.fitting.distributed`)."""
     if hasattr(data, "order"):
         order = data.order(seed)
     else:
@@ -416,7 +425,12 @@ def iter_batches(
     for start in range(0, stop, batch_size):
         if upcoming is not None and upcoming[start] >= 0:  # read the next block while this one trains
             bank.prefetch(int(upcoming[start]))
-        yield data.__getitems__(order[start : start + batch_size])
+        rows = order[start : start + batch_size]
+        if shard is not None:
+            rank, n = shard
+            per = len(rows) // n
+            rows = rows[rank * per : (rank + 1) * per]
+        yield data.__getitems__(rows)
 
 
 def split_by_image(image_ids: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -18,13 +18,19 @@ The run folder is assembled under ``<exp>.tmp-<pid>`` and swapped in when comple
 and a rerun never leaves a moment without one. Trained methods keep their per-epoch checkpoints in
 ``<exp>.checkpoints/`` so a rerun (after Ctrl-C or ``kill -9``) resumes to the same weights; they
 are removed after success.
+
+Several subjects (a list of fMRI stores), ``align``, ``experts`` or ``init`` make it one multi-subject
+model (:mod:`.fit_subjects`), with one group per subject in the outputs. Under ``torchrun`` every
+process trains (:mod:`.distributed`) and process 0 alone writes the run folder.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +51,7 @@ RIDGE_KEYS = ("alphas", "cv", "alpha_per", "rescale", "n_targets_batch", "backen
 
 
 def fit_adapters(
-    fmri: Path | str,
+    fmri: Path | str | Sequence[Path | str],
     clip: Path | str,
     method: str,
     out: Path | str,
@@ -60,6 +66,11 @@ def fit_adapters(
     progress: bool = True,
     holdout_categories: Sequence[str] | None = None,
     nsd_root: Path | str | None = None,
+    align: str | None = None,
+    experts: int | None = None,
+    init: Path | str | None = None,
+    finetune: str | None = None,
+    subjects: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fit ``method`` and write the run folder; returns the fit report.
 
@@ -71,11 +82,25 @@ def fit_adapters(
     fields of their config dataclass). ``train``: :class:`pipeline.train.TrainConfig` fields.
     ``holdout_categories``: COCO category names (read from ``nsd_root``) no training image may show:
     those trials are left out of the fit, for BrainCLIP's held-out zero-shot protocol in evaluate.
+    ``fmri`` as a list of stores, ``align`` (voxels | roi), ``experts``, ``init`` (a pre-trained
+    multi-subject run) and ``finetune`` (all | lora | skip-lora) fit one multi-subject model
+    (:mod:`.fit_subjects`); ``subjects``: :class:`.adapters.subjects.SubjectConfig` fields.
     """
+    from .distributed import is_main, teardown
+
     if method not in METHODS:
         raise UserError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
     out = Path(out)
     params = dict(params or {})
+    stores = [fmri] if isinstance(fmri, (str, Path)) else list(fmri)
+    if len(stores) > 1 or align is not None or experts or init is not None or finetune is not None:
+        return _fit_several(stores, clip, method, out, targets, rois, params, train, subject, seed, device, progress,
+                            holdout_categories, align, experts, init, finetune, subjects)
+    if subjects:
+        raise UserError("subjects settings apply to multi-subject runs (several --fmri stores, --align or --init)")
+    fmri = stores[0]
+    if method == "ridge" and not is_main():
+        return {}  # a closed-form fit: one process does it
     if method == "ridge":
         pairs = open_pairs(fmri, clip, list(targets or ["image_embeds"]), subject)
     else:
@@ -87,14 +112,59 @@ def fit_adapters(
         pairs = open_pairs(fmri, clip, adapter_targets(method, params), subject)
     keep, held = _holdout_rows(pairs, holdout_categories, nsd_root)
     checkpoints = out.with_name(f"{out.name}.checkpoints")
-    with atomic_dir(out) as tmp:
+    with _run_folder(out) as tmp:
         if method == "ridge":
             predictions, info = _fit_ridge(pairs, tmp, rois, params, seed, device, progress, keep)
         else:
             predictions, info = _fit_trained(pairs, method, tmp, params, train, seed, device, progress, checkpoints, keep)
+        if not is_main():
+            teardown()
+            return {}
         info.update(held)
         report = _write_outputs(tmp, pairs, method, predictions, info, params)
     shutil.rmtree(checkpoints, ignore_errors=True)
+    teardown()
+    return report
+
+
+@contextmanager
+def _run_folder(out: Path) -> Iterator[Path]:
+    """The run folder being assembled: atomic on the main process, a scratch folder on the others."""
+    from .distributed import is_main
+
+    if is_main():
+        with atomic_dir(out) as tmp:
+            yield tmp
+    else:
+        with tempfile.TemporaryDirectory(prefix="fit-rank-") as tmp:
+            yield Path(tmp)
+
+
+def _fit_several(stores, clip, method, out, targets, rois, params, train, subject, seed, device, progress,
+                 holdout_categories, align, experts, init, finetune, subjects) -> dict[str, Any]:
+    from .distributed import is_main, teardown
+    from .fit_subjects import fit_subjects
+
+    if rois:
+        raise UserError("--rois applies to single-subject ridge fits")
+    if subject is not None:
+        raise UserError("--subject checks a single-subject store; a multi-subject run takes each store's own subject")
+    if holdout_categories:
+        raise UserError("holdout_categories is not supported for multi-subject runs yet; fit one subject")
+    settings = dict(subjects or {})
+    if align is not None:
+        settings["align"] = align
+    if experts is not None:
+        settings["experts"] = experts
+    params = _trained_targets(method, params, targets) if method != "ridge" else params
+    checkpoints = out.with_name(f"{out.name}.checkpoints")
+    with _run_folder(out) as tmp:
+        report = fit_subjects(stores, clip, method, tmp, checkpoints, params=params, train=train, subjects=settings,
+                              init=init, finetune=finetune, seed=seed, device=device, progress=progress,
+                              is_main=is_main())
+    if is_main():
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    teardown()
     return report
 
 
@@ -160,6 +230,7 @@ def _alpha_summary(alpha: np.ndarray) -> dict[str, float]:
 
 def _fit_trained(pairs: Pairs, method, run: Path, params, train, seed, device, progress, checkpoints: Path, keep=None):
     from .data import CacheDataset
+    from .distributed import is_main
     from .models import build_adapter, load_adapter, predict, save_adapter
     from .train import TrainConfig
     from .train import train as train_loop
@@ -173,10 +244,10 @@ def _fit_trained(pairs: Pairs, method, run: Path, params, train, seed, device, p
                         name=f"{pairs.fmri_path} train", memory=memory, progress=progress)
     model = build_adapter(method, params, data, seed=seed)
     result = train_loop(model, data, cfg)
-    record, seconds = _without_timings(result.as_dict())
-    seconds["targets_read"] = data.bank.describe()  # depends on the memory free at run time
-    (run / TIMINGS).write_text(json.dumps(seconds, indent=2))
-    folder = save_adapter(run / "adapters" / method, model, extra={"train": record})
+    if not is_main():
+        return None, {}
+    write_timings(run, {**result.timings(), "targets_read": data.bank.describe()})
+    folder = save_adapter(run / "adapters" / method, model, extra={"train": result.record()})
     reloaded = load_adapter(folder)  # predictions come from what was saved
     preds = predict(reloaded, pairs.betas("test"))
     return preds, {"n_params": model.n_params, "parameter_counts": model.parameter_counts(),
@@ -184,16 +255,10 @@ def _fit_trained(pairs: Pairs, method, run: Path, params, train, seed, device, p
                    "resumed_from": result.resumed_from}
 
 
-def _without_timings(record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A training record without its wall-clock seconds, and those seconds.
-
-    Everything DVC hashes must be byte-identical between two runs of the same stage; timings are
-    not, so they go to ``timings.json``, which no stage declares.
-    """
-    history = [{k: v for k, v in epoch.items() if k != "seconds"} for epoch in record["history"]]
-    seconds = {"train_seconds": round(record["seconds"], 2),
-               "epoch_seconds": [round(epoch["seconds"], 3) for epoch in record["history"] if "seconds" in epoch]}
-    return {**{k: v for k, v in record.items() if k != "seconds"}, "history": history}, seconds
+def write_timings(run: Path, timings: dict[str, Any]) -> None:
+    """What differs between two identical runs (wall-clock seconds, the targets that fitted the
+    memory free at run time), kept out of every DVC-hashed output."""
+    (run / TIMINGS).write_text(json.dumps(timings, indent=2))
 
 
 def target_report(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:

@@ -106,3 +106,44 @@ def open_pairs(fmri_path: Path | str, clip_path: Path | str, targets: list[str],
             raise UserError(f"{fmri_path}: {split}/betas has NaN/inf in {len(bad)} voxels (first: {bad[:5].tolist()})")
     return Pairs(fmri, clip, fmri_path, clip_path, list(targets), loaded)
 
+
+
+STORE_SETTINGS = ("zscore", "repeats")
+"""fMRI-store settings every store of one model must share (and a fine-tuned model with its pre-training)."""
+
+
+def store_settings(pairs: Pairs) -> dict[str, object]:
+    return {k: pairs.fmri.attrs.get(k) for k in STORE_SETTINGS}
+
+
+def open_cohort(fmri_paths: list[Path | str], clip_path: Path | str, targets: list[str]) -> list[Pairs]:
+    """:func:`open_pairs` for several subjects' stores against one CLIP cache: each subject once, all
+    made with the same z-scoring and repeat handling."""
+    if not fmri_paths:
+        raise UserError("--fmri: give at least one fMRI cache")
+    cohort = [open_pairs(p, clip_path, targets) for p in fmri_paths]
+    seen: dict[object, Path] = {}
+    for pairs in cohort:
+        if pairs.subject is None:
+            raise UserError(f"{pairs.fmri_path}: the store names no subject (attrs.subject); was it made by prepare-fmri?")
+        if pairs.subject in seen:
+            raise UserError(f"--fmri: subject {pairs.subject} is given twice ({seen[pairs.subject]} and {pairs.fmri_path}); "
+                            "one store per subject")
+        seen[pairs.subject] = pairs.fmri_path
+    first = store_settings(cohort[0])
+    for pairs in cohort[1:]:
+        theirs = store_settings(pairs)
+        for key in STORE_SETTINGS:
+            if theirs[key] != first[key]:
+                raise UserError(f"--fmri: {pairs.fmri_path} was made with {key}={theirs[key]!r} but "
+                                f"{cohort[0].fmri_path} with {key}={first[key]!r}; prepare every store the same way")
+    return cohort
+
+
+def clip_identity(clip: zarr.Group) -> str:
+    """A hash of the CLIP store's settings (model, weights, layers, tokens): runs that may share a model agree on it."""
+    import hashlib
+    import json
+
+    settings = clip.attrs.get("settings") or {k: clip.attrs.get(k) for k in ("model", "pretrained", "layers", "tokens")}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()

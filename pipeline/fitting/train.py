@@ -21,6 +21,11 @@ resumes to the same result, and a progress bar with the running loss. With a fix
 bit-for-bit deterministic. A checkpoint records the identity of its data (hashes of the betas and
 targets, see :meth:`CacheDataset.fingerprint`) and settings; a resume against anything else is
 refused. On CUDA the dataset's in-memory arrays move to the GPU when they fit in half its free memory.
+
+Only parameters with ``requires_grad`` are optimised (fine-tuning freezes the rest, see
+:mod:`.adapters.finetune`). Batches may carry ``subject`` (multi-subject data, :mod:`.cohort`), which
+is passed on to ``model.loss``. Under ``torchrun`` the loop runs in every process on its shard of
+each batch, with DistributedDataParallel (:mod:`.distributed`); process 0 writes the checkpoints.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..store import atomic_file
+from . import distributed
 from .adapters.base import Adapter, make_config
 from .data import iter_batches, split_by_image
 
@@ -92,10 +98,24 @@ class TrainResult:
     stopped_early: bool
     resumed_from: int | None  # epochs already done in the checkpoint this run resumed
     n_params: int
+    n_trainable: int  # of them optimised in this run
     seconds: float
+    processes: int = 1  # torchrun processes that shared each batch
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def record(self) -> dict[str, Any]:
+        """:meth:`as_dict` without wall-clock seconds: what run outputs keep, since everything DVC
+        hashes must be byte-identical between two runs of the same stage (see :meth:`timings`)."""
+        out = {k: v for k, v in self.as_dict().items() if k != "seconds"}
+        out["history"] = [{k: v for k, v in epoch.items() if k != "seconds"} for epoch in self.history]
+        return out
+
+    def timings(self) -> dict[str, Any]:
+        """The wall-clock seconds :meth:`record` leaves out (``runs/<exp>/timings.json``, no DVC output)."""
+        return {"train_seconds": round(self.seconds, 2),
+                "epoch_seconds": [round(epoch["seconds"], 3) for epoch in self.history if "seconds" in epoch]}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -127,10 +147,23 @@ def _autocast(device: torch.device, enabled: bool) -> tuple[torch.autocast, torc
     )
 
 
-def _to(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+def _to(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, dict, torch.Tensor, dict]:
+    """(x, targets, image ids, extra keyword arguments of ``model.loss``: the subject of each row)."""
     nb = device.type == "cuda"
     targets = {k: v.to(device, non_blocking=nb) for k, v in batch["targets"].items()}
-    return batch["x"].to(device, non_blocking=nb), targets, batch["image_id"].to(device, non_blocking=nb)
+    extra = {"subject": batch["subject"].to(device, non_blocking=nb)} if "subject" in batch else {}
+    return batch["x"].to(device, non_blocking=nb), targets, batch["image_id"].to(device, non_blocking=nb), extra
+
+
+class _Loss(torch.nn.Module):
+    """``model.loss`` as a forward, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: Adapter):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, targets, ids, extra):
+        return self.model.loss(x, targets, ids, **extra)
 
 
 @torch.no_grad()
@@ -143,9 +176,9 @@ def evaluate_loss(
     n = 0
     autocast, _ = _autocast(device, amp)
     for batch in iter_batches(data, batch_size):
-        x, targets, ids = _to(batch, device)
+        x, targets, ids, extra = _to(batch, device)
         with autocast:
-            terms = model.loss(x, targets, ids)
+            terms = model.loss(x, targets, ids, **extra)
         for k, v in terms.items():
             totals[k] = totals.get(k, 0.0) + float(v) * len(x)
         n += len(x)
@@ -158,7 +191,9 @@ def _fingerprint(model: Adapter, cfg: TrainConfig, data: Dataset, val: Dataset |
     def identity(d: Dataset | None) -> Any:
         return None if d is None else d.fingerprint() if hasattr(d, "fingerprint") else {"rows": len(d)}
 
-    found = {"model": model.spec(), "train": cfg.fingerprint(), "data": identity(data), "val": identity(val)}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    found = {"model": model.spec(), "train": cfg.fingerprint(), "data": identity(data), "val": identity(val),
+             "trainable": trainable}
     return json.loads(json.dumps(found))  # as it reads back from the checkpoint
 
 
@@ -182,7 +217,9 @@ def train(
     """
     cfg = make_config(TrainConfig, config, "train")
     start = time.perf_counter()
-    device = resolve_device(cfg.device)
+    device = distributed.local_device(resolve_device(cfg.device))
+    several = distributed.setup(device)
+    rank, n_proc = distributed.world()
     ckpt = Path(cfg.checkpoint_dir) / "last.pt" if cfg.checkpoint_dir else None
     fingerprint = _fingerprint(model, cfg, data, val) if ckpt is not None else None
     if device.type == "cuda" and hasattr(data, "to") and data.nbytes_in_memory < torch.cuda.mem_get_info(device)[0] / 2:
@@ -195,9 +232,22 @@ def train(
         raise UserError(f"training needs at least 2 rows, got {len(train_set)}")
     drop_last = len(train_set) > cfg.batch_size  # a last batch of 1 row has no contrastive signal
     steps = len(train_set) // cfg.batch_size if drop_last else 1
+    rows_per_batch = cfg.batch_size if drop_last else len(train_set)
+    if rows_per_batch % n_proc:
+        raise UserError(f"torchrun with {n_proc} processes: batch_size {cfg.batch_size} (or the {len(train_set)} "
+                        f"training rows when fewer) must be a multiple of {n_proc}")
 
     model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError("nothing to train: every parameter of the model is frozen")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step = _Loss(model)
+    if several:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None,
+                                       find_unused_parameters=True)
     total = cfg.epochs * steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total, int(cfg.warmup * total), cfg.min_lr_ratio)
@@ -214,6 +264,7 @@ def train(
         "done": False,
     }
     parts = (model, optimizer, scheduler, scaler)
+    shard = (rank, n_proc) if several else None
     resumed_from = None
     cuda_ids = (
         [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
@@ -232,8 +283,9 @@ def train(
             while not state["done"] and state["epoch"] < cfg.epochs:
                 epoch = state["epoch"] + 1
                 t0 = time.perf_counter()
-                loader = iter_batches(train_set, cfg.batch_size, cfg.seed * 100_003 + epoch, drop_last)
-                record = {"epoch": epoch, **_train_epoch(parts, loader, autocast, device, cfg.grad_clip, bar, epoch)}
+                loader = iter_batches(train_set, cfg.batch_size, cfg.seed * 100_003 + epoch, drop_last, shard)
+                terms = _train_epoch(parts, step, params, loader, autocast, device, cfg.grad_clip, bar, epoch, several)
+                record = {"epoch": epoch, **distributed.mean_over_processes(terms, device)}
                 record["lr"] = optimizer.param_groups[0]["lr"]
                 if val is not None and len(val):
                     record.update(
@@ -252,7 +304,7 @@ def train(
                 bar.set_postfix(
                     epoch=epoch, loss=f"{record['train_loss']:.4f}", val=f"{record.get('val_loss', math.nan):.4f}"
                 )
-                if ckpt is not None:
+                if ckpt is not None and rank == 0:
                     _save_checkpoint(ckpt, parts, state, fingerprint, device)
     model.load_state_dict(state["best_state"])
     model.eval()
@@ -264,18 +316,23 @@ def train(
         stopped_early=state["done"],
         resumed_from=resumed_from,
         n_params=model.n_params,
+        n_trainable=sum(p.numel() for p in params),
         seconds=time.perf_counter() - start,
+        processes=n_proc,
     )
 
 
 def _train_epoch(
     parts: tuple,
+    step: torch.nn.Module,
+    params: list[torch.nn.Parameter],
     loader: Iterator[dict[str, Any]],
     autocast: torch.autocast,
     device: torch.device,
     grad_clip: float | None,
     bar: tqdm,
     epoch: int,
+    several: bool = False,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns the mean of each loss term as ``train_<term>``."""
     model, optimizer, scheduler, scaler = parts
@@ -283,9 +340,9 @@ def _train_epoch(
     sums: dict[str, float] = {}
     n = 0
     for batch in loader:
-        x, targets, ids = _to(batch, device)
-        with autocast:
-            terms = model.loss(x, targets, ids)
+        x, targets, ids, extra = _to(batch, device)
+        with autocast, distributed.gathering(several):
+            terms = step(x, targets, ids, extra)
         loss = terms["loss"]
         if not torch.isfinite(loss):
             raise UserError(f"training diverged at epoch {epoch} (loss {float(loss)}); lower lr or check the inputs")
@@ -293,7 +350,7 @@ def _train_epoch(
         scaler.scale(loss).backward()
         if grad_clip:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()

@@ -104,7 +104,7 @@ def _key(name: str) -> str:
 
 
 class Adapter(nn.Module):
-    """Base class: subclasses define ``method``, ``config_class``, :meth:`voxel_groups_for`,
+    """Base class: subclasses define ``method``, ``config_class``, :meth:`group_rois`,
     :meth:`forward` (standardised predictions) and :meth:`loss`."""
 
     method: ClassVar[str]
@@ -140,8 +140,14 @@ class Adapter(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def voxel_groups_for(cls, config: Any, voxels: Mapping[str, Any] | None, n_voxels: int) -> dict[str, np.ndarray]:
+    def group_rois(cls, config: Any) -> dict[str, tuple[str, ...] | None]:
+        """The voxel groups the model reads, each as the ROI files it selects (None: every voxel)."""
         raise NotImplementedError
+
+    @classmethod
+    def voxel_groups_for(cls, config: Any, voxels: Mapping[str, Any] | None, n_voxels: int) -> dict[str, np.ndarray]:
+        """The voxel indices of each of :meth:`group_rois` in one subject's store."""
+        return {g: roi_indices(voxels, rois, n_voxels) for g, rois in cls.group_rois(config).items()}
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, V) betas -> {target: (B, *prediction_shape) standardised prediction}."""

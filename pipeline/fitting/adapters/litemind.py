@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import UserError
-from .base import Adapter, check_positive, check_weights, prediction_shape, roi_indices
+from .base import Adapter, check_positive, check_weights, prediction_shape
 from .losses import info_nce, mse
 
 FILTERS = ("spectrum", "linear")
@@ -235,10 +235,8 @@ class LiteMind(Adapter):
         return list(config.targets)
 
     @classmethod
-    def voxel_groups_for(
-        cls, config: LiteMindConfig, voxels: Mapping[str, Any] | None, n_voxels: int
-    ) -> dict[str, np.ndarray]:
-        return {"input": roi_indices(voxels, config.rois, n_voxels)}
+    def group_rois(cls, config: LiteMindConfig) -> dict[str, tuple[str, ...] | None]:
+        return {"input": config.rois}
 
     def backbone(self, x: torch.Tensor) -> torch.Tensor:
         """(B, V) betas -> (B, patches, dims[-1]) features."""
@@ -251,28 +249,39 @@ class LiteMind(Adapter):
             h = stage(h)
         return self.norm(h)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = self.backbone(x)
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def predict_heads(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: self.heads[str(i)](h) for i, name in enumerate(self.config.targets)}
 
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.predict_heads(self.backbone(x))
+
+    def skip_blocks(self) -> list[str]:
+        """The blocks a Skip-LoRA path bridges (see :mod:`.finetune`): every frequency block."""
+        return [f"stages.{i}.{j}" for i, n in enumerate(self.config.depths) for j in range(n)]
+
     def loss(
-        self, x: torch.Tensor, targets: Mapping[str, torch.Tensor], groups: torch.Tensor | None = None
+        self, x: torch.Tensor, targets: Mapping[str, torch.Tensor], groups: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        """``features``: the backbone output already computed from ``x`` (and refined, e.g. by brain experts)."""
         c = self.config
         terms: dict[str, torch.Tensor] = {}
-        for name, pred in self(x).items():
+        h = self.backbone(x) if features is None else features
+        for name, pred in self.predict_heads(h).items():
             z, has = self.standardized_target(name, targets[name])
-            g = groups
-            if has is not None:
-                pred, z, g = pred[has], z[has], None if groups is None else groups[has]
-            if c.w_nce and len(z) >= 2:
+            if c.w_nce:
                 scaler = self.scaler(name)  # the contrastive term compares raw CLIP values, as published
                 raw_pred, raw_true = scaler.decode(pred), scaler.decode(z)
                 if c.direction == "target_to_brain":
-                    nce = info_nce(raw_true, raw_pred, c.temperature, symmetric=False, groups=g)
+                    nce = info_nce(raw_true, raw_pred, c.temperature, symmetric=False, groups=groups, mask=has)
                 else:
-                    nce = info_nce(raw_pred, raw_true, c.temperature, c.direction == "symmetric", g)
+                    nce = info_nce(raw_pred, raw_true, c.temperature, c.direction == "symmetric", groups, has)
                 terms[f"nce:{name}"] = c.w_nce * nce
+            if has is not None:
+                pred, z = pred[has], z[has]
             if c.w_mse and len(z):
                 terms[f"mse:{name}"] = c.w_mse * mse(pred, z)
         terms["loss"] = sum(terms.values())

@@ -1,13 +1,16 @@
 """Alignment losses shared by the trained adapters (the retrieval metric lives in :mod:`pipeline.metrics`).
 
 Every function takes batched torch tensors ``(B, ...)`` and flattens what it needs; none keeps state.
-Losses are computed in float32 whatever the autocast dtype of the forward pass.
+Losses are computed in float32 whatever the autocast dtype of the forward pass. Under torchrun the
+contrastive loss sees the rows of every process (:func:`pipeline.fitting.distributed.gather`).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..distributed import gather
 
 
 def info_nce(
@@ -16,14 +19,22 @@ def info_nce(
     temperature: float,
     symmetric: bool = True,
     groups: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CLIP-style contrastive loss between L2-normalised, flattened predictions and targets.
 
     Row i of ``pred`` should pick row i of ``true`` among the batch. ``groups`` (B,) marks rows
     that show the same image (trial-level data): they are all positives of each other, with equal
     probability, instead of being pushed apart. ``symmetric`` adds the target->brain direction
-    (CLIP); Lite-Mind uses brain->target only.
+    (CLIP); Lite-Mind uses brain->target only. ``mask`` (B,) bool keeps only those rows (e.g. images
+    with captions); with fewer than 2 rows left the loss is 0.
     """
+    pred, true, groups, mask = gather(pred), gather(true), gather(groups), gather(mask)
+    if mask is not None:
+        pred, true = pred[mask], true[mask]
+        groups = None if groups is None else groups[mask]
+    if len(pred) < 2:
+        return pred.sum() * 0.0
     p = F.normalize(pred.float().flatten(1), dim=1)
     t = F.normalize(true.float().flatten(1), dim=1)
     logits = p @ t.T / temperature

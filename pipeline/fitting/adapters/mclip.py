@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from ...errors import UserError
-from .base import CAPTIONS, FLOC, Adapter, check_positive, check_weights, prediction_shape, roi_indices
+from .base import CAPTIONS, FLOC, Adapter, check_positive, check_weights, prediction_shape
 from .losses import info_nce, mse, token_cosine
 
 POOLS = ("mean", "cls", "flatten")
@@ -180,13 +180,8 @@ class BrainMCLIP(Adapter):
         return [config.detail_target, config.semantic_target] + ([config.text_target] if config.text_target else [])
 
     @classmethod
-    def voxel_groups_for(
-        cls, config: MCLIPConfig, voxels: Mapping[str, Any] | None, n_voxels: int
-    ) -> dict[str, np.ndarray]:
-        return {
-            "detail": roi_indices(voxels, config.detail_rois, n_voxels),
-            "semantic": roi_indices(voxels, config.semantic_rois, n_voxels),
-        }
+    def group_rois(cls, config: MCLIPConfig) -> dict[str, tuple[str, ...] | None]:
+        return {"detail": config.detail_rois, "semantic": config.semantic_rois}
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, V) betas -> brain embeddings ``b_D``, ``b_S`` (B, width)."""
@@ -199,14 +194,25 @@ class BrainMCLIP(Adapter):
             out[c.text_target] = self.head_text(b_s)
         return out
 
+    def predict_heads(self, features: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.heads(*features)
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.heads(*self.embed(x))
 
+    def skip_blocks(self) -> list[str]:
+        """The blocks a Skip-LoRA path bridges (see :mod:`.finetune`): each encoder's input
+        projection and residual blocks."""
+        return [f"{enc}.{part}" for enc in ("enc_detail", "enc_semantic")
+                for part in ["inp", *(f"blocks.{i}" for i in range(self.config.depth))]]
+
     def loss(
-        self, x: torch.Tensor, targets: Mapping[str, torch.Tensor], groups: torch.Tensor | None = None
+        self, x: torch.Tensor, targets: Mapping[str, torch.Tensor], groups: torch.Tensor | None = None,
+        features: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
+        """``features``: brain embeddings already computed from ``x`` (and refined, e.g. by brain experts)."""
         c = self.config
-        b_d, b_s = self.embed(x)
+        b_d, b_s = self.embed(x) if features is None else features
         pred = self.heads(b_d, b_s)
         z_d, _ = self.standardized_target(c.detail_target, targets[c.detail_target])
         z_s, _ = self.standardized_target(c.semantic_target, targets[c.semantic_target])
@@ -232,11 +238,9 @@ class BrainMCLIP(Adapter):
         add("mse", c.w_mse, lambda: (mse(p_d, z_d) + mse(p_s, z_s)) / 2)
         if c.text_target and c.w_text:
             z_t, has = self.standardized_target(c.text_target, targets[c.text_target])
-            if has.sum() >= 2:
-                g = None if groups is None else groups[has]
-                terms["text"] = c.w_text * info_nce(pred[c.text_target][has], z_t[has], c.temperature, groups=g)
-        if c.w_self or c.w_cross:
-            x_d, x_s = self.voxels(x, "detail"), self.voxels(x, "semantic")
+            terms["text"] = c.w_text * info_nce(pred[c.text_target], z_t, c.temperature, groups=groups, mask=has)
+        if c.w_self or c.w_cross:  # targets detached: in front of a subject layer x is itself learned
+            x_d, x_s = self.voxels(x.detach(), "detail"), self.voxels(x.detach(), "semantic")
             add("self_rec", c.w_self, lambda: (mse(self.dec_detail(b_d), x_d) + mse(self.dec_semantic(b_s), x_s)) / 2)
             add("cross_rec", c.w_cross, lambda: (mse(self.dec_detail(b_s), x_d) + mse(self.dec_semantic(b_d), x_s)) / 2)
         terms["loss"] = sum(terms.values())

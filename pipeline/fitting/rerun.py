@@ -1,0 +1,100 @@
+"""A run's test predictions again, from its saved model, with ROIs removed (``evaluate --drop-rois``).
+
+Removing an ROI zeroes its voxels in the (z-scored) test betas, i.e. sets them to their mean, and in
+a multi-subject model every unit (ROI token or voxel group) left without voxels reads its learned
+missing token (:mod:`.adapters.subjects`), which training with ``roi_dropout`` taught it to decode
+without. Names: an ROI file of the store (``floc-faces``, ``prf-visualrois``), one label of a file
+(``floc-faces/FFA-1``), or ``floc`` (every ``floc-*`` file).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+from ..store import open_existing, take_rows
+from .adapters.base import FLOC
+from .adapters.subjects import _labels, subject_key
+
+ALIASES = {"floc": FLOC}
+
+
+def run_stores(info: Mapping[str, Any]) -> dict[str | None, Path]:
+    """The fMRI store of each subject of a run (key None for a single-subject run)."""
+    if info.get("multi_subject"):
+        return {subject_key(s): Path(p) for s, p in zip(info["subjects"], info["fmri"], strict=True)}
+    return {None: Path(info["fmri"])}
+
+
+def _select(voxels: Any, name: str) -> np.ndarray | None:
+    """Voxels of ``name`` in one store's ``voxels/`` group (None: the store does not know it)."""
+    file, _, label = name.partition("/")
+    files = ALIASES.get(name, (file,))
+    present = [f for f in files if f in voxels]
+    if not present:
+        return None
+    if label:
+        value = _labels(voxels[file]).get(label)
+        return None if value is None else np.asarray(voxels[file][...]) == value
+    return np.any([np.asarray(voxels[f][...]) > 0 for f in present], axis=0)
+
+
+def dropped_voxels(stores: Mapping[Any, Path], names: Sequence[str]) -> dict[Any, dict[str, np.ndarray]]:
+    """Per store, per name, the (V,) mask of voxels that name removes; a name no store knows is an error."""
+    out: dict[Any, dict[str, np.ndarray]] = {}
+    known = set()
+    for key, path in stores.items():
+        g = open_existing(path, "fMRI cache of the run")
+        voxels = g["voxels"] if "voxels" in g else {}
+        n = g["test/betas"].shape[1]
+        out[key] = {}
+        for name in names:
+            sel = _select(voxels, name)
+            if sel is not None:
+                known.add(name)
+            out[key][name] = np.zeros(n, bool) if sel is None else sel
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        path = next(iter(stores.values()))
+        g = open_existing(path, "fMRI cache of the run")
+        files = sorted(g["voxels"].array_keys()) if "voxels" in g else []
+        raise UserError(f"--drop-rois: no ROI {unknown[0]!r} in the run's stores (ROI files: {', '.join(files)}; "
+                        f"also 'floc' and '<file>/<label>')")
+    return out
+
+
+def predict_without(run: Path, info: Mapping[str, Any], key: str | None, drop: np.ndarray) -> dict[str, np.ndarray]:
+    """The run's per-image test predictions for subject ``key`` with the voxels of ``drop`` removed."""
+    from .fit import per_image
+    from .models import load_adapter, predict
+
+    g = open_existing(run_stores(info)[key], "fMRI cache of the run")
+    betas, ids = g["test/betas"][...], g["test/image_ids"][...]
+    method = info["method"]
+    if method == "ridge":
+        from .adapters.ridge import RidgeAdapter
+
+        idx = np.asarray(info["input_voxels"])
+        preds = RidgeAdapter.load(run / "adapters" / "ridge").predict((betas * ~drop)[:, idx])
+    else:
+        model = load_adapter(run / "adapters" / method)
+        subject = int(key[4:]) if key else None
+        preds = predict(model, betas, subject=subject, keep=~drop)
+    return per_image(ids, preds)[2]
+
+
+def true_targets(clip: Any, name: str, images: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    rows = take_rows(clip[name], images).astype(np.float32)
+    if rows.shape[1:] == shape:
+        return rows
+    present = np.abs(rows).sum(-1, keepdims=True) > 0
+    return (rows * present).sum(1) / np.maximum(present.sum(1), 1)
+
+
+def load_info(run: Path) -> dict[str, Any]:
+    return json.loads((Path(run) / "run.json").read_text())
