@@ -12,6 +12,7 @@ import zarr
 
 from ..data.nsd import NSD
 from ..errors import UserError
+from ..fitting.pairs import row_ids
 from ..store import open_existing
 from . import decode
 
@@ -24,9 +25,7 @@ def open_run(run: Path) -> tuple[dict, zarr.Group, np.ndarray]:
     if not info_path.is_file():
         raise UserError(f"{run}: no run.json; is it a run folder written by fit-adapters?")
     preds = open_existing(run / "predictions.zarr", "predictions of the run (run fit-adapters first)")
-    if "test/image_ids" not in preds:
-        raise UserError(f"{run}/predictions.zarr: no test/image_ids")
-    return json.loads(info_path.read_text()), preds, preds["test/image_ids"][...]
+    return json.loads(info_path.read_text()), preds, row_ids(preds, "test", f"{run}/predictions.zarr")
 
 
 def run_prediction(preds: zarr.Group, run: Path, target: str) -> np.ndarray:

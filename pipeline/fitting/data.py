@@ -18,6 +18,7 @@ from ..errors import UserError
 from ..store import take_rows
 from .adapters.base import CAPTIONS
 from .adapters.losses import caption_mean
+from .pairs import row_key
 
 
 def _array_names(store: Mapping[str, Any] | zarr.Group) -> list[str]:
@@ -63,15 +64,15 @@ class CacheDataset(Dataset):
     ) -> CacheDataset:
         """A split (``train`` or ``test``) of an fMRI cache, with ROI labels from its ``voxels/``
         group; ``fmri`` is the zarr group or a flat mapping with the same keys (``train/betas``...)."""
-        for key in (f"{split}/betas", f"{split}/image_ids"):
-            if key not in fmri:
-                raise UserError(f"fMRI cache has no {key}; is it a store made by prepare-fmri?")
+        if f"{split}/betas" not in fmri:
+            raise UserError(f"fMRI cache has no {split}/betas; is it a store made by prepare-fmri?")
+        rows = f"{split}/{row_key(fmri, split)}"
         if isinstance(fmri, zarr.Group):
             voxels = fmri["voxels"] if "voxels" in fmri else None
         else:
             voxels = {k.removeprefix("voxels/"): v for k, v in fmri.items() if k.startswith("voxels/")} or None
         return cls(
-            fmri[f"{split}/betas"], fmri[f"{split}/image_ids"], clip, targets, voxels, name=f"fMRI cache {split}"
+            fmri[f"{split}/betas"], fmri[rows], clip, targets, voxels, name=f"fMRI cache {split}"
         )
 
     def _check(self) -> None:

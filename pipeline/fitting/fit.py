@@ -4,8 +4,8 @@ Writes ``runs/<exp>/``::
 
     run.json              what was fitted: method, stores, targets, input voxels, parameters
     adapters/<method>/    the fitted adapter (safetensors + JSON config; reloads on its own)
-    predictions.zarr      test/<target> (n_test, ...) float32 and test/image_ids, in the fMRI
-                          store's test row order
+    predictions.zarr      test/<target> (n_test, ...) float32 and test/image_ids (test/clip_ids for
+                          a video cache), in the fMRI store's test row order
     fit_report.json       per target: Pearson r / cosine, two-way identification and top-1
                           retrieval of predicted vs true targets among the test images
 
@@ -211,7 +211,7 @@ def _write_outputs(run: Path, pairs: Pairs, method: str, predictions: dict[str, 
                           compressors=[compressor()])
         if len(pred) >= 2:
             report["targets"][name] = target_report(pred, _true_targets(pairs, name, pred.shape[1:]))
-    root.create_array("test/image_ids", data=test_ids)
+    root.create_array(f"test/{pairs.row_key}", data=test_ids)
     root.attrs.update({"method": method, "fmri": str(pairs.fmri_path), "clip": str(pairs.clip_path)})
     run_info = {
         "method": method, "fmri": str(pairs.fmri_path), "clip": str(pairs.clip_path),
