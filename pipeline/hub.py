@@ -19,10 +19,15 @@ from .features.clip import hf_hub_cache, hf_offline
 
 
 def diffusers_module():
+    """diffusers, with its and transformers' progress bars and info logs off (this tool reports its own progress)."""
     try:
         import diffusers
+        import transformers
     except ImportError:
         raise UserError("this decoder needs diffusers and transformers: pip install diffusers transformers") from None
+    for lib in (diffusers, transformers):
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
     return diffusers
 
 
