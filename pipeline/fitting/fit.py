@@ -33,7 +33,7 @@ from ..store import compressor
 from .adapters.base import make_config, roi_indices
 from .pairs import Pairs, open_pairs
 
-METHODS = ("ridge", "mclip", "litemind")
+METHODS = ("ridge", "mclip", "litemind", "perception")
 RIDGE_KEYS = ("alphas", "cv", "alpha_per", "rescale", "n_targets_batch", "backend", "coef_dtype")
 
 
@@ -103,6 +103,10 @@ def _trained_targets(method: str, params: dict[str, Any], targets: Sequence[str]
         return params
     if method == "litemind":
         return {**params, "targets": list(targets)}
+    if method == "perception":
+        if len(targets) != 1:
+            raise UserError("--targets for perception: one video-cache array (frames or frame_latents)")
+        return {**params, "target": targets[0]}
     if len(targets) not in (2, 3):
         raise UserError("--targets for mclip: detail,semantic[,text] (e.g. layers/11-20_mean,image_embeds)")
     keys = ("detail_target", "semantic_target", "text_target")

@@ -1,7 +1,8 @@
 """The trained adapters by name: build one sized for its data, save, reload and predict.
 
-Methods: ``mclip`` (:mod:`.adapters.mclip`) and ``litemind`` (:mod:`.adapters.litemind`); their
-parameters are the fields of ``MCLIPConfig`` / ``LiteMindConfig``. A saved adapter is
+Methods: ``mclip`` (:mod:`.adapters.mclip`), ``litemind`` (:mod:`.adapters.litemind`) and
+``perception`` (:mod:`.adapters.perception`, video frames); their parameters are the fields of
+``MCLIPConfig`` / ``LiteMindConfig`` / ``PerceptionConfig``. A saved adapter is
 ``adapter.safetensors`` (weights and buffers) plus ``adapter.json`` (everything needed to rebuild it).
 """
 
@@ -22,10 +23,11 @@ from ..errors import UserError
 from .adapters.base import Adapter, make_config, prediction_shape
 from .adapters.litemind import LiteMind
 from .adapters.mclip import BrainMCLIP
+from .adapters.perception import Perception
 from .data import CacheDataset, target_statistics
 from .train import resolve_device
 
-ADAPTERS: dict[str, type[Adapter]] = {"mclip": BrainMCLIP, "litemind": LiteMind}
+ADAPTERS: dict[str, type[Adapter]] = {"mclip": BrainMCLIP, "litemind": LiteMind, "perception": Perception}
 WEIGHTS_FILE, SPEC_FILE = "adapter.safetensors", "adapter.json"
 FORMAT = "nsd-feature-cache/torch-adapter/1"
 
