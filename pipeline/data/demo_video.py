@@ -266,10 +266,10 @@ def make_demo_video(out: Path | str, cfg: DemoVideoConfig = DemoVideoConfig()) -
     return out
 
 
-def tiny_animatediff(seed: int = 0):
-    """An ``AnimateDiffVideoToVideoPipeline`` of tiny random components (UNet + MotionAdapter, a
-    4-level VAE (8x downsampling, like SD's), a CLIP text tower over a 4-token vocabulary), for
-    tests and the demo."""
+def tiny_animatediff_components(seed: int = 0) -> dict:
+    """Tiny random components of an AnimateDiff pipeline: a Stable Diffusion-style UNet (2 levels) and
+    its MotionAdapter, a 4-level VAE (8x downsampling, like SD's), a CLIP text tower over a 4-token
+    vocabulary, a DDIM scheduler; for tests and the demo."""
     import tempfile
 
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -277,19 +277,17 @@ def tiny_animatediff(seed: int = 0):
     from ..hub import diffusers_module
 
     d = diffusers_module()
-    AnimateDiffVideoToVideoPipeline, AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel = (
-        d.AnimateDiffVideoToVideoPipeline, d.AutoencoderKL, d.DDIMScheduler, d.MotionAdapter, d.UNet2DConditionModel)
-
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    unet = d.UNet2DConditionModel(
         block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=EMBED, norm_num_groups=4, attention_head_dim=4,
     )
-    motion = MotionAdapter(block_out_channels=(16, 32), motion_layers_per_block=1, motion_norm_num_groups=4,
-                           motion_num_attention_heads=2, motion_max_seq_length=32)
-    vae = AutoencoderKL(block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4, sample_size=64)
+    motion = d.MotionAdapter(block_out_channels=(16, 32), motion_layers_per_block=1, motion_norm_num_groups=4,
+                             motion_num_attention_heads=2, motion_max_seq_length=32)
+    vae = d.AutoencoderKL(block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+                          up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4,
+                          sample_size=64)
     with tempfile.TemporaryDirectory() as tmp:
         vocab, merges = Path(tmp) / "vocab.json", Path(tmp) / "merges.txt"
         vocab.write_text(json.dumps({"<|startoftext|>": 0, "<|endoftext|>": 1, "a": 2, "a</w>": 3}))
@@ -298,8 +296,16 @@ def tiny_animatediff(seed: int = 0):
     text = CLIPTextModel(CLIPTextConfig(vocab_size=4, hidden_size=EMBED, intermediate_size=37, num_attention_heads=2,
                                         num_hidden_layers=1, max_position_embeddings=6, bos_token_id=0, eos_token_id=1,
                                         pad_token_id=1, projection_dim=EMBED)).eval()
-    scheduler = DDIMScheduler(beta_schedule="linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, steps_offset=1)
-    pipe = AnimateDiffVideoToVideoPipeline(vae=vae.eval(), text_encoder=text, tokenizer=tokenizer, unet=unet.eval(),
-                                           motion_adapter=motion, scheduler=scheduler)
+    scheduler = d.DDIMScheduler(beta_schedule="linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                                steps_offset=1)
+    return {"unet": unet.eval(), "motion_adapter": motion, "vae": vae.eval(), "text_encoder": text,
+            "tokenizer": tokenizer, "scheduler": scheduler}
+
+
+def tiny_animatediff(seed: int = 0):
+    """An ``AnimateDiffVideoToVideoPipeline`` of :func:`tiny_animatediff_components`."""
+    from ..hub import diffusers_module
+
+    pipe = diffusers_module().AnimateDiffVideoToVideoPipeline(**tiny_animatediff_components(seed))
     pipe.set_progress_bar_config(disable=True)
     return pipe
