@@ -53,13 +53,13 @@ def options(local_files_only: bool = False, cache_dir: Path | str | None = None)
     return {"local_files_only": local_files_only or hf_offline(), "cache_dir": str(cache_dir or hf_hub_cache())}
 
 
-def read_config(cls, name: str, local: bool, what: str, opts: dict, **kwargs) -> dict:
-    """``cls.load_config`` (a pipeline's ``model_index.json`` or a model's ``config.json``), or one clear error."""
+def read_config(cls, name: str, local: bool, what: str, opts: dict, file: str = "model_index.json", **kwargs) -> dict:
+    """``cls.load_config``: a pipeline's ``model_index.json`` (or, with ``file="config.json"``, a
+    model's config), or one clear error."""
     try:
         return dict(cls.load_config(name, **opts, **kwargs))
     except Exception as exc:  # OSError, EnvironmentError, hub errors: all mean "not here"
         where = "no such folder" if local else f"not in {opts['cache_dir']} and not downloaded"
-        file = "model_index.json" if hasattr(cls, "_optional_components") else "config.json"
         raise UserError(f"{what} {name!r}: cannot read its {file} ({where}; {_first_line(exc)})") from None
 
 

@@ -36,6 +36,7 @@ from PIL import Image
 
 from .. import hub
 from ..errors import UserError
+from ..store import take_rows
 from ..videoio import square, write_mp4
 from .decode import nearest_rows, sample_generator, to_uint8
 
@@ -46,11 +47,8 @@ ID_WIDTH = 5
 def retrieval_keyframes(pred: np.ndarray, bank, frames, keyframe: int, exclude: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Keyframes (n, S, S, 3) of the cached clips nearest (cosine) to predicted ``image_embeds``,
     never one of ``exclude``, and their clip ids; ``keyframe`` is 0-based."""
-    ids, _ = nearest_rows(pred, bank, exclude=exclude)
-    rows = ids[:, 0]
-    unique, inverse = np.unique(rows, return_inverse=True)
-    found = frames.get_orthogonal_selection((unique,)) if hasattr(frames, "get_orthogonal_selection") else frames[unique]
-    return np.asarray(found)[inverse, keyframe], rows
+    rows = nearest_rows(pred, bank, exclude=exclude)[0][:, 0]
+    return take_rows(frames, rows)[:, keyframe], rows
 
 
 def blurry_frames(pred: np.ndarray, target: str, vae=None) -> np.ndarray:
@@ -97,10 +95,13 @@ def interpolate(keyframe: np.ndarray, blurry: np.ndarray, key: int, size: int, s
     key_img = square(to_uint8(keyframe[None])[0], size).astype(np.float64)
     blur = np.stack([square(b, size) for b in blurry]).astype(np.float64)
     scale = size / blurry.shape[1]
+
+    def low(img: np.ndarray) -> np.ndarray:
+        return gaussian_filter(img, (sigma, sigma, 0), mode="nearest")
+
     out = np.empty(blur.shape, np.uint8)
     for f, (dy, dx) in enumerate(frame_shifts(blurry, key) * scale):
         warped = shift(key_img, (dy, dx, 0), order=1, mode="nearest")
-        low = lambda img: gaussian_filter(img, (sigma, sigma, 0), mode="nearest")  # noqa: E731
         out[f] = np.clip(np.rint(warped - low(warped) + low(blur[f])), 0, 255).astype(np.uint8)
     return out
 
@@ -123,7 +124,7 @@ def load_animatediff(model: str | Path, motion_adapter: str | Path | None = None
             raise UserError(f"video model {name!r} is a {config.get('_class_name')}; give motion_adapter (a MotionAdapter "
                             "folder or hub id) to animate it, or a saved AnimateDiffVideoToVideoPipeline folder")
         adapter_name, adapter_local = hub.locate(motion_adapter, "motion adapter", markers=("config.json",))
-        hub.read_config(diffusers.MotionAdapter, adapter_name, adapter_local, "motion adapter", opts)
+        hub.read_config(diffusers.MotionAdapter, adapter_name, adapter_local, "motion adapter", opts, file="config.json")
         extra["motion_adapter"] = hub.load(diffusers.MotionAdapter, adapter_name, "motion adapter", opts,
                                            dtype=dtype, low_cpu_mem_usage=False)
         skip = {k: None for k, v in config.items() if isinstance(v, list) and v and v[0] is None}

@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import UserError
 from ..features.cache import open_cache
 from ..features.video import load_vae
+from ..store import take_rows
 from ..videoio import square
 from . import decode, video
 from .run import open_run, run_prediction
@@ -106,8 +107,7 @@ def decode_video_run(
         raise
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
-    gt = np.asarray(store["frames"].get_orthogonal_selection((ids[:grid_clips],)))
-    gt = np.stack([[square(f, size) for f in clip] for clip in gt])
+    gt = np.stack([[square(f, size) for f in clip] for clip in take_rows(store["frames"], ids[:grid_clips])])
     video.write_video_grid(out / "recon_grid.png", gt, videos[: len(gt)])
     record = {
         "method": method, "keyframes": keyframes, "semantic_run": str(semantic), "perception_run": str(perception),

@@ -34,7 +34,7 @@ from ..data.cc2017 import CC2017, Design
 from ..errors import UserError
 from ..videoio import probe, read_frames, square
 from . import clip
-from .cache import ArraySpec, default_chunk_rows, store_layout
+from .cache import ArraySpec, default_chunk_rows, n_shards, store_layout
 from .shards import fill_store, layer_outputs, model_attrs, model_settings, setup, versions
 
 VAE_SCALE = 8
@@ -65,7 +65,7 @@ def load_vae(model: str, device: str = "cpu"):
     error = None
     for sub in ({}, {"subfolder": "vae"}):
         try:
-            config = hub.read_config(cls, name, local, "--vae", opts, **sub)
+            config = hub.read_config(cls, name, local, "--vae", opts, file="config.json", **sub)
         except UserError as exc:
             error = error or exc
             continue
@@ -262,6 +262,6 @@ def extract_video(
     }
     source = VideoSource(str(data.stimuli_dir), tuple((s.name, s.first_clip, s.n_clips) for s in design.segments),
                          design.tr, float(fps), keyframe - 1, frame_size, None if vae is None else str(vae))
-    requested = list(range(-(-n // shard_rows)))
+    requested = list(range(n_shards(n, shard_rows)))
     return fill_store(out, st, source, layout, settings, attrs, requested, overwrite=overwrite, progress=progress,
                       report=report, noun="clips")
