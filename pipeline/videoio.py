@@ -36,10 +36,8 @@ def _av():
 class VideoInfo:
     """What a video file says about itself."""
 
-    path: Path
     fps: float  # average frame rate of the stream
     duration: float  # seconds, from the stream or container header
-    n_frames: int  # as the header says (0 when unknown)
     width: int
     height: int
 
@@ -71,8 +69,7 @@ def probe(path: Path | str) -> VideoInfo:
             duration = 0.0
         rate = stream.average_rate or stream.guessed_rate
         ctx = stream.codec_context
-        return VideoInfo(Path(path), float(rate) if rate else 0.0, duration, int(stream.frames or 0),
-                         int(ctx.width), int(ctx.height))
+        return VideoInfo(float(rate) if rate else 0.0, duration, int(ctx.width), int(ctx.height))
 
 
 def read_frames(path: Path | str, times: Sequence[float], size: int | None = None) -> np.ndarray:
