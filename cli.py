@@ -2,13 +2,25 @@
 
 import typer
 
-from stages import analyze_layers, decode, evaluate, extract_clip, fit_adapters, make_demo, prepare_fmri
+from stages import (
+    analyze_layers,
+    decode,
+    decode_video,
+    evaluate,
+    evaluate_video,
+    extract_clip,
+    fit_adapters,
+    make_demo,
+    make_demo_video,
+    prepare_fmri,
+    prepare_video_fmri,
+)
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="NSD fMRI -> CLIP feature caches -> adapters -> reconstructions -> metrics. "
+    help="NSD (images) or cc2017 (video) fMRI -> CLIP feature caches -> adapters -> reconstructions -> metrics. "
     "Options override params.yaml.",
 )
 app.command("make-demo")(make_demo.command)
@@ -18,6 +30,10 @@ app.command("fit-adapters")(fit_adapters.command)
 app.command("decode")(decode.command)
 app.command("evaluate")(evaluate.command)
 app.command("analyze-layers")(analyze_layers.command)
+app.command("make-demo-video")(make_demo_video.command)
+app.command("prepare-video-fmri")(prepare_video_fmri.command)
+app.command("decode-video")(decode_video.command)
+app.command("evaluate-video")(evaluate_video.command)
 
 if __name__ == "__main__":
     app()

@@ -38,7 +38,8 @@ from report import emit  # noqa: E402  (benchmarks/ is the script's folder)
 
 from pipeline.data.demo import DemoConfig, make_images  # noqa: E402
 from pipeline.features import clip  # noqa: E402
-from pipeline.features.extract import cached_model, extract_clip, resolve_device, resolve_dtype  # noqa: E402
+from pipeline.features.extract import extract_clip  # noqa: E402
+from pipeline.features.shards import cached_model, resolve_device, resolve_dtype  # noqa: E402
 
 THINGSVISION_SCRIPT = r'''
 import json, sys, time

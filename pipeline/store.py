@@ -4,6 +4,7 @@ row reads, disk budget."""
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import shutil
@@ -304,3 +305,12 @@ def check_disk(out: Path, need: int) -> int:
             "store (--tokens cls|mean|grid:K, fewer --layers, a range aggregate such as 11-20:mean, or --images)"
         )
     return free
+
+
+TIMINGS = "timings.json"
+
+
+def write_timings(folder: Path, timings: dict) -> None:
+    """``<folder>/timings.json``: what differs between two identical runs (wall-clock seconds, what
+    fitted the memory free at run time), kept out of every DVC-hashed output."""
+    write_text(Path(folder) / TIMINGS, json.dumps(timings, indent=2))

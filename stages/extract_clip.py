@@ -1,5 +1,7 @@
-"""DVC stage ``extract_clip``: every stimulus -> per-layer CLIP tokens in ``cache/clip/<model>__<pretrained>.zarr``
-(see :mod:`pipeline.features.extract`)."""
+"""DVC stages ``extract_clip`` and ``extract_video``: every stimulus -> per-layer CLIP tokens in
+``cache/clip/<model>__<pretrained>.zarr`` (see :mod:`pipeline.features.extract`), or, with ``--video``,
+every (segment, TR) clip of a cc2017 movie folder -> ``cache/clip/cc2017__<model>__<pretrained>.zarr``
+(see :mod:`pipeline.features.video`; settings from params.yaml ``extract_video`` and ``cc2017_design``)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,9 @@ from typing import Optional
 
 import typer
 
-from .params import resolve, user_errors
+from pipeline.errors import UserError
+
+from .params import resolve, section, user_errors
 
 
 def default_out(model: str, pretrained: str) -> Path:
@@ -55,16 +59,29 @@ def command(
     scheduler: Optional[str] = typer.Option(None, help="Run on a dask.distributed scheduler, e.g. tcp://host:8786."),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Rebuild a store made with other settings (default: refuse). Same settings resume."),
+    video: Optional[Path] = typer.Option(
+        None, help="Extract the movie clips of this cc2017 root (or its stimuli/ folder) instead of NSD images; "
+        "settings then come from params.yaml extract_video."),
+    fps: Optional[float] = typer.Option(None, help="--video: frames per second kept; fps x TR frames per clip (default: 3)."),
+    keyframe: Optional[int] = typer.Option(None, help="--video: 1-based frame of each clip that is its keyframe "
+                                           "(default: the middle one, 3 of 6)."),
+    frame_size: Optional[int] = typer.Option(None, help="--video: size of the cached small frames (default: 64)."),
+    vae: Optional[str] = typer.Option(None, help="--video: also cache the frames' latents of this AutoencoderKL "
+                                      "(folder or hub id, or a Stable Diffusion pipeline with a vae/)."),
 ) -> None:
     """Cache per-layer CLIP tokens, image and caption embeddings of every stimulus (resumable)."""
     from pipeline.features.extract import extract_clip  # imports torch: only when run
 
-    p = resolve(
-        "extract_clip", stimuli=stimuli, out=out, model=model, pretrained=pretrained, activation=activation, layers=layers,
-        tokens=tokens, images=images, batch_size=batch_size, device=device, dtype=dtype, captions=captions,
-        shard_rows=shard_rows, chunk_rows=chunk_rows, loader_workers=loader_workers, workers=workers,
-        scheduler=scheduler,
-    )
+    common = dict(out=out, model=model, pretrained=pretrained, activation=activation, layers=layers, tokens=tokens,
+                  batch_size=batch_size, device=device, dtype=dtype, shard_rows=shard_rows, chunk_rows=chunk_rows,
+                  loader_workers=loader_workers, workers=workers, scheduler=scheduler)
+    if video is not None:
+        _extract_video(video, overwrite, common, stimuli=stimuli, images=images, captions=captions, fps=fps,
+                       keyframe=keyframe, frame_size=frame_size, vae=vae)
+        return
+    if any(v is not None for v in (fps, keyframe, frame_size, vae)):
+        raise UserError("--fps, --keyframe, --frame-size and --vae apply to --video")
+    p = resolve("extract_clip", stimuli=stimuli, images=images, captions=captions, **common)
     source = p.pop("stimuli", None)
     if source is None:
         raise typer.BadParameter("give --stimuli or set extract_clip.stimuli in params.yaml")
@@ -72,4 +89,21 @@ def command(
     p.setdefault("pretrained", "openai")
     target = Path(p.pop("out", None) or default_out(p["model"], p["pretrained"]))
     extract_clip(source, target, overwrite=overwrite, report=lambda line: typer.echo(line, err=True), **p)
+    typer.echo(f"wrote {target}")
+
+
+def _extract_video(video: Path, overwrite: bool, common: dict, **options) -> None:
+    from pipeline.data.cc2017 import Design
+    from pipeline.features.video import extract_video  # imports torch: only when run
+
+    for name in ("stimuli", "images", "captions"):
+        if options.pop(name) is not None:
+            raise UserError(f"--{name} applies to NSD images, not to --video")
+    p = resolve("extract_video", **common, **options)
+    p.setdefault("model", "ViT-L-14")
+    p.setdefault("pretrained", "openai")
+    default = default_out(p["model"], p["pretrained"])
+    target = Path(p.pop("out", None) or default.with_name(f"cc2017__{default.name}"))
+    extract_video(video, target, design=Design.from_params(section("cc2017_design")), overwrite=overwrite,
+                  report=lambda line: typer.echo(line, err=True), **p)
     typer.echo(f"wrote {target}")

@@ -1,8 +1,10 @@
-"""DVC stage ``fit_adapters``: fMRI cache + CLIP cache -> ``runs/<exp>/`` (see :mod:`pipeline.fitting.fit`).
+"""DVC stages ``fit_adapters`` and ``fit_video``: fMRI cache + CLIP cache -> ``runs/<exp>/`` (see
+:mod:`pipeline.fitting.fit`).
 
-Parameters live in the ``fit_adapters`` section of params.yaml: the two stores, and one entry per
-experiment under ``experiments`` (its method, targets, ROIs); each method's own settings sit in a
-section named after it (``ridge``, ``mclip``, ``litemind``; trained methods carry a ``train``
+Parameters live in the ``fit_adapters`` section of params.yaml (``--section fit_video`` for the
+video caches): the two stores, and one entry per experiment under ``experiments`` (its method,
+targets, ROIs); each method's own settings sit in a section named after it (``ridge``, ``mclip``,
+``litemind``, ``perception``; trained methods carry a ``train``
 sub-section with :class:`pipeline.fitting.train.TrainConfig` fields). Multi-subject runs: an
 experiment's ``fmri`` (a list of stores), ``align``, ``experts``, ``init``, ``finetune`` and
 ``train`` override, and ``fit_adapters.subjects`` holds the
@@ -33,7 +35,7 @@ def command(
     experiment: Optional[str] = typer.Option(None, help="Name of an experiment in params.yaml fit_adapters.experiments; its settings are the defaults."),
     fmri: Optional[str] = typer.Option(None, help="fMRI cache made by prepare-fmri, or a comma-separated list of several subjects' caches (one multi-subject model) [params: fit_adapters.fmri]."),
     clip: Optional[Path] = typer.Option(None, help="CLIP cache made by extract-clip [params: fit_adapters.clip]."),
-    method: Optional[str] = typer.Option(None, help="ridge, mclip or litemind."),
+    method: Optional[str] = typer.Option(None, help="ridge, mclip, litemind or perception (video frames)."),
     out: Optional[Path] = typer.Option(None, help="Run folder [default: runs/<experiment or method>]."),
     targets: Optional[str] = typer.Option(None, help="Comma-separated CLIP-cache arrays, e.g. image_embeds,layers/24 (mclip: detail,semantic[,text])."),
     rois: Optional[str] = typer.Option(None, help="Ridge input voxels: comma-separated ROI names (labels > 0), default all nsdgeneral."),
@@ -46,21 +48,24 @@ def command(
     init: Optional[Path] = typer.Option(None, help="Pre-trained multi-subject run to fine-tune on the new subject of --fmri."),
     finetune: Optional[str] = typer.Option(None, help="With --init: all (everything), lora or skip-lora (adapters only) [default: all]."),
     lora_rank: Optional[int] = typer.Option(None, help="Rank of the LoRA / Skip-LoRA adapters [params: fit_adapters.subjects.lora_rank]."),
+    params_section: str = typer.Option("fit_adapters", "--section", help="params.yaml section to read "
+                                       "(fit_video: the video experiments)."),
 ) -> None:
-    """Fit fMRI -> CLIP-layer adapters (ridge, BrainMCLIP, Lite-Mind) from the caches and predict the test set."""
+    """Fit fMRI -> CLIP-layer adapters (ridge, BrainMCLIP, Lite-Mind; perception for video frames) from the caches
+    and predict the test set."""
     from pipeline.fitting.fit import fit_adapters  # imports torch: only when run
 
-    base = section("fit_adapters")
+    base = section(params_section)
     exp = {}
     if experiment is not None:
         known = {**(base.get("experiments") or {}), **(base.get("cross_subject") or {})}
         exp = known.get(experiment)
         if exp is None:
-            raise UserError(f"params.yaml: no experiment {experiment!r} in fit_adapters.experiments or cross_subject")
-    p = resolve("fit_adapters", fmri=comma_list(fmri) or exp.get("fmri"), clip=clip, seed=seed, device=device, subject=subject)
+            raise UserError(f"params.yaml: no experiment {experiment!r} in {params_section}.experiments or cross_subject")
+    p = resolve(params_section, fmri=comma_list(fmri) or exp.get("fmri"), clip=clip, seed=seed, device=device, subject=subject)
     chosen = method or exp.get("method")
     if chosen is None:
-        raise UserError("give --method (ridge, mclip or litemind) or --experiment")
+        raise UserError("give --method (ridge, mclip, litemind or perception) or --experiment")
     settings = dict(base.get(chosen) or {})
     train = {**dict(settings.pop("train", None) or {}), **dict(exp.get("train") or {})}
     subjects = {**dict(base.get("subjects") or {}), **dict(exp.get("subjects") or {})}
@@ -70,7 +75,7 @@ def command(
         train["epochs"] = epochs
     for key in ("fmri", "clip"):
         if key not in p:
-            raise UserError(f"give --{key} or set fit_adapters.{key} in params.yaml")
+            raise UserError(f"give --{key} or set {params_section}.{key} in params.yaml")
     run = out or Path("runs") / (experiment or chosen)
     report = fit_adapters(
         p["fmri"], p["clip"], chosen, run,

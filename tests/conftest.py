@@ -41,3 +41,26 @@ def _one_torch_thread() -> None:
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default demo look-alike, written once per test session. Treat it as read-only."""
     return make_demo(tmp_path_factory.mktemp("demo") / "nsd", DemoConfig())
+
+
+@pytest.fixture(scope="session")
+def video_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default cc2017 look-alike (movies, CIFTI runs, tiny weights), written once. Read-only."""
+    from pipeline.data.demo_video import make_demo_video
+
+    return make_demo_video(tmp_path_factory.mktemp("demo_video") / "cc2017")
+
+
+@pytest.fixture(scope="session")
+def video_caches(video_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Subject 1's video fMRI cache and the clip cache of the look-alike (tiny ViT, 32 px frames)."""
+    from pipeline.data.demo_video import DEMO_DESIGN
+    from pipeline.data.video_fmri import prepare_video_fmri
+    from pipeline.features.video import extract_video
+
+    out = tmp_path_factory.mktemp("video_caches")
+    fmri = prepare_video_fmri(video_root, 1, out / "cc2017_subj01.zarr", design=DEMO_DESIGN, progress=False)
+    clip = extract_video(video_root, out / "clip.zarr", design=DEMO_DESIGN, model="nsd-tiny-vit",
+                         pretrained=str(video_root / "demo/nsd-tiny-vit.safetensors"), layers="2,6,6:proj",
+                         frame_size=32, progress=False)
+    return {"fmri": fmri, "clip": clip}

@@ -21,7 +21,8 @@ from pipeline.data.fmri import prepare_fmri
 from pipeline.decoding.run import decode_run
 from pipeline.evaluation.runs import evaluate_run
 from pipeline.features.extract import extract_clip
-from pipeline.fitting.fit import TIMINGS, fit_adapters
+from pipeline.fitting.fit import fit_adapters
+from pipeline.store import TIMINGS
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = DemoConfig(n_images=120, subjects=(1,), sessions=(3,), trials_per_session=60, n_shared=12, volume=(8, 9, 7))

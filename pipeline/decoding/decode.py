@@ -28,7 +28,6 @@ rows above reconstruction rows.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,9 +35,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .. import hub
 from ..errors import UserError
 from ..evaluation.metrics import as_float_images
-from ..features.clip import hf_hub_cache
 from ..store import take_rows  # noqa: F401  (part of this module's API)
 
 GUIDANCE = 10.0
@@ -193,18 +192,6 @@ def retrieval_decode(
 
 
 # ---- unCLIP -------------------------------------------------------------------------------------------
-def _import_diffusers():
-    try:
-        import diffusers
-    except ImportError:
-        raise UserError("unCLIP decoding needs diffusers and transformers: pip install diffusers transformers") from None
-    return diffusers
-
-
-def _offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
 def load_unclip(
     model: str | Path,
     device: str = "cpu",
@@ -218,38 +205,16 @@ def load_unclip(
     Nothing is downloaded when ``local_files_only`` or ``HF_HUB_OFFLINE=1``; missing weights raise
     a one-line :class:`UserError`.
     """
-    diffusers = _import_diffusers()
-    name = str(model)
-    local = Path(name).expanduser()
-    if local.exists():
-        if not (local / "model_index.json").is_file():
-            raise UserError(f"unCLIP model: {local} is not a diffusers pipeline folder (no model_index.json)")
-        name = str(local)
-    elif name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise UserError(f"unCLIP model: local folder not found and not a hub id (owner/name): {name}")
-    opts = {
-        "local_files_only": local_files_only or _offline(),
-        "cache_dir": str(cache_dir or hf_hub_cache()),
-    }
-    cls = diffusers.StableUnCLIPImg2ImgPipeline
-    try:
-        config = cls.load_config(name, **opts)
-    except Exception as exc:  # OSError, EnvironmentError, hub errors: all mean "not here"
-        where = "no such folder" if local.exists() else f"not in {opts['cache_dir']} and not downloaded"
-        raise UserError(
-            f"unCLIP model {name!r}: cannot read its model_index.json ({where}; "
-            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-        ) from None
+    cls = hub.diffusers_module().StableUnCLIPImg2ImgPipeline
+    name, local = hub.locate(model, "unCLIP model")
+    opts = hub.options(local_files_only, cache_dir)
+    config = hub.read_config(cls, name, local, "unCLIP model", opts)
     if config.get("_class_name") != cls.__name__:
         raise UserError(f"unCLIP model {name!r} is a {config.get('_class_name')}, not a {cls.__name__}")
     skip = {k: None for k, v in config.items() if isinstance(v, list) and v and v[0] is None}
     skip.update(feature_extractor=None, image_encoder=None)
-    if dtype is None:
-        dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
-    try:
-        pipe = cls.from_pretrained(name, dtype=dtype, low_cpu_mem_usage=False, **opts, **skip)
-    except Exception as exc:
-        raise UserError(f"unCLIP model {name!r}: cannot load its weights ({str(exc).splitlines()[0]})") from None
+    pipe = hub.load(cls, name, "unCLIP model", opts, dtype=hub.default_dtype(device, dtype), low_cpu_mem_usage=False,
+                    **skip)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -15,6 +15,7 @@ import zarr
 from ..data.nsd import NSD
 from ..errors import UserError
 from ..features.cache import filled_rows, open_cache
+from ..fitting.pairs import row_ids
 from ..store import atomic_dir, atomic_file, open_existing, write_text
 from . import decode
 
@@ -36,10 +37,7 @@ def open_run(run: Path) -> tuple[dict, Groups]:
     groups: Groups = {}
     for key in keys:
         group = preds if key is None else preds[key]
-        where = "test/image_ids" if key is None else f"{key}/test/image_ids"
-        if "test/image_ids" not in group:
-            raise UserError(f"{run}/predictions.zarr: no {where}")
-        ids = group["test/image_ids"][...]
+        ids = row_ids(group, "test", f"{run}/predictions.zarr" + ("" if key is None else f" group {key}"))
         if len(np.unique(ids)) != len(ids):
             raise UserError(f"{run}/predictions.zarr holds repeats of test images; fit the run again (one row per image)")
         groups[key] = (group, ids)

@@ -16,7 +16,7 @@ subject's trials index the same store):
 Layers are stored as float16 whatever ``--dtype`` computes in; embeddings as float32. The unit of
 work is the shard (``shard_rows`` consecutive rows; one file per array); the rows of shards not yet
 flagged in ``shard_done`` are 0 and :func:`filled_rows` says which rows are valid. Writing them is
-:mod:`pipeline.features.extract`'s job.
+:mod:`pipeline.features.shards`' job.
 """
 
 from __future__ import annotations

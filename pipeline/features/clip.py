@@ -228,6 +228,11 @@ def hf_hub_cache() -> Path:
     return Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub"
 
 
+def hf_offline() -> bool:
+    """Whether the environment forbids Hugging Face downloads (``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE``)."""
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
 def hf_weights(name: str, tag: str) -> tuple[str, list[str]]:
     """The Hugging Face repo id and file names open_clip looks for a tag's weights under, in its
     order (``download_pretrained``: a safetensors file first, then the torch pickle)."""

@@ -39,6 +39,7 @@ from ..errors import UserError
 from ..store import human_bytes, take_rows
 from .adapters.base import CAPTIONS
 from .adapters.losses import caption_mean
+from .pairs import row_key
 
 MEMORY_FRACTION = 0.5
 """Default target budget: this fraction of the memory available when the bank is built."""
@@ -299,15 +300,15 @@ class CacheDataset(Dataset):
         """A split (``train`` or ``test``) of an fMRI cache, with ROI labels from its ``voxels/``
         group; ``fmri`` is the zarr group or a flat mapping with the same keys (``train/betas``...).
         ``kwargs`` go to the constructor (``memory``, ``bank``, ``progress``)."""
-        for key in (f"{split}/betas", f"{split}/image_ids"):
-            if key not in fmri:
-                raise UserError(f"fMRI cache has no {key}; is it a store made by prepare-fmri?")
+        if f"{split}/betas" not in fmri:
+            raise UserError(f"fMRI cache has no {split}/betas; is it a store made by prepare-fmri?")
+        rows = f"{split}/{row_key(fmri, split)}"
         if isinstance(fmri, zarr.Group):
             voxels = fmri["voxels"] if "voxels" in fmri else None
         else:
             voxels = {k.removeprefix("voxels/"): v for k, v in fmri.items() if k.startswith("voxels/")} or None
         return cls(
-            fmri[f"{split}/betas"], fmri[f"{split}/image_ids"], clip, targets, voxels, name=f"fMRI cache {split}",
+            fmri[f"{split}/betas"], fmri[rows], clip, targets, voxels, name=f"fMRI cache {split}",
             **kwargs,
         )
 

@@ -4,7 +4,8 @@ Writes ``runs/<exp>/``::
 
     run.json              what was fitted: method, stores, targets, input voxels, parameters
     adapters/<method>/    the fitted adapter (safetensors + JSON config; reloads on its own)
-    predictions.zarr      test/<target> (n_images, ...) float32, test/image_ids and test/n_repeats:
+    predictions.zarr      test/<target> (n_images, ...) float32, test/image_ids (test/clip_ids for a
+                          video cache) and test/n_repeats:
                           one row per unique test image, sorted by id; when the fMRI store has a
                           row per trial, the predictions of an image's trials are averaged
                           (MindEye2's test protocol), so no metric sees a repeat as a distractor
@@ -40,12 +41,11 @@ import zarr
 from .. import __version__
 from ..errors import UserError
 from ..evaluation import metrics
-from ..store import atomic_dir, compressor, take_rows
+from ..store import atomic_dir, compressor, take_rows, write_timings
 from .adapters.base import make_config, roi_indices
 from .pairs import Pairs, open_pairs
 
-METHODS = ("ridge", "mclip", "litemind")
-TIMINGS = "timings.json"
+METHODS = ("ridge", "mclip", "litemind", "perception")
 """Wall-clock seconds of a trained method, kept out of the hashed outputs (see :func:`_without_timings`)."""
 RIDGE_KEYS = ("alphas", "cv", "alpha_per", "rescale", "n_targets_batch", "backend", "coef_dtype")
 
@@ -173,6 +173,10 @@ def _trained_targets(method: str, params: dict[str, Any], targets: Sequence[str]
         return params
     if method == "litemind":
         return {**params, "targets": list(targets)}
+    if method == "perception":
+        if len(targets) != 1:
+            raise UserError("--targets for perception: one video-cache array (frames or frame_latents)")
+        return {**params, "target": targets[0]}
     if len(targets) not in (2, 3):
         raise UserError("--targets for mclip: detail,semantic[,text] (e.g. layers/11-20_mean,image_embeds)")
     keys = ("detail_target", "semantic_target", "text_target")
@@ -255,12 +259,6 @@ def _fit_trained(pairs: Pairs, method, run: Path, params, train, seed, device, p
                    "resumed_from": result.resumed_from}
 
 
-def write_timings(run: Path, timings: dict[str, Any]) -> None:
-    """What differs between two identical runs (wall-clock seconds, the targets that fitted the
-    memory free at run time), kept out of every DVC-hashed output."""
-    (run / TIMINGS).write_text(json.dumps(timings, indent=2))
-
-
 def target_report(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
     """Predicted vs true test targets: quality, two-way identification, n-way top-1 retrieval."""
     n = len(pred)
@@ -309,7 +307,7 @@ def _write_outputs(run: Path, pairs: Pairs, method: str, predictions: dict[str, 
                           compressors=[compressor()])
         if len(pred) >= 2:
             report["targets"][name] = target_report(pred, _true_targets(pairs, name, test_ids, pred.shape[1:]))
-    root.create_array("test/image_ids", data=test_ids)
+    root.create_array(f"test/{pairs.row_key}", data=test_ids)
     root.create_array("test/n_repeats", data=n_repeats)
     root.attrs.update({"method": method, "fmri": str(pairs.fmri_path), "clip": str(pairs.clip_path)})
     run_info = {

@@ -28,7 +28,7 @@ import zarr
 from .. import __version__
 from ..errors import UserError
 from ..evaluation.metrics import mean_report
-from ..store import compressor
+from ..store import compressor, write_timings
 from .adapters.base import make_config
 from .adapters.finetune import MODES, apply_finetune, set_trainable
 from .adapters.subjects import SubjectAdapter, SubjectConfig, subject_key
@@ -72,7 +72,6 @@ def fit_subjects(
     """Train the multi-subject model; on the main process, write the run folder ``run``."""
     from .cohort import MultiSubjectDataset
     from .data import CacheDataset, TargetBank
-    from .fit import write_timings
     from .models import adapter_targets, build_subject_adapter, load_adapter, predict, save_adapter, subject_units
     from .train import TrainConfig
     from .train import train as train_loop

@@ -1,7 +1,8 @@
 """The trained adapters by name: build one sized for its data, save, reload and predict.
 
-Methods: ``mclip`` (:mod:`.adapters.mclip`) and ``litemind`` (:mod:`.adapters.litemind`); their
-parameters are the fields of ``MCLIPConfig`` / ``LiteMindConfig``. Either one can also be the shared
+Methods: ``mclip`` (:mod:`.adapters.mclip`), ``litemind`` (:mod:`.adapters.litemind`) and
+``perception`` (:mod:`.adapters.perception`, video frames); their parameters are the fields of
+``MCLIPConfig`` / ``LiteMindConfig`` / ``PerceptionConfig``. mclip or litemind can also be the shared
 trunk of a multi-subject model (:func:`build_subject_adapter`, :mod:`.adapters.subjects`). A saved
 adapter is ``adapter.safetensors`` (weights and buffers) plus ``adapter.json`` (everything needed to
 rebuild it, including the fine-tuning structure of a fine-tuned model).
@@ -24,12 +25,13 @@ from ..store import atomic_file
 from .adapters.base import Adapter, make_config, prediction_shape
 from .adapters.litemind import LiteMind
 from .adapters.mclip import BrainMCLIP
+from .adapters.perception import Perception
 from .adapters.subjects import SubjectAdapter, SubjectConfig, plan_units, subject_key, unit_voxels
 from .cohort import MultiSubjectDataset
 from .data import CacheDataset, target_statistics
 from .train import resolve_device
 
-ADAPTERS: dict[str, type[Adapter]] = {"mclip": BrainMCLIP, "litemind": LiteMind}
+ADAPTERS: dict[str, type[Adapter]] = {"mclip": BrainMCLIP, "litemind": LiteMind, "perception": Perception}
 WEIGHTS_FILE, SPEC_FILE = "adapter.safetensors", "adapter.json"
 FORMAT = "nsd-feature-cache/torch-adapter/1"
 

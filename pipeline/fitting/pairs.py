@@ -1,7 +1,9 @@
 """Stage 2's input: an fMRI cache and a CLIP cache, checked to fit together.
 
 Rows of the fMRI store (``train/betas``) pair with rows of the CLIP store through
-``train/image_ids`` (0-based 73k ids = CLIP store row numbers). Nothing here runs CLIP. The betas
+``train/image_ids`` (0-based 73k ids = CLIP store row numbers), or, for a video cache made by
+prepare-video-fmri, ``train/clip_ids`` (clip ids = rows of the extract-clip --video store);
+:func:`row_ids` reads either. Nothing here runs CLIP. The betas
 and ids are read once, here; target arrays stay lazy zarr arrays, so callers can stream them in
 blocks. Every row the pair reads is checked to be extracted (:func:`pipeline.features.cache.require_rows`).
 """
@@ -20,6 +22,23 @@ from ..features.clip import SIZES_SUFFIX
 from ..store import open_existing
 
 SPLITS = ("train", "test")
+ROW_KEYS = ("image_ids", "clip_ids")
+"""The array of an fMRI cache (and of a run's predictions) naming the CLIP-cache row of each row:
+NSD's 0-based 73k image ids, or the (segment, TR) clip ids of a video cache."""
+
+
+def row_key(group, split: str, what: str = "fMRI cache") -> str:
+    """Which of :data:`ROW_KEYS` ``group`` (a zarr group or a flat mapping) pairs ``split`` by."""
+    found = [k for k in ROW_KEYS if f"{split}/{k}" in group]
+    if len(found) != 1:
+        raise UserError(f"{what} has {'both' if found else 'neither'} {split}/image_ids {'and' if found else 'nor'} "
+                        f"{split}/clip_ids; is it a store made by prepare-fmri or prepare-video-fmri?")
+    return found[0]
+
+
+def row_ids(group, split: str, what: str = "fMRI cache") -> np.ndarray:
+    """The CLIP-cache rows of a split's rows (image ids or clip ids)."""
+    return group[f"{split}/{row_key(group, split, what)}"][...]
 
 
 @dataclass
@@ -38,7 +57,12 @@ class Pairs:
         return self.loaded[split]["betas"]
 
     def image_ids(self, split: str) -> np.ndarray:
+        """CLIP-cache rows of a split (image ids; clip ids for a video cache)."""
         return self.loaded[split]["image_ids"]
+
+    @property
+    def row_key(self) -> str:
+        return row_key(self.fmri, "test")
 
     def target(self, name: str) -> zarr.Array:
         """A lazy (N, ...) target array of the CLIP store; index rows with :meth:`image_ids`."""
@@ -60,9 +84,10 @@ def _members(group: zarr.Group, path: str) -> list[str]:
 
 
 def available_targets(clip: zarr.Group) -> list[str]:
-    """Every array a stage-2 model can predict: ``image_embeds``, ``text_embeds``, ``layers/<name>``
-    (not the ``layers/<name>__sizes`` metadata of merged tokens)."""
-    names = [n for n in ("image_embeds", "text_embeds") if n in clip]
+    """Every array a stage-2 model can predict: ``image_embeds``, ``text_embeds``, the video cache's
+    ``frame_embeds``, ``frames``, ``frame_latents``, and ``layers/<name>`` (not the
+    ``layers/<name>__sizes`` metadata of merged tokens)."""
+    names = [n for n in ("image_embeds", "text_embeds", "frame_embeds", "frames", "frame_latents") if n in clip]
     return names + [f"layers/{n}" for n in _members(clip, "layers") if not n.endswith(SIZES_SUFFIX)]
 
 
@@ -72,9 +97,9 @@ def open_pairs(fmri_path: Path | str, clip_path: Path | str, targets: list[str],
     fmri = open_existing(fmri_path, "fMRI cache")
     clip = open_existing(clip_path, "CLIP cache")
     for split in SPLITS:
-        for name in ("betas", "image_ids"):
-            if f"{split}/{name}" not in fmri:
-                raise UserError(f"{fmri_path}: no {split}/{name}; is it an fMRI cache made by prepare-fmri?")
+        if f"{split}/betas" not in fmri:
+            raise UserError(f"{fmri_path}: no {split}/betas; is it an fMRI cache made by prepare-fmri?")
+        row_key(fmri, split, str(fmri_path))
     store_subject = fmri.attrs.get("subject")
     if subject is not None and store_subject != subject:
         raise UserError(f"{fmri_path} holds subject {store_subject}, not subject {subject}")
@@ -88,11 +113,15 @@ def open_pairs(fmri_path: Path | str, clip_path: Path | str, targets: list[str],
     if len(n_rows) != 1:
         raise UserError(f"{clip_path}: targets have different row counts {sorted(n_rows)}")
     n = n_rows.pop()
-    loaded = {split: {"image_ids": fmri[f"{split}/image_ids"][...]} for split in SPLITS}
+    if fmri.attrs.get("clip_layout") != clip.attrs.get("clip_layout"):
+        raise UserError(f"{fmri_path} and {clip_path} number their rows differently (clip_layout: "
+                        f"{fmri.attrs.get('clip_layout')} vs {clip.attrs.get('clip_layout')}); make both with the same "
+                        "cc2017 design")
+    loaded = {split: {"image_ids": row_ids(fmri, split)} for split in SPLITS}
     for split in SPLITS:
         ids = loaded[split]["image_ids"]
         if len(ids) != fmri[f"{split}/betas"].shape[0]:
-            raise UserError(f"{fmri_path}: {split}/image_ids and {split}/betas differ in length")
+            raise UserError(f"{fmri_path}: {split}/{row_key(fmri, split)} and {split}/betas differ in length")
         if len(ids) and (ids.min() < 0 or ids.max() >= n):
             raise UserError(
                 f"{fmri_path}: {split} image ids reach {ids.max()} but {clip_path} has rows 0..{n - 1}; "
@@ -105,7 +134,6 @@ def open_pairs(fmri_path: Path | str, clip_path: Path | str, targets: list[str],
             bad = np.unique(np.nonzero(~np.isfinite(betas))[1])
             raise UserError(f"{fmri_path}: {split}/betas has NaN/inf in {len(bad)} voxels (first: {bad[:5].tolist()})")
     return Pairs(fmri, clip, fmri_path, clip_path, list(targets), loaded)
-
 
 
 STORE_SETTINGS = ("zscore", "repeats")

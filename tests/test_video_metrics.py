@@ -1,0 +1,123 @@
+"""Video metrics against brute-force references (scikit-image PSNR, explicit loops for CLIP-pcc and the
+n-way scores), and evaluate-video on the look-alike: a perfect reconstruction scores perfectly, the
+ground truth is the cache's frames, VideoMAE runs with a tiny offline classifier or is unavailable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from skimage.metrics import peak_signal_noise_ratio
+
+from pipeline.decoding import video
+from pipeline.errors import UserError
+from pipeline.evaluation.metrics import two_way_identification
+from pipeline.evaluation.video import evaluate_video_run, ground_truth
+from pipeline.evaluation.video_metrics import clip_pcc, n_way_identification, n_way_top1_classification, psnr_each
+
+
+def test_psnr_matches_scikit_image():
+    rng = np.random.default_rng(0)
+    gt = rng.integers(0, 256, (5, 12, 12, 3), dtype=np.uint8)
+    rec = np.clip(gt.astype(int) + rng.integers(-30, 30, gt.shape), 0, 255).astype(np.uint8)
+    ref = [peak_signal_noise_ratio(g / 255.0, r / 255.0, data_range=1.0) for g, r in zip(gt, rec)]
+    np.testing.assert_allclose(psnr_each(gt, rec), ref, rtol=1e-10)
+    assert np.isinf(psnr_each(gt[:1], gt[:1])[0])
+
+
+def test_clip_pcc_is_the_mean_adjacent_cosine():
+    e = np.random.default_rng(1).normal(size=(4, 6, 8))
+    cos = [[e[v, f] @ e[v, f + 1] / np.linalg.norm(e[v, f]) / np.linalg.norm(e[v, f + 1]) for f in range(5)]
+           for v in range(4)]
+    assert clip_pcc(e) == pytest.approx(np.mean(cos), abs=1e-12)
+    with pytest.raises(UserError, match="frames >= 2"):
+        clip_pcc(e[:, :1])
+
+
+def brute_n_way(gt, rec, n, trials, seed):
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for j in range(len(gt)):
+        own = np.corrcoef(gt[j], rec[j])[0, 1]
+        for _ in range(trials):
+            others = rng.choice([i for i in range(len(gt)) if i != j], n - 1, replace=False)
+            hits += all(np.corrcoef(gt[i], rec[j])[0, 1] < own for i in others)
+    return hits / (len(gt) * trials)
+
+
+def test_n_way_identification_matches_brute_force():
+    rng = np.random.default_rng(2)
+    gt = rng.normal(size=(12, 10))
+    rec = gt + rng.normal(scale=1.5, size=gt.shape)
+    for n in (2, 5):
+        assert n_way_identification(gt, rec, n, trials=20, seed=3) == pytest.approx(brute_n_way(gt, rec, n, 20, 3))
+    # n = all items: no sampling left; the fraction of reconstructions closest to their own ground truth
+    corr = np.corrcoef(gt, rec)[:12, 12:]
+    assert n_way_identification(gt, rec, 12, trials=3) == pytest.approx(np.mean(corr.argmax(0) == np.arange(12)))
+    # n = 2 averages over random distractors what two-way identification counts over all of them
+    assert n_way_identification(gt, rec, 2, trials=400) == pytest.approx(two_way_identification(gt, rec), abs=0.03)
+    with pytest.raises(UserError, match="13-way identification needs 2 <= n <= 12"):
+        n_way_identification(gt, rec, 13)
+
+
+def test_n_way_classification_matches_brute_force():
+    rng = np.random.default_rng(4)
+    gt, rec = rng.dirichlet(np.ones(20), 15), rng.dirichlet(np.ones(20), 15)
+    rec[:5] = gt[:5]  # a third reconstructed exactly
+    r = np.random.default_rng(5)
+    hits = 0
+    for g, p in zip(gt, rec):
+        truth = int(np.argmax(g))
+        for _ in range(30):
+            picked = r.choice([c for c in range(20) if c != truth], 9, replace=False)
+            hits += p[truth] > p[picked].max()
+    assert n_way_top1_classification(gt, rec, 10, trials=30, seed=5) == pytest.approx(hits / (15 * 30))
+
+
+@pytest.fixture(scope="module")
+def perfect_run(video_caches, tmp_path_factory) -> Path:
+    """A decode-video folder whose reconstructions are the ground-truth frames of the 50 test clips."""
+    run = tmp_path_factory.mktemp("perfect")
+    store = zarr.open_group(video_caches["clip"], mode="r")
+    ids = zarr.open_group(video_caches["fmri"], mode="r")["test/clip_ids"][:]
+    (run / "recon_video").mkdir()
+    for clip_id in ids:
+        video.write_clip(run / "recon_video", int(clip_id), store["frames"][int(clip_id)], 3.0)
+    (run / "decode.json").write_text(json.dumps({"method": "ground truth", "clip": str(video_caches["clip"]),
+                                                 "clip_ids": ids.tolist(), "frames_per_clip": 6}))
+    return run
+
+
+def test_ground_truth_is_read_from_the_movies(video_caches):
+    store = zarr.open_group(video_caches["clip"], mode="r")
+    ids = np.array([230, 200, 201, 249])  # any order, with gaps
+    np.testing.assert_array_equal(ground_truth(store, ids, 32), store["frames"].get_orthogonal_selection((ids,)))
+
+
+def test_a_perfect_reconstruction_scores_perfectly(perfect_run):
+    out = evaluate_video_run(perfect_run, videomae=None, trials=10)
+    rec = out["reconstruction"]
+    assert rec["SSIM"] == pytest.approx(1.0) and rec["PSNR"] == 100.0
+    for key in ("CLIP 2-way (video)", "CLIP 50-way (video)", "CLIP 2-way (frame)", "CLIP 50-way (frame)"):
+        assert rec[key] == 1.0, key
+    assert rec["CLIP-pcc"] == pytest.approx(out["reference"]["CLIP-pcc of the ground truth"], abs=1e-6)
+    assert set(out["unavailable"]) == {"VideoMAE 2-way", "VideoMAE 50-way"}
+    assert json.loads((perfect_run / "metrics.json").read_text()) == out
+
+
+def test_videomae_classification_with_tiny_offline_weights(perfect_run, tmp_path):
+    from transformers import VideoMAEConfig, VideoMAEForVideoClassification, VideoMAEImageProcessor
+
+    cfg = VideoMAEConfig(image_size=32, patch_size=8, num_frames=4, tubelet_size=2, hidden_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, num_labels=12)
+    VideoMAEForVideoClassification(cfg).save_pretrained(tmp_path / "videomae")
+    VideoMAEImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "videomae")
+    out = evaluate_video_run(perfect_run, videomae=str(tmp_path / "videomae"), n_ways=(2, 50), trials=5)
+    assert out["reconstruction"]["VideoMAE 2-way"] == 1.0 and out["reconstruction"]["VideoMAE 12-way"] == 1.0
+    assert out["unavailable"] == {}
+    missing = evaluate_video_run(perfect_run, videomae=str(tmp_path / "nowhere"), trials=5)
+    assert "not found locally" in missing["unavailable"]["VideoMAE 2-way"]
