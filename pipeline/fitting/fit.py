@@ -46,7 +46,6 @@ from .adapters.base import make_config, roi_indices
 from .pairs import Pairs, open_pairs
 
 METHODS = ("ridge", "mclip", "litemind", "perception")
-"""Wall-clock seconds of a trained method, kept out of the hashed outputs (see :func:`_without_timings`)."""
 RIDGE_KEYS = ("alphas", "cv", "alpha_per", "rescale", "n_targets_batch", "backend", "coef_dtype")
 
 
