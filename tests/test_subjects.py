@@ -154,6 +154,20 @@ def test_finetuning_trains_exactly_what_its_mode_says(stores, pretrained, tmp_pa
     np.testing.assert_array_equal(again["image_embeds"], preds["subj07/test/image_embeds"][:])
 
 
+def test_finetuning_depends_on_its_seed_not_the_process_rng(stores, pretrained, tmp_path):
+    """torch seeds its global RNG differently in every process: the fresh input layer and the LoRA A
+    matrices must come from --seed, or two clones' `dvc repro` write different fine-tuned runs."""
+    runs = []
+    for i, global_seed in enumerate((1, 2)):
+        torch.manual_seed(global_seed)
+        runs.append(tmp_path / f"run{i}")
+        _fit([stores["7_1sess"]], stores["clip"], runs[-1], init=pretrained, finetune="skip-lora", subjects={"lora_rank": 2})
+    first, second = _weights(runs[0]), _weights(runs[1])
+    assert first.keys() == second.keys()
+    for k in first:
+        np.testing.assert_array_equal(first[k], second[k], err_msg=k)
+
+
 def test_lora_layers_are_peft_and_compute_w_plus_ba(pretrained):
     from peft.tuners.lora import Linear as LoraLinear
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import zarr
 
 from .. import __version__
@@ -118,9 +119,11 @@ def fit_subjects(
         p = cohort[0]
         key = subject_key(p.subject)
         replaced = key in model.inputs
-        model.add_subject(key, p.betas("train").shape[1], subject_units(model, parts[p.subject].voxels, p.betas("train").shape[1]))
         mode = finetune or "all"
-        apply_finetune(model, mode, scfg.lora_rank, key)
+        with torch.random.fork_rng(devices=[]):  # the new input layer and LoRA A matrices are drawn from --seed
+            torch.manual_seed(seed)
+            model.add_subject(key, p.betas("train").shape[1], subject_units(model, parts[p.subject].voxels, p.betas("train").shape[1]))
+            apply_finetune(model, mode, scfg.lora_rank, key)
         stages.append((mode, key, cfg))
     trained, timings = [], {}
     for stage, key, stage_cfg in stages:
