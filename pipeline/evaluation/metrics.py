@@ -28,7 +28,6 @@ linear information), whereas :func:`two_way_identification` keeps ME's NaN, i.e.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -149,13 +148,6 @@ def ssim(gt: np.ndarray, rec: np.ndarray) -> float:
 
 
 # ---- feature comparisons -----------------------------------------------------------------------------
-def _flat64(x: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
-    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    if arr.ndim < 2:
-        raise UserError(f"{what}: expected (n, ...) features, got shape {arr.shape}")
-    return arr.reshape(len(arr), -1).astype(np.float64)
-
-
 def _check_feats(gt: np.ndarray, rec: np.ndarray, min_n: int = 1) -> None:
     if gt.shape != rec.shape:
         raise UserError(f"features differ in shape: ground truth {gt.shape}, reconstructions {rec.shape}")
@@ -163,11 +155,13 @@ def _check_feats(gt: np.ndarray, rec: np.ndarray, min_n: int = 1) -> None:
         raise UserError(f"need at least {min_n} images, got {len(gt)}")
 
 
-def _flat(x: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
+def _flat(x: np.ndarray | torch.Tensor, what: str, dtype: type | None = None) -> np.ndarray:
+    """(n, ...) features as (n, d) rows (cast to ``dtype`` when given)."""
     arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     if arr.ndim < 2:
         raise UserError(f"{what}: expected (n, ...) features, got shape {arr.shape}")
-    return arr.reshape(len(arr), -1)
+    arr = arr.reshape(len(arr), -1)
+    return arr if dtype is None else arr.astype(dtype)
 
 
 def cross_correlation(a: np.ndarray, b: np.ndarray, block: int = 1 << 14) -> np.ndarray:
@@ -204,7 +198,7 @@ def two_way_identification(gt_feats: np.ndarray, rec_feats: np.ndarray) -> float
 
 def correlation_distance(gt_feats: np.ndarray, rec_feats: np.ndarray) -> float:
     """Mean over images of ``scipy.spatial.distance.correlation`` (1 - Pearson r); lower is better."""
-    g, r = _flat64(gt_feats, "gt_feats"), _flat64(rec_feats, "rec_feats")
+    g, r = _flat(gt_feats, "gt_feats", np.float64), _flat(rec_feats, "rec_feats", np.float64)
     _check_feats(g, r)
     return float((1.0 - _rowwise_pearson(g, r)).mean())
 
@@ -240,7 +234,7 @@ def retrieval_top1(
 ) -> Retrieval:
     """ME2 retrieval: ``draws`` times pick ``pool`` samples without replacement (``np.random.seed(seed)``
     then ``np.random.choice``), flatten and L2-normalise, cosine similarity, top-1; mean over draws."""
-    b, i = _flat64(brain, "brain"), _flat64(image, "image")
+    b, i = _flat(brain, "brain", np.float64), _flat(image, "image", np.float64)
     if len(b) != len(i):
         raise UserError(f"brain ({len(b)}) and image ({len(i)}) embeddings must have one row per test sample each")
     if b.shape[1] != i.shape[1]:
@@ -401,7 +395,7 @@ def load_openai_clip(path: Path | None = None) -> nn.Module:
     import open_clip
     from huggingface_hub import try_to_load_from_cache
 
-    from ..features.clip import hf_hub_cache, hf_weights, resolve_architecture
+    from ..features.clip import hf_hub_cache, hf_weights, quiet_random_init, resolve_architecture
 
     arch = resolve_architecture("ViT-L-14", "openai")
     if path is None:
@@ -416,12 +410,8 @@ def load_openai_clip(path: Path | None = None) -> nn.Module:
         path = Path(found[0])
     _require(Path(path), "OpenAI CLIP ViT-L/14 weights", "pass an open_clip checkpoint file")
     state = _state_dict(Path(path))  # read first: a bad file fails before ViT-L is built
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)  # open_clip warns "initialized randomly"; the weights follow
-    try:
+    with quiet_random_init():  # the weights follow
         model = open_clip.create_model(arch.name, pretrained=None, force_quick_gelu=arch.force_quick_gelu)
-    finally:
-        logging.disable(previous)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
