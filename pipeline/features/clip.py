@@ -21,6 +21,8 @@ import logging
 import os
 import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -351,10 +353,21 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 class _NoRandomInitWarning(logging.Filter):
-    """Hide open_clip's "initialized randomly" warning when a checkpoint file is loaded right after."""
-
     def filter(self, record: logging.LogRecord) -> bool:
         return "Model initialized randomly" not in record.getMessage()
+
+
+@contextmanager
+def quiet_random_init(quiet: bool = True) -> Iterator[None]:
+    """Hide open_clip's "initialized randomly" warning (root logger) where it says nothing: the
+    weights are loaded right after, or random weights were asked for (``--pretrained none``)."""
+    hide = _NoRandomInitWarning()
+    if quiet:
+        logging.getLogger().addFilter(hide)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(hide)
 
 
 def _first_lines(exc: Exception, n: int = 2, limit: int = 300) -> str:
@@ -383,11 +396,8 @@ def load_model(
         known = open_clip.list_pretrained_tags_by_model(name) or ["none"]
         raise UserError(f"--pretrained: {name} has no pretrained tag {tag!r} (known: {', '.join(known)})")
     arch = resolve_architecture(name, tag, activation)
-    quiet = _NoRandomInitWarning()
-    if ckpt is not None:  # the file's weights are loaded right below
-        logging.getLogger().addFilter(quiet)
     try:
-        with warnings.catch_warnings():
+        with quiet_random_init(tag is None), warnings.catch_warnings():
             warnings.filterwarnings("error", message="QuickGELU mismatch")
             net, _, preprocess = open_clip.create_model_and_transforms(
                 arch.name, pretrained=tag, device="cpu", force_quick_gelu=arch.force_quick_gelu,
@@ -404,8 +414,6 @@ def load_model(
                 f"(open_clip reads {repo}/{' or '.join(files)}; download them once online, or set HF_HUB_CACHE)"
             ) from None
         raise UserError(f"--pretrained {tag}: the cached weights do not fit {arch.name}: {first}") from None
-    finally:
-        logging.getLogger().removeFilter(quiet)
     if not isinstance(net.visual, open_clip.transformer.VisionTransformer):
         raise UserError(f"--model {name}: extract-clip reads open_clip VisionTransformer towers, not {type(net.visual).__name__}")
     built = _built_activation(net)
