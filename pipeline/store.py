@@ -104,27 +104,19 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     Stale leftovers of killed runs are tidied first (:func:`clean_stale`). A failure removes the
     temporary folder; a kill leaves at most that folder, never an ``out`` that looks complete.
     """
+    with atomic_file(out) as tmp:
+        tmp.mkdir()
+        yield tmp
+
+
+@contextmanager
+def atomic_file(out: Path) -> Iterator[Path]:
+    """A temporary path for one file (or folder), renamed onto ``out`` when the block succeeds."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out)
     tmp = tmp_path(out)
     _remove(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        _remove(tmp)
-        raise
-    replace_path(tmp, out)
-
-
-@contextmanager
-def atomic_file(out: Path) -> Iterator[Path]:
-    """A temporary path for one file, renamed onto ``out`` when the block succeeds."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(out)
-    tmp = tmp_path(out)
     try:
         yield tmp
     except BaseException:
