@@ -67,6 +67,30 @@ def test_stage_outputs_are_byte_identical_across_folders(tmp_path, monkeypatch):
             "data/demo/nsddata/experiments/nsd/nsd_expdesign.mat"} <= first.keys()
 
 
+def run_video_caches(workdir: Path, video_root: Path) -> None:
+    """The cc2017 look-alike's two caches, from a copy of it at ``workdir``, with relative paths."""
+    from pipeline.data.demo_video import DEMO_DESIGN
+    from pipeline.data.video_fmri import prepare_video_fmri
+    from pipeline.features.video import extract_video
+
+    shutil.copytree(video_root, workdir / "data/demo_video")
+    os.chdir(workdir)
+    prepare_video_fmri("data/demo_video", 1, "cache/fmri/cc2017_subj01.zarr", design=DEMO_DESIGN, progress=False)
+    extract_video("data/demo_video", "cache/clip/cc2017.zarr", design=DEMO_DESIGN, model="nsd-tiny-vit",
+                  pretrained="data/demo_video/demo/nsd-tiny-vit.safetensors", layers="6", frame_size=32,
+                  progress=False)
+
+
+def test_video_caches_are_byte_identical_across_folders(video_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_video_caches(tmp_path / "a", video_root)
+    run_video_caches(tmp_path / "a-longer-path", video_root)
+    first = tree_hashes(tmp_path / "a/cache", skip=(TIMINGS,))
+    second = tree_hashes(tmp_path / "a-longer-path/cache", skip=(TIMINGS,))
+    assert first.keys() == second.keys() and "clip/cc2017.zarr/zarr.json" in first
+    assert not sorted(k for k in first if first[k] != second[k])
+
+
 def _clone_and_repro(src: Path, dest: Path) -> dict[str, str]:
     subprocess.run(["git", "clone", "-q", str(src), str(dest)], check=True)
     env = {**os.environ, "PYTHONPATH": str(dest), "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1"}

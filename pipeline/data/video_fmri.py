@@ -228,7 +228,7 @@ def prepare_video_fmri(
             "n_selected": int(len(idx)),
             "voxel_order": "ascending CIFTI grayordinate (row of the dtseries file) among the selected",
             "series_step_seconds": sorted(s for s in steps if s is not None),
-            "sources": {"root": str(data.root.resolve()), "runs": sources},
+            "sources": {"root": str(data.root), "runs": sources},  # as given, as for NSD stores
             "package_version": __version__,
         })
     return out

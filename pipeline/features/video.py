@@ -256,7 +256,7 @@ def extract_video(
                   "segment; frames are the centre square, bicubic; keyframe is 1-based",
                   "design": design.as_dict()},
         "clip_layout": design.clip_layout(),
-        "source": {"stimuli": str(data.stimuli_dir.resolve()), "videos": videos},
+        "source": {"stimuli": str(data.stimuli_dir), "videos": videos},  # as given, as for NSD stores
         "N": n,
         "versions": versions(),
     }
