@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import UserError
+from .store import atomic_file
 
 TIME_TOLERANCE = 1e-3
 """Seconds by which a frame may start after the requested time and still count as shown then."""
@@ -143,9 +144,9 @@ def write_mp4(path: Path | str, frames: np.ndarray, fps: float, crf: int = 18, p
 
     ``fps`` may be fractional; the rate is stored as a fraction. ``crf``/``preset``: libx264's quality
     and speed settings. libx264 runs single-threaded and without its assembly (:data:`X264_REPRODUCIBLE`):
-    otherwise the same frames encode to different bytes from call to call (measured with this
-    PyAV wheel, even with one thread), and DVC hashes these files. It costs ~0.3 s per 16-frame 512 px
-    clip on one CPU core.
+    otherwise the same frames encode to different bytes from call to call (measured with this PyAV
+    wheel on 32 px demo clips, even with one thread; not seen at 256 px), and DVC hashes these
+    files. It costs ~0.3 s per 16-frame 512 px clip on one CPU core.
     """
     av = _av()
     frames = np.asarray(frames)
@@ -154,22 +155,14 @@ def write_mp4(path: Path | str, frames: np.ndarray, fps: float, crf: int = 18, p
     h, w = frames.shape[1:3]
     if h % 2 or w % 2:
         raise UserError(f"write_mp4: H.264 needs even frame sizes, got {w}x{h}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
-    try:
-        with av.open(str(tmp), "w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-            stream.options = {"crf": str(crf), "preset": preset, "x264-params": X264_REPRODUCIBLE}
-            for img in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():
+    with atomic_file(Path(path)) as tmp, av.open(str(tmp), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"crf": str(crf), "preset": preset, "x264-params": X264_REPRODUCIBLE}
+        for img in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                 container.mux(packet)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(path)
-    return path
+        for packet in stream.encode():
+            container.mux(packet)
+    return Path(path)
 

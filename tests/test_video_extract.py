@@ -126,6 +126,7 @@ def test_write_mp4_is_byte_reproducible(tmp_path):
     libx264's threads or assembly they did not: about half of such clips differed over 6 calls)."""
     rng = np.random.default_rng(0)
     clips = [np.repeat(np.repeat(rng.integers(0, 256, (6, 8, 8, 3), np.uint8), 4, 1), 4, 2) for _ in range(20)]
+    clips.append(np.repeat(np.repeat(rng.integers(0, 256, (16, 16, 16, 3), np.uint8), 16, 1), 16, 2))  # 256 px
     for i, frames in enumerate(clips):
         first = write_mp4(tmp_path / f"{i}.mp4", frames, 3.0).read_bytes()
         for _ in range(3):
