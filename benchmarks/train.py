@@ -48,13 +48,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from report import emit  # noqa: E402  (benchmarks/ is the script's folder)
 
-from pipeline.data.fmri import _create  # noqa: E402  (prepare-fmri's chunking, exactly)
+from pipeline.data.fmri import beta_chunk_rows, row_array  # noqa: E402  (prepare-fmri's chunking, exactly)
 from pipeline.features import clip as clip_lib  # noqa: E402
 from pipeline.features.cache import DONE, ArraySpec, create_store, default_chunk_rows  # noqa: E402
 from pipeline.fitting.adapters.base import FLOC  # noqa: E402
-from pipeline.fitting.data import CacheDataset, decoded_bytes, iter_batches  # noqa: E402
+from pipeline.fitting.data import CacheDataset, TargetBank, decoded_bytes, iter_batches  # noqa: E402
 from pipeline.fitting.models import build_adapter  # noqa: E402
-from pipeline.fitting.train import _autocast, _train_epoch, resolve_device  # noqa: E402
+from pipeline.fitting.train import resolve_device, step_runner  # noqa: E402
 from pipeline.store import atomic_store, take_rows  # noqa: E402
 
 DETAIL, SEMANTIC = "layers/11-20_mean", "image_embeds"
@@ -84,15 +84,15 @@ def build_clip_store(out: Path, n: int, rng: np.random.Generator) -> None:
 
 def build_fmri_store(out: Path, image_ids: np.ndarray, rng: np.random.Generator) -> None:
     with atomic_store(out) as root:
-        betas = _create(root, "train/betas", (len(image_ids), VOXELS), np.float32)
+        betas = row_array(root, "train/betas", (len(image_ids), VOXELS), np.float32)
         for start in range(0, len(image_ids), 4096):
             stop = min(start + 4096, len(image_ids))
             betas[start:stop] = rng.standard_normal((stop - start, VOXELS), np.float32)
-        _create(root, "train/image_ids", image_ids.shape, np.int64)[...] = image_ids
+        row_array(root, "train/image_ids", image_ids.shape, np.int64)[...] = image_ids
         for k, name in enumerate(FLOC):  # about a third of the voxels category-selective, like subj01
             labels = np.zeros(VOXELS, np.int32)
             labels[k * VOXELS // 12 : (k + 1) * VOXELS // 12] = 1
-            _create(root, f"voxels/{name}", (VOXELS,), np.int32)[...] = labels
+            row_array(root, f"voxels/{name}", (VOXELS,), np.int32)[...] = labels
 
 
 # ---- what a data path decodes ---------------------------------------------------------------------------
@@ -118,8 +118,7 @@ def lazy_epoch_bytes(image_ids: np.ndarray, batch: int, betas: Layout, targets: 
 
 def store_layouts(n_rows: int, n_images: int) -> tuple[Layout, list[Layout]]:
     spec = layout(n_images)
-    beta_chunk = max(1, min(n_rows, (16 << 20) // (VOXELS * 4)))  # fmri._create's rule
-    return Layout(beta_chunk, VOXELS * 4), [Layout(s.chunk_rows, s.row_bytes) for s in spec.values()]
+    return Layout(beta_chunk_rows((n_rows, VOXELS), np.float32), VOXELS * 4), [Layout(s.chunk_rows, s.row_bytes) for s in spec.values()]
 
 
 # ---- feeding the model --------------------------------------------------------------------------------------
@@ -164,17 +163,12 @@ def clip_batches(data: CacheDataset, loaded: clip_lib.LoadedModel, batch: int, s
 def time_steps(model, batches: Iterator[dict], steps: int, device: torch.device,
                warmup: Iterator[dict] | None = None) -> dict:
     """One untimed warm-up step (from ``warmup``, default ``batches``), then ``steps`` timed steps of
-    the real training loop body (:func:`pipeline.fitting.train._train_epoch`)."""
-    model = copy.deepcopy(model).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.05)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    autocast, scaler = _autocast(device, True)
-    parts = (model, optimizer, scheduler, scaler)
-    with tqdm(disable=True) as bar:
-        _train_epoch(parts, itertools.islice(warmup or batches, 1), autocast, device, 1.0, bar, 0)
-        t0 = time.perf_counter()
-        _train_epoch(parts, itertools.islice(batches, steps), autocast, device, 1.0, bar, 1)
-        seconds = time.perf_counter() - t0
+    the real training loop body (:func:`pipeline.fitting.train.step_runner`)."""
+    run = step_runner(copy.deepcopy(model), device, {"grad_clip": 1.0, "amp": True})
+    run(itertools.islice(warmup or batches, 1))
+    t0 = time.perf_counter()
+    run(itertools.islice(batches, steps))
+    seconds = time.perf_counter() - t0
     return {"steps": steps, "seconds": round(seconds, 3), "steps_per_s": round(steps / seconds, 4)}
 
 
@@ -227,12 +221,14 @@ def main() -> None:
         vectors = len(images) * EMBED * 4
         streamed = CacheDataset.from_stores(fmri, clip, [DETAIL, SEMANTIC], memory=vectors)
         run = time_steps(model, iter_batches(streamed, b, seed=1), args.steps, device)
+        bank = TargetBank(clip, [DETAIL, SEMANTIC], images, memory=vectors)  # a fresh one: nothing held yet
+        first = np.flatnonzero(bank.block_of_image == 0)
         t0 = time.perf_counter()
-        block = streamed.bank._read_block(0)  # what the background reader does once per block and epoch
+        bank.gather(first)  # reads block 0, what the background reader does once per block and epoch
         variants["cache_streamed"] = {**run, "streamed": sorted(streamed.bank.streamed),
                                       "blocks": streamed.bank.n_blocks,
                                       "block_read_seconds": round(time.perf_counter() - t0, 3),
-                                      "block_mb": round(sum(int(v.nbytes) for v in block.values()) / 1e6, 1),
+                                      "block_decoded_mb": round(bank.decoded / 1e6, 1),
                                       "decoded_mb_per_epoch": round(decoded_bytes(clip[DETAIL], images) / 1e6, 1)}
 
         betas_layout, target_layouts = store_layouts(len(image_ids), args.images)
