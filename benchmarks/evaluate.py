@@ -50,7 +50,7 @@ def _random(key: str):
         if key == "swav_resnet50":
             return torchvision.models.resnet50(weights=None).eval()
         if key == "clip_vit_l14":
-            return M._EncodeImage(open_clip.create_model(M.CLIP_ARCH, pretrained=None)).eval()
+            return M.EncodeImage(open_clip.create_model(M.CLIP_ARCH, pretrained=None)).eval()
         raise KeyError(key)
 
     return load

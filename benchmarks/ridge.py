@@ -61,6 +61,7 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
         default="rows",
         help="rows: chunks hold whole rows, as extract-clip writes them (ours stages the rows once); tokens: split",
     )
+    p.add_argument("--backend", default="torch", help="backend of ours and himalaya: torch | torch_cuda")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--solvers", default=",".join(SOLVERS))
     p.add_argument("--workdir", type=Path, default=None, help="kept if given, else a temporary folder")
@@ -168,7 +169,7 @@ def worker(args: argparse.Namespace) -> dict:
     if args.worker == "ours_full":
         result["rss_before_fit_mb"] = rss_mb()
         start = time.perf_counter()
-        model = RidgeAdapter(alphas=alphas, cv=folds, n_targets_batch=args.batch, backend="torch")
+        model = RidgeAdapter(alphas=alphas, cv=folds, n_targets_batch=args.batch, backend=args.backend)
         model.fit(X, {"t": store["train"]}, groups=groups, out=work / "adapter")
         result["fit_s"] = time.perf_counter() - start
         start = time.perf_counter()
@@ -186,7 +187,7 @@ def worker(args: argparse.Namespace) -> dict:
         if args.worker.startswith("ours"):
             alpha_per = {"ours_target": "target", "ours_array": "array"}[args.worker]
             model = RidgeAdapter(
-                alphas=alphas, cv=folds, alpha_per=alpha_per, n_targets_batch=args.batch, backend="torch"
+                alphas=alphas, cv=folds, alpha_per=alpha_per, n_targets_batch=args.batch, backend=args.backend
             )
             model.fit(X, {"t": Y}, groups=groups)
             chosen = model.alpha("t")
@@ -196,7 +197,7 @@ def worker(args: argparse.Namespace) -> dict:
             from himalaya.ridge import RidgeCV
             from himalaya.scoring import r2_score
 
-            set_backend("torch")
+            set_backend(args.backend)
             params = dict(score_func=r2_score, n_targets_batch=args.batch, warn=False)
             model = RidgeCV(alphas=alphas, cv=folds, fit_intercept=True, solver_params=params).fit(X, Y)
             chosen = np.asarray(model.best_alphas_, np.float64)

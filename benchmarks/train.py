@@ -22,7 +22,9 @@ training trials of 9,000 images among 73,000). Random weights and values: only t
 mean anything.
 
     python benchmarks/train.py [--images 2048] [--repeats 3] [--batch-size 64] [--steps 5]
-        [--clip-steps 2] [--device auto] [--threads N] [--out result.json]
+        [--clip-steps 2] [--device auto] [--threads N] [--small] [--out result.json]
+
+``--small`` swaps in the demo's tiny ViT, 512 voxels and a demo-sized mclip (a smoke run: seconds).
 
 Prints one JSON object.
 """
@@ -37,6 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,51 +51,81 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from report import emit  # noqa: E402  (benchmarks/ is the script's folder)
 
-from pipeline.data.fmri import _create  # noqa: E402  (prepare-fmri's chunking, exactly)
+from pipeline.data.fmri import beta_chunk_rows, row_array  # noqa: E402  (prepare-fmri's chunking, exactly)
 from pipeline.features import clip as clip_lib  # noqa: E402
 from pipeline.features.cache import DONE, ArraySpec, create_store, default_chunk_rows  # noqa: E402
 from pipeline.fitting.adapters.base import FLOC  # noqa: E402
-from pipeline.fitting.data import CacheDataset, decoded_bytes, iter_batches  # noqa: E402
+from pipeline.fitting.data import CacheDataset, TargetBank, decoded_bytes, iter_batches  # noqa: E402
 from pipeline.fitting.models import build_adapter  # noqa: E402
-from pipeline.fitting.train import _autocast, _train_epoch, resolve_device  # noqa: E402
+from pipeline.fitting.train import resolve_device, step_runner  # noqa: E402
 from pipeline.store import atomic_store, take_rows  # noqa: E402
 
-DETAIL, SEMANTIC = "layers/11-20_mean", "image_embeds"
-TOKENS, WIDTH, EMBED, VOXELS, SHARD = 257, 1024, 768, 15_724, 1024
-IMAGE_SIZE = 425
+SEMANTIC = "image_embeds"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Shapes of the stores, the CLIP model run every step and the adapters."""
+
+    clip_model: str = "ViT-L-14"
+    layers: str = "11-20:mean"
+    tokens: int = 257
+    width: int = 1024
+    embed: int = 768
+    voxels: int = 15_724
+    image_size: int = 425
+    shard: int = 1024
+    adapters: dict = field(default_factory=dict)  # method -> config overrides
+
+    @property
+    def detail(self) -> str:
+        return "layers/" + self.layers.replace(":", "_")
+
+
+REAL = Sizes()
+SMALL = Sizes("nsd-tiny-vit", "2-4:mean", 17, 64, 32, 512, 32, 64, {
+    "mclip": {"width": 64, "depth": 1, "token_rank": 8},
+    "litemind": {"patch_size": 64, "dims": (32, 32, 32, 17), "depths": (1, 1, 1, 1)},
+})
 NSD = {"images": 73_000, "train_images": 9_000, "train_trials": 27_000}
 
 
 # ---- the stores ---------------------------------------------------------------------------------------
-def layout(n: int) -> dict[str, ArraySpec]:
+def layout(n: int, z: Sizes = REAL) -> dict[str, ArraySpec]:
     """What extract-clip lays out for ViT-L/14, all tokens, ``11-20:mean`` (see features/cache.py)."""
     return {
-        DETAIL: ArraySpec((n, TOKENS, WIDTH), "float16", default_chunk_rows(TOKENS * WIDTH * 2, SHARD), SHARD),
-        SEMANTIC: ArraySpec((n, EMBED), "float32", SHARD, SHARD),
+        z.detail: ArraySpec((n, z.tokens, z.width), "float16", default_chunk_rows(z.tokens * z.width * 2, z.shard), z.shard),
+        SEMANTIC: ArraySpec((n, z.embed), "float32", z.shard, z.shard),
     }
 
 
-def build_clip_store(out: Path, n: int, rng: np.random.Generator) -> None:
-    create_store(out, layout(n), {"settings": {"benchmark": "random values"}})
+def build_clip_store(out: Path, n: int, rng: np.random.Generator, z: Sizes = REAL) -> None:
+    create_store(out, layout(n, z), {"settings": {"benchmark": "random values"}})
     root = zarr.open_group(out, mode="r+")
-    for s, start in enumerate(tqdm(range(0, n, SHARD), desc="clip store", unit="shard")):
-        stop = min(start + SHARD, n)
-        root[DETAIL][start:stop] = rng.standard_normal((stop - start, TOKENS, WIDTH), np.float32).astype(np.float16)
-        root[SEMANTIC][start:stop] = rng.standard_normal((stop - start, EMBED), np.float32)
+    for s, start in enumerate(tqdm(range(0, n, z.shard), desc="clip store", unit="shard")):
+        stop = min(start + z.shard, n)
+        root[z.detail][start:stop] = rng.standard_normal((stop - start, z.tokens, z.width), np.float32).astype(np.float16)
+        root[SEMANTIC][start:stop] = rng.standard_normal((stop - start, z.embed), np.float32)
         root[DONE][s] = True
 
 
-def build_fmri_store(out: Path, image_ids: np.ndarray, rng: np.random.Generator) -> None:
+def voxel_labels(voxels: int) -> dict[str, np.ndarray]:
+    """ROI labels: about a third of the voxels category-selective, like subj01."""
+    labels = {name: np.zeros(voxels, np.int32) for name in FLOC}
+    for k, name in enumerate(FLOC):
+        labels[name][k * voxels // 12 : (k + 1) * voxels // 12] = 1
+    return labels
+
+
+def build_fmri_store(out: Path, image_ids: np.ndarray, rng: np.random.Generator, z: Sizes = REAL) -> None:
     with atomic_store(out) as root:
-        betas = _create(root, "train/betas", (len(image_ids), VOXELS), np.float32)
+        betas = row_array(root, "train/betas", (len(image_ids), z.voxels), np.float32)
         for start in range(0, len(image_ids), 4096):
             stop = min(start + 4096, len(image_ids))
-            betas[start:stop] = rng.standard_normal((stop - start, VOXELS), np.float32)
-        _create(root, "train/image_ids", image_ids.shape, np.int64)[...] = image_ids
-        for k, name in enumerate(FLOC):  # about a third of the voxels category-selective, like subj01
-            labels = np.zeros(VOXELS, np.int32)
-            labels[k * VOXELS // 12 : (k + 1) * VOXELS // 12] = 1
-            _create(root, f"voxels/{name}", (VOXELS,), np.int32)[...] = labels
+            betas[start:stop] = rng.standard_normal((stop - start, z.voxels), np.float32)
+        row_array(root, "train/image_ids", image_ids.shape, np.int64)[...] = image_ids
+        for name, labels in voxel_labels(z.voxels).items():
+            row_array(root, f"voxels/{name}", (z.voxels,), np.int32)[...] = labels
 
 
 # ---- what a data path decodes ---------------------------------------------------------------------------
@@ -116,18 +149,17 @@ def lazy_epoch_bytes(image_ids: np.ndarray, batch: int, betas: Layout, targets: 
     return total
 
 
-def store_layouts(n_rows: int, n_images: int) -> tuple[Layout, list[Layout]]:
-    spec = layout(n_images)
-    beta_chunk = max(1, min(n_rows, (16 << 20) // (VOXELS * 4)))  # fmri._create's rule
-    return Layout(beta_chunk, VOXELS * 4), [Layout(s.chunk_rows, s.row_bytes) for s in spec.values()]
+def store_layouts(n_rows: int, n_images: int, z: Sizes = REAL) -> tuple[Layout, list[Layout]]:
+    spec = layout(n_images, z)
+    return Layout(beta_chunk_rows((n_rows, z.voxels), np.float32), z.voxels * 4), [Layout(s.chunk_rows, s.row_bytes) for s in spec.values()]
 
 
 # ---- feeding the model --------------------------------------------------------------------------------------
 class LazyReads(torch.utils.data.Dataset):
     """The previous data path: each batch reads its betas and targets from the stores."""
 
-    def __init__(self, fmri: zarr.Group, clip: zarr.Group):
-        self.betas, self.clip = fmri["train/betas"], clip
+    def __init__(self, fmri: zarr.Group, clip: zarr.Group, targets: list[str]):
+        self.betas, self.clip, self.targets = fmri["train/betas"], clip, targets
         self.image_ids = fmri["train/image_ids"][...]
 
     def __len__(self) -> int:
@@ -138,44 +170,55 @@ class LazyReads(torch.utils.data.Dataset):
         return {
             "x": torch.from_numpy(take_rows(self.betas, index)),
             "image_id": torch.from_numpy(ids),
-            "targets": {t: torch.from_numpy(take_rows(self.clip[t], ids).astype(np.float32)) for t in (DETAIL, SEMANTIC)},
+            "targets": {t: torch.from_numpy(take_rows(self.clip[t], ids).astype(np.float32)) for t in self.targets},
         }
 
 
 def clip_batches(data: CacheDataset, loaded: clip_lib.LoadedModel, batch: int, seed: int,
-                 device: torch.device) -> Iterator[dict]:
+                 device: torch.device, z: Sizes = REAL) -> Iterator[dict]:
     """Batches whose targets come from running ViT-L/14 on the batch's images (random 425-px pixels)."""
-    layers = clip_lib.parse_layers("11-20:mean", loaded.n_blocks)
+    layers = clip_lib.parse_layers(z.layers, loaded.n_blocks)
     rng = np.random.default_rng(seed)
     use = torch.autocast("cuda", torch.float16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     for index in itertools.count():
         rows = rng.choice(len(data), batch, replace=False)
-        images = rng.integers(0, 256, (batch, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+        images = rng.integers(0, 256, (batch, z.image_size, z.image_size, 3), dtype=np.uint8)
         with use:
             pixels = clip_lib.preprocess_batch(loaded, images).to(device)
             tokens, embeds = clip_lib.encode_layers(loaded, pixels, layers, clip_lib.TokenMode("all"))
         yield {
             "x": data.betas[torch.as_tensor(rows)],
             "image_id": torch.from_numpy(data.image_ids[rows]),
-            "targets": {DETAIL: tokens["11-20_mean"].float(), SEMANTIC: embeds.float()},
+            "targets": {z.detail: tokens[z.detail.removeprefix("layers/")].float(), SEMANTIC: embeds.float()},
         }
 
 
 def time_steps(model, batches: Iterator[dict], steps: int, device: torch.device,
                warmup: Iterator[dict] | None = None) -> dict:
     """One untimed warm-up step (from ``warmup``, default ``batches``), then ``steps`` timed steps of
-    the real training loop body (:func:`pipeline.fitting.train._train_epoch`)."""
-    model = copy.deepcopy(model).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.05)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    autocast, scaler = _autocast(device, True)
-    parts = (model, optimizer, scheduler, scaler)
-    with tqdm(disable=True) as bar:
-        _train_epoch(parts, itertools.islice(warmup or batches, 1), autocast, device, 1.0, bar, 0)
-        t0 = time.perf_counter()
-        _train_epoch(parts, itertools.islice(batches, steps), autocast, device, 1.0, bar, 1)
-        seconds = time.perf_counter() - t0
+    the real training loop body (:func:`pipeline.fitting.train.step_runner`)."""
+    run = step_runner(copy.deepcopy(model), device, {"grad_clip": 1.0, "amp": True})
+    run(itertools.islice(warmup or batches, 1))
+    t0 = time.perf_counter()
+    run(itertools.islice(batches, steps))
+    seconds = time.perf_counter() - t0
     return {"steps": steps, "seconds": round(seconds, 3), "steps_per_s": round(steps / seconds, 4)}
+
+
+def adapter_steps(method: str, z: Sizes, device: torch.device, images: int = 256, batch: int = 64,
+                  steps: int = 5) -> dict:
+    """Training steps/s of ``method`` (mclip | litemind) at sizes ``z`` on random targets held in
+    memory (the fit-adapters data path; litemind predicts the token target ``z.detail``)."""
+    rng = np.random.default_rng(0)
+    clip = {z.detail: rng.standard_normal((images, z.tokens, z.width), np.float32).astype(np.float16),
+            SEMANTIC: rng.standard_normal((images, z.embed), np.float32)}
+    betas = rng.standard_normal((images, z.voxels), np.float32)
+    data = CacheDataset(betas, np.arange(images), clip, list(clip), voxel_labels(z.voxels))
+    config = {"mclip": {"detail_target": z.detail, "semantic_target": SEMANTIC},
+              "litemind": {"targets": (z.detail,)}}[method]
+    model = build_adapter(method, {**config, **z.adapters.get(method, {})}, data, seed=0)
+    run = time_steps(model, iter_batches(data.to(device), batch, seed=1), steps, device)
+    return {"method": method, "n_params": model.n_params, "batch_size": batch, **run}
 
 
 def main() -> None:
@@ -187,8 +230,11 @@ def main() -> None:
     parser.add_argument("--clip-steps", type=int, default=2, help="timed steps with CLIP in the loop")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--small", action="store_true", help="the demo's tiny ViT, 512 voxels, demo-sized mclip (smoke runs)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
+    z = SMALL if args.small else REAL
+    detail = z.detail
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -199,53 +245,56 @@ def main() -> None:
         "benchmark": "mclip training steps at NSD shapes: CLIP cache vs CLIP every step",
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
-        "data": {"images": args.images, "train_rows": len(image_ids), "voxels": VOXELS, "rows_are": "trials",
-                 "targets": {DETAIL: [TOKENS, WIDTH], SEMANTIC: [EMBED]},
+        "data": {"images": args.images, "train_rows": len(image_ids), "voxels": z.voxels, "rows_are": "trials",
+                 "targets": {detail: [z.tokens, z.width], SEMANTIC: [z.embed]},
                  "layout": {k: {"chunk_rows": s.chunk_rows, "shard_rows": s.shard_rows, "dtype": s.dtype}
-                            for k, s in layout(args.images).items()}},
+                            for k, s in layout(args.images, z).items()}},
         "batch_size": b,
     }
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        build_clip_store(tmp / "clip.zarr", args.images, rng)
-        build_fmri_store(tmp / "fmri.zarr", image_ids, rng)
+        build_clip_store(tmp / "clip.zarr", args.images, rng, z)
+        build_fmri_store(tmp / "fmri.zarr", image_ids, rng, z)
         result["stores_build_seconds"] = round(time.perf_counter() - t0, 1)
         fmri, clip = zarr.open_group(tmp / "fmri.zarr", mode="r"), zarr.open_group(tmp / "clip.zarr", mode="r")
 
         t0 = time.perf_counter()
-        memory = CacheDataset.from_stores(fmri, clip, [DETAIL, SEMANTIC], progress=True)
+        memory = CacheDataset.from_stores(fmri, clip, [detail, SEMANTIC], progress=True)
         load = {"seconds": round(time.perf_counter() - t0, 2), "decoded_mb": round(memory.bank.decoded / 1e6, 1),
                 "bytes_in_memory_mb": round(memory.nbytes_in_memory / 1e6, 1)}
-        model = build_adapter("mclip", {"detail_target": DETAIL, "semantic_target": SEMANTIC}, memory, seed=0)
+        model = build_adapter("mclip", {"detail_target": detail, "semantic_target": SEMANTIC, **z.adapters.get("mclip", {})},
+                              memory, seed=0)
         result["model"] = {"method": "mclip", "n_params": model.n_params, "parameter_counts": model.parameter_counts()}
         images = np.unique(image_ids)
         variants = {}
         run = time_steps(model, iter_batches(memory.to(device), b, seed=1), args.steps, device)
         variants["cache_in_memory"] = {**run, "load_once": load, "decoded_mb_per_epoch": 0.0}
 
-        vectors = len(images) * EMBED * 4
-        streamed = CacheDataset.from_stores(fmri, clip, [DETAIL, SEMANTIC], memory=vectors)
+        vectors = len(images) * z.embed * 4
+        streamed = CacheDataset.from_stores(fmri, clip, [detail, SEMANTIC], memory=vectors)
         run = time_steps(model, iter_batches(streamed, b, seed=1), args.steps, device)
+        bank = TargetBank(clip, [detail, SEMANTIC], images, memory=vectors)  # a fresh one: nothing held yet
+        first = np.flatnonzero(bank.block_of_image == 0)
         t0 = time.perf_counter()
-        block = streamed.bank._read_block(0)  # what the background reader does once per block and epoch
+        bank.gather(first)  # reads block 0, what the background reader does once per block and epoch
         variants["cache_streamed"] = {**run, "streamed": sorted(streamed.bank.streamed),
                                       "blocks": streamed.bank.n_blocks,
                                       "block_read_seconds": round(time.perf_counter() - t0, 3),
-                                      "block_mb": round(sum(int(v.nbytes) for v in block.values()) / 1e6, 1),
-                                      "decoded_mb_per_epoch": round(decoded_bytes(clip[DETAIL], images) / 1e6, 1)}
+                                      "block_decoded_mb": round(bank.decoded / 1e6, 1),
+                                      "decoded_mb_per_epoch": round(decoded_bytes(clip[detail], images) / 1e6, 1)}
 
-        betas_layout, target_layouts = store_layouts(len(image_ids), args.images)
-        run = time_steps(model, iter_batches(LazyReads(fmri, clip), b, seed=1), args.steps, device)
+        betas_layout, target_layouts = store_layouts(len(image_ids), args.images, z)
+        run = time_steps(model, iter_batches(LazyReads(fmri, clip, [detail, SEMANTIC]), b, seed=1), args.steps, device)
         per_epoch = lazy_epoch_bytes(image_ids, b, betas_layout, target_layouts)
         variants["cache_lazy_reads"] = {**run, "decoded_mb_per_epoch": round(per_epoch / 1e6, 1),
                                         "decoded_mb_per_batch": round(per_epoch / (len(image_ids) // b) / 1e6, 1)}
 
-        loaded = clip_lib.load_model("ViT-L-14", "none", device=str(device))
-        run = time_steps(model, clip_batches(memory, loaded, b, 2, device), args.clip_steps, device,
-                         warmup=clip_batches(memory, loaded, 2, 3, device))  # a small warm-up batch
-        variants["clip_every_step"] = {**run, "clip_model": "ViT-L-14 (open_clip, random weights)",
-                                       "image_size": IMAGE_SIZE, "decoded_mb_per_epoch": 0.0}
+        loaded = clip_lib.load_model(z.clip_model, "none", device=str(device))
+        run = time_steps(model, clip_batches(memory, loaded, b, 2, device, z), args.clip_steps, device,
+                         warmup=clip_batches(memory, loaded, 2, 3, device, z))  # a small warm-up batch
+        variants["clip_every_step"] = {**run, "clip_model": f"{z.clip_model} (open_clip, random weights)",
+                                       "image_size": z.image_size, "decoded_mb_per_epoch": 0.0}
     result["variants"] = variants
     clip_rate = variants["clip_every_step"]["steps_per_s"]
     result["speedup_vs_clip_every_step"] = {k: round(v["steps_per_s"] / clip_rate, 1) for k, v in variants.items()
@@ -257,7 +306,8 @@ def main() -> None:
         **NSD, "batch_size": b,
         "lazy_reads_decoded_gb_per_epoch": round(lazy_epoch_bytes(nsd_trials, b, betas_layout, target_layouts) / 1e9, 1),
         "streamed_decoded_gb_per_epoch": round(target_layouts[0].decoded(nsd_ids) / 1e9, 1),
-        "in_memory_gb_loaded_once": round((len(nsd_trials) * VOXELS * 4 + NSD["train_images"] * (TOKENS * WIDTH * 2 + EMBED * 4)) / 1e9, 1),
+        "in_memory_gb_loaded_once": round((len(nsd_trials) * REAL.voxels * 4 + NSD["train_images"]
+                                           * (REAL.tokens * REAL.width * 2 + REAL.embed * 4)) / 1e9, 1),
     }
     emit(result, args.out)
 

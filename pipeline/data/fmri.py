@@ -143,7 +143,7 @@ def prepare_fmri(
 
     out = Path(out)
     with atomic_store(out) as root:
-        betas_out = {k: _create(root, f"{k}/betas", (len(r), n_vox), np.float32) for k, r in rows.items()
+        betas_out = {k: row_array(root, f"{k}/betas", (len(r), n_vox), np.float32) for k, r in rows.items()
                      if not averaged[k]}
         row_of_trial = {k: {t: i for i, t in enumerate(rows[k])} for k in betas_out}
 
@@ -175,21 +175,21 @@ def prepare_fmri(
         for split in ("train", "test"):
             if averaged[split]:
                 mean = (sums[split] / counts[split][:, None]).astype(np.float32)
-                _create(root, f"{split}/betas", mean.shape, np.float32)[...] = mean
-                _create(root, f"{split}/image_ids", (len(rows[split]),), np.int64)[...] = rows[split]
-                _create(root, f"{split}/n_repeats", counts[split].shape, np.int64)[...] = counts[split]
+                row_array(root, f"{split}/betas", mean.shape, np.float32)[...] = mean
+                row_array(root, f"{split}/image_ids", (len(rows[split]),), np.int64)[...] = rows[split]
+                row_array(root, f"{split}/n_repeats", counts[split].shape, np.int64)[...] = counts[split]
             else:
-                _create(root, f"{split}/image_ids", (len(rows[split]),), np.int64)[...] = (
+                row_array(root, f"{split}/image_ids", (len(rows[split]),), np.int64)[...] = (
                     trials.image_ids[rows[split]]
                 )
-                _create(root, f"{split}/trial_ids", (len(rows[split]),), np.int64)[...] = rows[split]
+                row_array(root, f"{split}/trial_ids", (len(rows[split]),), np.int64)[...] = rows[split]
 
         for name, lab in labels.items():
-            arr = _create(root, f"voxels/{name}", (n_vox,), np.int32)
+            arr = row_array(root, f"voxels/{name}", (n_vox,), np.int32)
             arr[...] = lab
             arr.attrs["labels"] = {str(k): v for k, v in nsd.roi_labels(subject, name).items()}
-        _create(root, "voxels/ijk", (n_vox, 3), np.int32)[...] = np.argwhere(mask).astype(np.int32)
-        _create(root, "voxels/invalid_sessions", (n_vox,), np.int32)[...] = invalid_sessions
+        row_array(root, "voxels/ijk", (n_vox, 3), np.int32)[...] = np.argwhere(mask).astype(np.int32)
+        row_array(root, "voxels/invalid_sessions", (n_vox,), np.int32)[...] = invalid_sessions
 
         root.attrs.update(
             {
@@ -220,11 +220,15 @@ def prepare_fmri(
     return out
 
 
-def _create(root: zarr.Group, path: str, shape: tuple[int, ...], dtype: type) -> zarr.Array:
-    """An array at ``group/name`` chunked by rows (about 16 MB per chunk) and compressed."""
+def beta_chunk_rows(shape: tuple[int, ...], dtype: type) -> int:
+    """Rows per chunk of a :func:`row_array` of ``shape``: about 16 MB per chunk, at least one row."""
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize or 1
+    return max(1, min(shape[0] if shape[0] else 1, (16 << 20) // row_bytes))
+
+
+def row_array(root: zarr.Group, path: str, shape: tuple[int, ...], dtype: type) -> zarr.Array:
+    """An array at ``group/name`` chunked by rows (:func:`beta_chunk_rows`) and compressed."""
     group_name, _, name = path.rpartition("/")
     group = root.require_group(group_name) if group_name else root
-    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize or 1
-    rows = max(1, min(shape[0] if shape[0] else 1, (16 << 20) // row_bytes))
-    chunks = (rows, *shape[1:])
+    chunks = (beta_chunk_rows(shape, dtype), *shape[1:])
     return group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, compressors=[compressor()])

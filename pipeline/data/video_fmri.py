@@ -52,7 +52,7 @@ from .. import __version__
 from ..errors import UserError
 from ..store import atomic_store
 from .cc2017 import CC2017, Cortex, Design, Run
-from .fmri import _create
+from .fmri import row_array
 
 SELECT_MODES = ("reproducible", "all")
 DETREND_ORDER = 4
@@ -191,25 +191,25 @@ def prepare_video_fmri(
     train_repeat = np.concatenate([np.repeat(np.arange(1, s.repeats + 1), n_t) for s in train])
     out = Path(out)
     with atomic_store(out) as store:
-        betas = _create(store, "train/betas", (len(train_clips), len(idx)), np.float32)
+        betas = row_array(store, "train/betas", (len(train_clips), len(idx)), np.float32)
         for k, rows in enumerate(train_rows):
             betas[k * n_t : (k + 1) * n_t] = rows[:, idx]
-        _create(store, "train/clip_ids", train_clips.shape, np.int64)[...] = train_clips
-        _create(store, "train/repeat", train_repeat.shape, np.int64)[...] = train_repeat
+        row_array(store, "train/clip_ids", train_clips.shape, np.int64)[...] = train_clips
+        row_array(store, "train/repeat", train_repeat.shape, np.int64)[...] = train_repeat
         test_betas = np.concatenate(test_means)[:, idx]
-        _create(store, "test/betas", test_betas.shape, np.float32)[...] = test_betas
+        row_array(store, "test/betas", test_betas.shape, np.float32)[...] = test_betas
         test_clips = np.concatenate([s.clip_ids for s in test])
-        _create(store, "test/clip_ids", test_clips.shape, np.int64)[...] = test_clips
-        _create(store, "test/n_repeats", test_clips.shape, np.int64)[...] = np.concatenate(
+        row_array(store, "test/clip_ids", test_clips.shape, np.int64)[...] = test_clips
+        row_array(store, "test/n_repeats", test_clips.shape, np.int64)[...] = np.concatenate(
             [np.full(n_t, s.repeats) for s in test])
-        hemi = _create(store, "voxels/hemisphere", (len(idx),), np.int32)
+        hemi = row_array(store, "voxels/hemisphere", (len(idx),), np.int32)
         hemi[...] = cortex.hemisphere[idx]
         hemi.attrs["labels"] = {"1": "CORTEX_LEFT", "2": "CORTEX_RIGHT"}
-        _create(store, "voxels/grayordinate", (len(idx),), np.int32)[...] = cortex.rows[idx]
-        _create(store, "voxels/vertex", (len(idx),), np.int32)[...] = cortex.vertex[idx]
+        row_array(store, "voxels/grayordinate", (len(idx),), np.int32)[...] = cortex.rows[idx]
+        row_array(store, "voxels/vertex", (len(idx),), np.int32)[...] = cortex.vertex[idx]
         for name, values in stats.items():
-            _create(store, f"selection/{name}", values.shape, np.float64)[...] = values
-        _create(store, "selection/selected", keep.shape, bool)[...] = keep
+            row_array(store, f"selection/{name}", values.shape, np.float64)[...] = values
+        row_array(store, "selection/selected", keep.shape, bool)[...] = keep
         store.attrs.update({
             "dataset": "cc2017",
             "subject": subject,

@@ -376,7 +376,7 @@ def load_swav(path: Path | None = None) -> nn.Module:
     return model.eval()
 
 
-class _EncodeImage(nn.Module):
+class EncodeImage(nn.Module):
     """An open_clip model whose forward is ``encode_image`` (the projected embedding)."""
 
     def __init__(self, clip_model: nn.Module) -> None:
@@ -416,7 +416,7 @@ def load_openai_clip(path: Path | None = None) -> nn.Module:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise MetricUnavailable(f"{path} does not fit {arch.name}: {str(exc).splitlines()[0]}") from None
-    return _EncodeImage(model).eval()
+    return EncodeImage(model).eval()
 
 
 ALEXNET = FeatureNet("alexnet", partial(load_torchvision, "alexnet", "AlexNet_Weights.IMAGENET1K_V1"), 256)

@@ -34,7 +34,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -360,6 +360,31 @@ def _train_epoch(
         bar.update(1)
         bar.set_postfix(epoch=epoch, loss=f"{sums['loss'] / n:.4f}")
     return {f"train_{k}": v / max(1, n) for k, v in sums.items()}
+
+
+def step_runner(
+    model: Adapter, device: torch.device, config: TrainConfig | Mapping[str, Any] | None = None
+) -> Callable[[Iterable[dict[str, Any]]], dict[str, float]]:
+    """The body of :func:`train`'s loop on its own, for timing steps (``benchmarks/``).
+
+    Returns ``run(batches)``, which takes one optimiser step per batch exactly as :func:`train` does
+    (same loss, autocast, loss scaling and gradient clipping from ``config``; a constant learning
+    rate, no validation, no checkpoints) and returns the mean of each loss term. The optimiser state
+    carries over from one call to the next, so a warm-up call can precede the timed one.
+    """
+    cfg = make_config(TrainConfig, config, "train")
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    autocast, scaler = _autocast(device, cfg.amp)
+    parts, step = (model, optimizer, scheduler, scaler), _Loss(model)
+
+    def run(batches: Iterable[dict[str, Any]]) -> dict[str, float]:
+        with tqdm(disable=True) as bar:
+            return _train_epoch(parts, step, params, iter(batches), autocast, device, cfg.grad_clip, bar, 0)
+
+    return run
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
