@@ -87,3 +87,17 @@ def test_per_image_file_round_trips_and_is_byte_reproducible(tmp_path):
     assert np.array_equal(got["subj01"]["CLIP"]["fail"], per["subj01"]["CLIP"]["fail"])
     assert got["subj01"]["CLIP"]["pool"] == 2
     assert np.array_equal(got["subj01"]["SSIM"]["scores"], per["subj01"]["SSIM"]["scores"])
+
+
+def test_video_n_way_expectations_match_their_monte_carlo_protocols():
+    from pipeline.evaluation.video import videomae_scores
+    from pipeline.evaluation.video_metrics import n_way_identification, n_way_top1_classification
+
+    rng = np.random.default_rng(8)
+    gt = rng.normal(size=(30, 6))
+    rec = gt + rng.normal(scale=1.2, size=gt.shape)
+    expected = B.pool_scores(M.two_way_failures(gt, rec), 5).mean()
+    assert expected == pytest.approx(n_way_identification(gt, rec, 5, trials=2000), abs=0.01)
+    p_gt, p_rec = rng.dirichlet(np.ones(12), 30), rng.dirichlet(np.ones(12), 30)
+    assert videomae_scores(p_gt, p_rec, 4).mean() == pytest.approx(
+        n_way_top1_classification(p_gt, p_rec, 4, trials=2000), abs=0.01)

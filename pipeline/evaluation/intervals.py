@@ -30,10 +30,12 @@ from ..store import atomic_file
 from . import bootstrap
 
 PerImage = dict[str, dict[str, Any]]
-"""metric name -> ``{"scores": (n,)}`` or ``{"fail": (n, n) bool, "pool": p}``."""
+"""metric name -> ``{"scores": (n,)}`` or ``{"fail": (n, n) bool, "pool": p}`` (``(positions, n, n)``:
+the mean of one pool statistic per position, e.g. frame-level n-way identification)."""
 
 UNIT_IMAGES = "test image (pool statistics recomputed in the resampled set)"
 UNIT_SUBJECTS = "subject, then test image within subject"
+UNIT_CLIPS = "test clip (all its frames; pool statistics recomputed in the resampled set)"
 
 
 def metric_path(name: str) -> tuple[str, str]:
@@ -47,7 +49,9 @@ def metric_draws(detail: Mapping[str, Any], w: np.ndarray) -> np.ndarray:
     """(draws,) bootstrap values of one metric under weights ``w``."""
     if "scores" in detail:
         return bootstrap.mean_draws(detail["scores"], w)
-    return bootstrap.pool_draws(detail["fail"], int(detail["pool"]), w)
+    fail = np.asarray(detail["fail"])
+    stack = fail if fail.ndim == 3 else fail[None]  # (positions, n, n): frame-level n-way, mean over positions
+    return np.mean([bootstrap.pool_draws(f, int(detail["pool"]), w) for f in stack], axis=0)
 
 
 def group_draws(per_image: PerImage, n: int, draws: int, seed: int) -> dict[str, np.ndarray]:
@@ -56,7 +60,8 @@ def group_draws(per_image: PerImage, n: int, draws: int, seed: int) -> dict[str,
     return {name: metric_draws(detail, w) for name, detail in per_image.items()}
 
 
-def _nest(flat: Mapping[str, list[float]]) -> dict[str, dict[str, list[float]]]:
+def nest(flat: Mapping[str, list[float]]) -> dict[str, dict[str, list[float]]]:
+    """Metric name -> value, arranged by the metrics.json sections (:func:`metric_path`)."""
     out: dict[str, dict[str, list[float]]] = {}
     for name, ci in flat.items():
         section, key = metric_path(name)
@@ -70,14 +75,14 @@ def add_intervals(out: dict[str, Any], per_image: Mapping[str | None, PerImage],
     found = {key: group_draws(p, len(test_ids[key]), draws, seed) for key, p in per_image.items()}
     record = {"draws": draws, "seed": seed, "level": bootstrap.LEVEL, "method": "percentile"}
     if None in found:
-        out["ci95"] = _nest({k: bootstrap.percentile_ci(v) for k, v in found[None].items()})
+        out["ci95"] = nest({k: bootstrap.percentile_ci(v) for k, v in found[None].items()})
         out["bootstrap"] = {**record, "unit": UNIT_IMAGES, "n": int(len(test_ids[None]))}
         return
     for key, values in found.items():
-        out["subjects"][key]["ci95"] = _nest({k: bootstrap.percentile_ci(v) for k, v in values.items()})
+        out["subjects"][key]["ci95"] = nest({k: bootstrap.percentile_ci(v) for k, v in values.items()})
         out["subjects"][key]["bootstrap"] = {**record, "unit": UNIT_IMAGES, "n": int(len(test_ids[key]))}
     shared = set.intersection(*(set(v) for v in found.values()))
-    out["ci95"] = _nest({k: bootstrap.percentile_ci(bootstrap.subject_draws([found[s][k] for s in found], seed))
+    out["ci95"] = nest({k: bootstrap.percentile_ci(bootstrap.subject_draws([found[s][k] for s in found], seed))
                          for k in sorted(shared)})
     out["bootstrap"] = {**record, "unit": UNIT_SUBJECTS, "n": {k: int(len(v)) for k, v in test_ids.items()}}
 
@@ -134,3 +139,12 @@ def read_per_image(path: Path) -> tuple[dict[str | None, np.ndarray], dict[str |
         entry = details.setdefault("/".join(parts[:at]) or None, {}).setdefault("/".join(parts[at + 1:]), {})
         entry[parts[at]] = int(value) if parts[at] == "pool" else value
     return ids, details
+
+
+def clip_intervals(per_clip: PerImage, n: int, *, draws: int = bootstrap.DRAWS,
+                   seed: int = bootstrap.SEED) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """``ci95`` of evaluate-video's ``reconstruction`` numbers and its ``bootstrap`` record."""
+    found = group_draws(per_clip, n, draws, seed)
+    return ({k: bootstrap.percentile_ci(v) for k, v in found.items()},
+            {"draws": draws, "seed": seed, "level": bootstrap.LEVEL, "method": "percentile", "unit": UNIT_CLIPS,
+             "n": int(n)})
