@@ -96,3 +96,14 @@ def test_compare_cli_prints_a_table_and_writes_json(evaluated, tmp_path):
 
 def test_holm_matches_its_definition():
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+
+
+def test_baselines_sit_beside_the_metrics_with_intervals(evaluated):
+    out = json.loads((evaluated / "metrics.json").read_text())["baselines"]
+    near, prior = out["nearest_training_image"], out["category_prior"]
+    for found in (near, prior):
+        lo, hi = found["ci95"]["reconstruction"]["SSIM"]
+        assert lo <= found["reconstruction"]["SSIM"] <= hi
+    assert prior["retrieval"]["image_to_brain"] == 0.0  # one constant guess: every candidate ties, ties fail
+    q = out["train_test_overlap"]["max_cosine_quantiles"]
+    assert q["q00"] <= q["q50"] <= q["q100"] <= 1.0 + 1e-9

@@ -23,7 +23,8 @@ reconstructions came from (``decode.json``). Images are read and scored in batch
 
 Every metric gets a 95 % bootstrap interval over test images (``ci95``, same key paths; ``bootstrap``
 records draws, unit and seed) and the per-image scores behind it go to ``per_image.npz``, which
-``compare`` reads (:mod:`.intervals`).
+``compare`` reads (:mod:`.intervals`). ``baselines`` scores two training-image lookups the same way
+(:mod:`.baselines`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from ..decoding.run import open_run
 from ..errors import UserError
 from ..features.cache import open_cache
 from ..store import LazyRows, write_text
-from . import intervals, metrics
+from . import baselines, intervals, metrics
 
 
 def evaluate_run(
@@ -79,6 +80,8 @@ def evaluate_run(
     test_ids = {key: ids for key, (_, ids) in groups.items()}
     intervals.add_intervals(out, per_image, test_ids)
     intervals.write_per_image(run / "per_image.npz", intervals.flatten(per_image, test_ids))
+    out["baselines"] = baselines.run_baselines(run, info, groups, nsd_root, retrieval_target=retrieval_target,
+                                               weights=weights, device=device, pool=pool, draws=draws, seed=seed)
     if dropped is not None:
         out["drop_rois"] = {name: _score_without(run, info, groups, {k: d[name] for k, d in dropped.items()})
                             for name in drop_rois}
