@@ -101,3 +101,17 @@ def test_video_n_way_expectations_match_their_monte_carlo_protocols():
     p_gt, p_rec = rng.dirichlet(np.ones(12), 30), rng.dirichlet(np.ones(12), 30)
     assert videomae_scores(p_gt, p_rec, 4).mean() == pytest.approx(
         n_way_top1_classification(p_gt, p_rec, 4, trials=2000), abs=0.01)
+
+
+def test_pearson_draws_with_unit_weights_are_pearson_and_resample_consistently():
+    from pipeline.analysis.encoding import pearson_columns
+
+    rng = np.random.default_rng(9)
+    y = rng.normal(size=(40, 5))
+    good, worse = y + rng.normal(scale=0.5, size=y.shape), y + rng.normal(scale=2.0, size=y.shape)
+    np.testing.assert_allclose(B.pearson_draws(good, y, np.ones((1, 40)))[0], pearson_columns(good, y), atol=1e-10)
+    w = B.resample_weights(40, 300, 0)
+    idx = np.repeat(np.arange(40), w[0].astype(int))  # draw 0 as explicit rows
+    np.testing.assert_allclose(B.pearson_draws(good, y, w)[0], pearson_columns(good[idx], y[idx]), atol=1e-10)
+    test = B.paired_difference(B.pearson_draws(good, y, w).mean(1), B.pearson_draws(worse, y, w).mean(1))
+    assert test["better"] and test["p"] < 0.01

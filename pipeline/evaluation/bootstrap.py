@@ -104,3 +104,23 @@ def subject_draws(per_subject: list[np.ndarray], seed: int = SEED) -> np.ndarray
     s, draws = stacked.shape
     pick = np.random.default_rng([seed, 1]).integers(0, s, size=(draws, s))
     return stacked[pick, np.arange(draws)[:, None]].mean(1)
+
+
+def pearson_draws(pred: np.ndarray, true: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """(draws, V) Pearson r of matching columns of (n, V) arrays in each resampled set (weighted
+    moments; 0 where a column is constant in the resample)."""
+    p, t = np.asarray(pred, np.float64), np.asarray(true, np.float64)
+    total = w.sum(1, keepdims=True)
+    mp, mt = (w @ p) / total, (w @ t) / total
+    cov = (w @ (p * t)) / total - mp * mt
+    vp, vt = (w @ (p * p)) / total - mp**2, (w @ (t * t)) / total - mt**2
+    den = np.sqrt(np.clip(vp, 0, None) * np.clip(vt, 0, None))
+    return np.divide(cov, den, out=np.zeros_like(cov), where=den > 1e-12)
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
+    """a - b from two statistics' draws under the same resamples: its interval and the one-sided
+    bootstrap p-value that a is not larger (the fraction of draws with a - b <= 0)."""
+    d = np.asarray(a) - np.asarray(b)
+    ci = percentile_ci(d)
+    return {"ci95": ci, "p": float(np.mean(d <= 0)), "better": bool(ci[0] > 0)}
