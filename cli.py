@@ -4,6 +4,7 @@ import typer
 
 from stages import (
     analyze_layers,
+    compare,
     decode,
     decode_video,
     evaluate,
@@ -34,6 +35,7 @@ app.command("make-demo-video")(make_demo_video.command)
 app.command("prepare-video-fmri")(prepare_video_fmri.command)
 app.command("decode-video")(decode_video.command)
 app.command("evaluate-video")(evaluate_video.command)
+app.command("compare")(compare.command)
 
 if __name__ == "__main__":
     app()

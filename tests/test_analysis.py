@@ -186,6 +186,16 @@ def test_demo_noise_ceiling_matches_the_planted_one(demo_result, demo_root):
     assert result["noise_ceiling_sources"] == [f"{result['fmri_trials']}:train", f"{result['fmri_trials']}:test"]
 
 
+def test_encoding_has_intervals_and_the_best_layer_is_tested_against_its_neighbours(demo_result):
+    result, _ = demo_result
+    for roi, row in result["encoding_ci95"].items():
+        for layer, (lo, hi) in row.items():
+            assert lo <= hi and lo - 0.05 <= result["encoding"][roi][layer] <= hi + 0.05
+    floc = result["best_layer_test"]["floc"]
+    assert floc["best"] == "6" and set(floc["neighbours"]) == {"5"}  # the last block has one neighbour
+    assert result["bootstrap"]["n"] == result["n_test_images"]
+
+
 def test_a_per_trial_store_alone_gives_the_same_ceiling(demo_stores, demo_result, tmp_path):
     result, _ = demo_result
     alone = analyze_layers(demo_stores["trials"], demo_stores["clip"], tmp_path / "a", layers=["3", "6"],

@@ -105,6 +105,8 @@ def test_a_perfect_reconstruction_scores_perfectly(perfect_run):
         assert rec[key] == 1.0, key
     assert rec["CLIP-pcc"] == pytest.approx(out["reference"]["CLIP-pcc of the ground truth"], abs=1e-6)
     assert set(out["unavailable"]) == {"VideoMAE 2-way", "VideoMAE 50-way"}
+    assert out["ci95"]["reconstruction"]["CLIP 50-way (frame)"] == [1.0, 1.0]  # every resample is perfect too
+    assert set(out["ci95"]["reconstruction"]) == set(rec) and out["bootstrap"]["n"] == 50
     assert json.loads((perfect_run / "metrics.json").read_text()) == out
 
 

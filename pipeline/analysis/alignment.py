@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..errors import UserError
+from ..evaluation import bootstrap
 from ..fitting.adapters.base import make_config
 from ..fitting.backend import get_backend
 from ..store import atomic_folder
@@ -119,6 +120,31 @@ def recommend(layers: Sequence[str], encoding: Mapping[str, Mapping[str, float]]
 
 def _argmax(table: Mapping[str, Mapping[str, float]]) -> dict[str, str]:
     return {roi: max(row, key=row.get) for roi, row in table.items()}
+
+
+def layer_intervals(draws: Mapping[str, Mapping[str, np.ndarray]], best: Mapping[str, str], names: Sequence[str],
+                    n_images: int) -> dict[str, Any]:
+    """``encoding_ci95`` (ROI x layer 95 % bootstrap interval over test images) and ``best_layer_test``:
+    per ROI, the best layer against each adjacent layer in ``names``, a paired bootstrap over the same
+    resampled images (``better``: the difference's interval excludes 0)."""
+    tests = {}
+    for roi, layer in best.items():
+        k = names.index(layer)
+        tests[roi] = {"best": layer, "neighbours": {
+            names[j]: _rounded_test(bootstrap.paired_difference(draws[roi][layer], draws[roi][names[j]]))
+            for j in (k - 1, k + 1) if 0 <= j < len(names)}}
+        tests[roi]["better_than_neighbours"] = all(t["better"] for t in tests[roi]["neighbours"].values())
+    return {
+        "encoding_ci95": {roi: {name: [round(v, 5) for v in bootstrap.percentile_ci(d)] for name, d in row.items()}
+                          for roi, row in draws.items()},
+        "best_layer_test": tests,
+        "bootstrap": {"draws": bootstrap.DRAWS, "seed": bootstrap.SEED, "unit": "test image", "n": int(n_images),
+                      "method": "percentile; voxel r recomputed in each resampled set, mean over the ROI's voxels"},
+    }
+
+
+def _rounded_test(test: dict[str, Any]) -> dict[str, Any]:
+    return {**test, "ci95": [round(v, 5) for v in test["ci95"]]}
 
 
 def _rounded(table: Any, digits: int = 5) -> Any:
@@ -202,6 +228,8 @@ def analyze_layers(
     xp = get_backend(enc_cfg.backend)
 
     enc = {roi: {} for roi in sets}
+    enc_draws: dict[str, dict[str, np.ndarray]] = {roi: {} for roi in sets}
+    weights = bootstrap.resample_weights(len(test.image_ids), bootstrap.DRAWS, bootstrap.SEED)
     rsa_table = {roi: {} for roi in sets}
     grams, alphas = {}, {}
     for name in tqdm(names, desc="analyze-layers", unit="layer", disable=not progress):
@@ -209,11 +237,13 @@ def analyze_layers(
         X_train, X_test = standardize(feats[pos_train], feats[pos_test])
         pred, chosen = encode(X_train, Y_train, X_test, train.image_ids, enc_cfg, xp)
         r = pearson_columns(pred, Y_test)
+        r_draws = bootstrap.pearson_draws(pred, Y_test, weights)
         layer_rdm = rdm(feats[pos_test])
         grams[name] = centered_gram(feats[pos_test])
         alphas[name] = float(np.median(chosen))
         for roi, idx in local.items():
             enc[roi][name] = float(r[idx].mean())
+            enc_draws[roi][name] = r_draws[:, idx].mean(1)
             rsa_table[roi][name] = rsa(roi_rdms[roi], layer_rdm)
         del feats, X_train, X_test, pred
     cka_table = {a: {b: cka(grams[a], grams[b]) for b in names} for a in names}
@@ -244,6 +274,7 @@ def analyze_layers(
         "cka": _rounded(cka_table),
         "best_layer": best,
         "best_layer_rsa": best_rsa,
+        **layer_intervals(enc_draws, best, names, len(test.image_ids)),
         "recommended": recommend(names, enc, cka_table, rec_cfg),
         "ridge": {**{k: v for k, v in asdict(enc_cfg).items() if k != "alphas"},
                   "alphas": [float(a) for a in enc_cfg.alphas], "median_alpha": alphas},

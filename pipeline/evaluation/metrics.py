@@ -187,20 +187,37 @@ def two_way_identification(gt_feats: np.ndarray, rec_feats: np.ndarray) -> float
     Correlations in float64 on the flattened features (n x d; AlexNet(2) at 256 px has d = 184,512),
     accumulated in column blocks (:func:`cross_correlation`).
     """
+    return _two_way_value(two_way_failures(gt_feats, rec_feats))
+
+
+def two_way_failures(gt_feats: np.ndarray, rec_feats: np.ndarray) -> np.ndarray:
+    """(n, n) bool: ``fail[i, j]`` = distractor GT i does not correlate less with rec j than GT j
+    does (ties and NaN fail); diagonal False. The per-image form of :func:`two_way_identification`
+    that :mod:`.bootstrap` resamples."""
     g, r = _flat(gt_feats, "gt_feats"), _flat(rec_feats, "rec_feats")
     _check_feats(g, r, min_n=2)
     corr = cross_correlation(g, r)  # corr[i, j] = r(GT_i, rec_j); NaN for constant rows
     with np.errstate(invalid="ignore"):
-        success = corr < np.diag(corr)[None, :]
-    n = len(g)
-    return float(success.sum(0).mean() / (n - 1))
+        fail = ~(corr < np.diag(corr)[None, :])
+    np.fill_diagonal(fail, False)
+    return fail
+
+
+def _two_way_value(fail: np.ndarray) -> float:
+    n = len(fail)
+    return float(((n - 1) - fail.sum(0)).mean() / (n - 1))
+
+
+def correlation_distance_each(gt_feats: np.ndarray, rec_feats: np.ndarray) -> np.ndarray:
+    """Per-image ``1 - Pearson r`` (see :func:`correlation_distance`)."""
+    g, r = _flat(gt_feats, "gt_feats", np.float64), _flat(rec_feats, "rec_feats", np.float64)
+    _check_feats(g, r)
+    return 1.0 - _rowwise_pearson(g, r)
 
 
 def correlation_distance(gt_feats: np.ndarray, rec_feats: np.ndarray) -> float:
     """Mean over images of ``scipy.spatial.distance.correlation`` (1 - Pearson r); lower is better."""
-    g, r = _flat(gt_feats, "gt_feats", np.float64), _flat(rec_feats, "rec_feats", np.float64)
-    _check_feats(g, r)
-    return float((1.0 - _rowwise_pearson(g, r)).mean())
+    return float(correlation_distance_each(gt_feats, rec_feats).mean())
 
 
 class Retrieval(NamedTuple):
@@ -252,6 +269,20 @@ def retrieval_top1(
         fwd.append(_top1_correct(sim).mean())
         bwd.append(_top1_correct(sim.T).mean())
     return Retrieval(float(np.mean(fwd)), float(np.mean(bwd)))
+
+
+def retrieval_failures(brain: np.ndarray, image: np.ndarray) -> Retrieval:
+    """(n, n) bool failure matrices of both retrieval directions over the whole test set:
+    ``fail[i, j]`` = candidate i scores at least as high as item j's own match (diagonal False);
+    :mod:`.bootstrap` turns them into per-image expected top-1 accuracies for any pool size."""
+    b = _unit_rows(_flat(brain, "brain", np.float64))
+    i = _unit_rows(_flat(image, "image", np.float64))
+    sim = i @ b.T  # rows = images, columns = brain
+    diag = np.diag(sim)
+    fwd, bwd = (sim >= diag[:, None]).T, sim >= diag[None, :]
+    for fail in (fwd, bwd):
+        np.fill_diagonal(fail, False)
+    return Retrieval(fwd, bwd)
 
 
 def _axis1_blocks(pred, true, max_values: int) -> Iterable[tuple[np.ndarray, np.ndarray]]:
@@ -440,11 +471,6 @@ FEATURE_METRICS: tuple[FeatureMetric, ...] = (
 )
 """ME2's feature metrics (§5.2-5.3): network, node, input size, scoring."""
 
-SCORES: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
-    "two_way": two_way_identification,
-    "correlation_distance": correlation_distance,
-}
-
 
 @torch.no_grad()
 def extract_features(
@@ -512,6 +538,7 @@ def evaluate(
     pool: int = 300,
     draws: int = 30,
     seed: int = 42,
+    per_image: dict[str, dict[str, Any]] | None = None,
 ) -> Result:
     """Every metric of the ME2 protocol that can run here; the others are ``{"unavailable": reason}``.
 
@@ -523,6 +550,9 @@ def evaluate(
     ``inception_v3``, ``clip_vit_l14``, ``efficientnet_b1``, ``swav_resnet50``) to a local file;
     absent keys are looked up in the torch-hub / Hugging Face caches. ``metrics`` can be replaced,
     e.g. by a test stand-in, which is then reported under its own name.
+
+    ``per_image``, when given, receives per metric what :mod:`.bootstrap` resamples: ``{"scores": (n,)}``
+    for means of per-image scores, ``{"fail": (n, n) bool, "pool": p}`` for pool statistics.
     """
     weights = dict(weights or {})
     unknown = sorted(set(weights) - {m.net.key for m in metrics})
@@ -542,8 +572,10 @@ def evaluate(
         r = _to_hwc(resize_images(rec[start : start + batch_size], PIXEL_SIZE))
         px.append(pixcorr_each(g, r))
         ss.append(ssim_each(g, r))
-    results["PixCorr"] = float(np.concatenate(px).mean())
-    results["SSIM"] = float(np.concatenate(ss).mean())
+    details: dict[str, dict[str, Any]] = {"PixCorr": {"scores": np.concatenate(px)},
+                                           "SSIM": {"scores": np.concatenate(ss)}}
+    results["PixCorr"] = float(details["PixCorr"]["scores"].mean())
+    results["SSIM"] = float(details["SSIM"]["scores"].mean())
 
     by_net: dict[str, list[FeatureMetric]] = {}
     for m in metrics:
@@ -559,10 +591,20 @@ def evaluate(
         fg = extract_features(model, net, nodes, gt, device, batch_size)
         fr = extract_features(model, net, nodes, rec, device, batch_size)
         for m in group:
-            results[m.name] = SCORES[m.score](fg[m.node], fr[m.node])
+            if m.score == "two_way":
+                details[m.name] = {"fail": two_way_failures(fg[m.node], fr[m.node]), "pool": 2}
+                results[m.name] = _two_way_value(details[m.name]["fail"])
+            else:
+                details[m.name] = {"scores": correlation_distance_each(fg[m.node], fr[m.node])}
+                results[m.name] = float(details[m.name]["scores"].mean())
         del model
 
     results.update(_retrieval(brain, image, len(gt), pool, draws, seed))
+    if per_image is not None:
+        if not isinstance(results["retrieval_image_to_brain"], dict):
+            for key, fail in zip(("retrieval_image_to_brain", "retrieval_brain_to_image"), retrieval_failures(brain, image)):
+                details[key] = {"fail": fail, "pool": pool}
+        per_image.update(details)
     return results
 
 

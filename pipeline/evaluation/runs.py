@@ -20,6 +20,11 @@ and degrades to ``{"unavailable": reason}``, listed under ``unavailable`` too: a
 weights, the run's CLIP cache (retrieval, BrainCLIP tasks), the COCO ``instances_*.json`` files or
 the CLIP model's weights (zero-shot categories). ``metrics.json`` also records the decoder the
 reconstructions came from (``decode.json``). Images are read and scored in batches.
+
+Every metric gets a 95 % bootstrap interval over test images (``ci95``, same key paths; ``bootstrap``
+records draws, unit and seed) and the per-image scores behind it go to ``per_image.npz``, which
+``compare`` reads (:mod:`.intervals`). ``baselines`` scores two training-image lookups the same way
+(:mod:`.baselines`).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from ..decoding.run import open_run
 from ..errors import UserError
 from ..features.cache import open_cache
 from ..store import LazyRows, write_text
-from . import metrics
+from . import baselines, intervals, metrics
 
 
 def evaluate_run(
@@ -56,12 +61,13 @@ def evaluate_run(
 
         dropped = dropped_voxels(run_stores(info), drop_rois)  # unknown names fail before anything is written
     fit = json.loads((run / "fit_report.json").read_text()) if (run / "fit_report.json").is_file() else {}
-    scored = {}
+    scored, per_image = {}, {}
     for key, (preds, test_ids) in groups.items():
+        per_image[key] = {}
         targets = fit.get("targets", {}) if key is None else fit.get("subjects", {}).get(key, {}).get("targets", {})
         scored[key] = _evaluate_group(info, preds, test_ids, run / "recon" if key is None else run / "recon" / key,
                                       nsd_root, targets, weights=weights, device=device, pool=pool, draws=draws,
-                                      seed=seed, retrieval_target=retrieval_target)
+                                      seed=seed, retrieval_target=retrieval_target, per_image=per_image[key])
     if None in scored:
         out = scored[None]
     else:
@@ -71,6 +77,11 @@ def evaluate_run(
         out["unavailable"] = scored[next(iter(scored))]["unavailable"]
     out["decoder"] = (json.loads((run / "decode.json").read_text()) if (run / "decode.json").is_file()
                       else {"unavailable": f"no {run / 'decode.json'}"})
+    test_ids = {key: ids for key, (_, ids) in groups.items()}
+    intervals.add_intervals(out, per_image, test_ids)
+    intervals.write_per_image(run / "per_image.npz", intervals.flatten(per_image, test_ids))
+    out["baselines"] = baselines.run_baselines(run, info, groups, nsd_root, retrieval_target=retrieval_target,
+                                               weights=weights, device=device, pool=pool, draws=draws, seed=seed)
     if dropped is not None:
         out["drop_rois"] = {name: _score_without(run, info, groups, {k: d[name] for k, d in dropped.items()})
                             for name in drop_rois}
@@ -100,7 +111,7 @@ def _score_without(run: Path, info: dict, groups, drop: dict) -> dict[str, Any]:
 
 def _evaluate_group(info: dict, preds: zarr.Group, test_ids: np.ndarray, recon: Path, nsd_root,
                     targets: dict, *, weights, device: str, pool: int, draws: int, seed: int,
-                    retrieval_target: str) -> dict[str, Any]:
+                    retrieval_target: str, per_image: dict | None = None) -> dict[str, Any]:
     """The metrics of one subject's predictions and reconstructions."""
     missing = [int(i) for i in test_ids if not (recon / decode.recon_name(i)).is_file()]
     if missing:
@@ -128,7 +139,7 @@ def _evaluate_group(info: dict, preds: zarr.Group, test_ids: np.ndarray, recon: 
         gt = LazyRows(lambda ids: decode.take_rows(brick, ids), test_ids)
         rec = LazyRows(lambda ids: decode.read_reconstructions(recon, ids), test_ids)
         results = metrics.evaluate(gt, rec, brain=brain, image=image, weights=weights, device=device,
-                                   pool=min(pool, n), draws=draws, seed=seed)
+                                   pool=min(pool, n), draws=draws, seed=seed, per_image=per_image)
     results.update({k: {"unavailable": v} for k, v in unavailable.items()})
     brainclip = brainclip_tasks(preds, info, nsd, test_ids, device, pool=min(pool, n), draws=draws, seed=seed)
     missing = {k: v["unavailable"] for k, v in {**results, **brainclip}.items() if isinstance(v, dict) and "unavailable" in v}

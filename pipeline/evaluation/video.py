@@ -19,6 +19,9 @@ Protocol (MinD-Video / NeuroClips on cc2017; functions in :mod:`.video_metrics`)
   default ``MCG-NJU/videomae-base-finetuned-kinetics`` from the Hugging Face cache): MinD-Video's
   n-way top-1 classification of the reconstructed clip against the ground truth's class (the F
   frames are resampled to the model's ``num_frames``); otherwise ``unavailable``.
+
+``ci95`` gives each number's 95 % bootstrap interval over test clips (n-way statistics recomputed
+in the resampled set, as the exact expectation over distractor draws; :mod:`.intervals`).
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from ..features import clip as clip_models
 from ..features.cache import open_cache
 from ..features.video import VideoSource
 from ..store import write_text
-from .metrics import ssim_each
+from . import bootstrap, intervals
+from .metrics import ssim_each, two_way_failures
 from .video_metrics import clip_pcc, n_way_identification, n_way_top1_classification, psnr_each
 
 VIDEOMAE = "MCG-NJU/videomae-base-finetuned-kinetics"
@@ -104,8 +108,10 @@ def videomae_probs(model, processor, videos: np.ndarray, device: str) -> np.ndar
     return np.stack(out)
 
 
-def n_way_scores(gt: np.ndarray, rec: np.ndarray, n_ways: Sequence[int], trials: int, seed: int) -> dict[str, float]:
-    """CLIP-feature n-way identification at video and frame level, named by the n used."""
+def n_way_scores(gt: np.ndarray, rec: np.ndarray, n_ways: Sequence[int], trials: int, seed: int,
+                 per_clip: intervals.PerImage | None = None) -> dict[str, float]:
+    """CLIP-feature n-way identification at video and frame level, named by the n used; ``per_clip``
+    receives their failure matrices for the bootstrap (:mod:`.intervals`)."""
     out = {}
     m, f = gt.shape[:2]
     for n in n_ways:
@@ -113,7 +119,19 @@ def n_way_scores(gt: np.ndarray, rec: np.ndarray, n_ways: Sequence[int], trials:
         out[f"CLIP {n_used}-way (video)"] = n_way_identification(gt.mean(1), rec.mean(1), n_used, trials, seed)
         out[f"CLIP {n_used}-way (frame)"] = float(np.mean(
             [n_way_identification(gt[:, j], rec[:, j], n_used, trials, seed + j) for j in range(f)]))
+        if per_clip is not None:
+            per_clip[f"CLIP {n_used}-way (video)"] = {"fail": two_way_failures(gt.mean(1), rec.mean(1)), "pool": n_used}
+            per_clip[f"CLIP {n_used}-way (frame)"] = {
+                "fail": np.stack([two_way_failures(gt[:, j], rec[:, j]) for j in range(f)]), "pool": n_used}
     return out
+
+
+def videomae_scores(p_gt: np.ndarray, p_rec: np.ndarray, n: int) -> np.ndarray:
+    """(clips,) probability that a clip passes :func:`n_way_top1_classification` over random class draws."""
+    truth = p_gt.argmax(1)
+    own = p_rec[np.arange(len(truth)), truth]
+    fails = (p_rec >= own[:, None]).sum(1) - 1.0  # other classes scoring at least the true class (ties fail)
+    return bootstrap.no_fail_probability(np.full(len(truth), p_gt.shape[1] - 1.0), fails, n)
 
 
 def evaluate_video_run(
@@ -135,13 +153,16 @@ def evaluate_video_run(
         raise UserError(f"{run}/recon_video: frames are {rec.shape[3]}x{rec.shape[2]}, not square")
     gt = ground_truth(store, ids, rec.shape[2], video)
     flat_gt, flat_rec = gt.reshape(-1, *gt.shape[2:]), rec.reshape(-1, *rec.shape[2:])
-    numbers: dict[str, float] = {"SSIM": float(ssim_each(flat_gt, flat_rec).mean()),
-                                 "PSNR": float(np.mean(np.minimum(psnr_each(flat_gt, flat_rec), 100.0)))}
+    ssim_frames, psnr_frames = ssim_each(flat_gt, flat_rec), np.minimum(psnr_each(flat_gt, flat_rec), 100.0)
+    numbers: dict[str, float] = {"SSIM": float(ssim_frames.mean()), "PSNR": float(np.mean(psnr_frames))}
+    per_clip: intervals.PerImage = {"SSIM": {"scores": ssim_frames.reshape(len(ids), -1).mean(1)},
+                                    "PSNR": {"scores": psnr_frames.reshape(len(ids), -1).mean(1)}}
     loaded = clip_models.load_model(store.attrs["model"], store.attrs["pretrained"], device,
                                     activation=store.attrs.get("activation", "auto"))
     f_gt, f_rec = frame_features(loaded, gt, device), frame_features(loaded, rec, device)
     numbers["CLIP-pcc"] = clip_pcc(f_rec)
-    numbers.update(n_way_scores(f_gt, f_rec, n_ways, trials, seed))
+    per_clip["CLIP-pcc"] = {"scores": np.array([clip_pcc(f_rec[k : k + 1]) for k in range(len(ids))])}
+    numbers.update(n_way_scores(f_gt, f_rec, n_ways, trials, seed, per_clip))
     unavailable: dict[str, str] = {}
     found, reason = load_videomae(videomae, device) if videomae else (None, "no VideoMAE model given")
     if found is None:
@@ -153,12 +174,16 @@ def evaluate_video_run(
         for n in n_ways:
             n_used = min(int(n), p_gt.shape[1])
             numbers[f"VideoMAE {n_used}-way"] = n_way_top1_classification(p_gt, p_rec, n_used, trials, seed)
+            per_clip[f"VideoMAE {n_used}-way"] = {"scores": videomae_scores(p_gt, p_rec, n_used)}
+    ci95, record = intervals.clip_intervals(per_clip, len(ids))
     out = {
         "method": info.get("method"),
         "n_clips": int(len(ids)),
         "frames_per_clip": info["frames_per_clip"],
         "size": int(rec.shape[2]),
         "reconstruction": numbers,
+        "ci95": {"reconstruction": ci95},
+        "bootstrap": record,
         "reference": {"CLIP-pcc of the ground truth": clip_pcc(f_gt)},
         "protocol": {
             "clip_model": f"{store.attrs['model']} / {store.attrs['pretrained']} (the run's cache model)",
