@@ -43,6 +43,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from ..device import resolve_device
 from ..errors import UserError
 from ..store import atomic_file
 from . import distributed
@@ -116,14 +117,6 @@ class TrainResult:
         """The wall-clock seconds :meth:`record` leaves out (``runs/<exp>/timings.json``, no DVC output)."""
         return {"train_seconds": round(self.seconds, 2),
                 "epoch_seconds": [round(epoch["seconds"], 3) for epoch in self.history if "seconds" in epoch]}
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {device!r}: CUDA is not available on this machine (use cpu or auto)")
-    return torch.device(device)
 
 
 def warmup_cosine(total: int, warmup: int, min_ratio: float):
