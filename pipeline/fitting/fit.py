@@ -85,7 +85,7 @@ def fit_adapters(
     multi-subject run) and ``finetune`` (all | lora | skip-lora) fit one multi-subject model
     (:mod:`.fit_subjects`); ``subjects``: :class:`.adapters.subjects.SubjectConfig` fields.
     """
-    from .distributed import is_main, teardown
+    from .distributed import is_main
 
     if method not in METHODS:
         raise UserError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
@@ -117,12 +117,10 @@ def fit_adapters(
         else:
             predictions, info = _fit_trained(pairs, method, tmp, params, train, seed, device, progress, checkpoints, keep)
         if not is_main():
-            teardown()
             return {}
         info.update(held)
         report = _write_outputs(tmp, pairs, method, predictions, info, params)
     shutil.rmtree(checkpoints, ignore_errors=True)
-    teardown()
     return report
 
 
@@ -141,7 +139,7 @@ def _run_folder(out: Path) -> Iterator[Path]:
 
 def _fit_several(stores, clip, method, out, targets, rois, params, train, subject, seed, device, progress,
                  holdout_categories, align, experts, init, finetune, subjects) -> dict[str, Any]:
-    from .distributed import is_main, teardown
+    from .distributed import is_main
     from .fit_subjects import fit_subjects
 
     if rois:
@@ -163,7 +161,6 @@ def _fit_several(stores, clip, method, out, targets, rois, params, train, subjec
                               is_main=is_main())
     if is_main():
         shutil.rmtree(checkpoints, ignore_errors=True)
-    teardown()
     return report
 
 
@@ -233,7 +230,7 @@ def _alpha_summary(alpha: np.ndarray) -> dict[str, float]:
 
 def _fit_trained(pairs: Pairs, method, run: Path, params, train, seed, device, progress, checkpoints: Path, keep=None):
     from .data import CacheDataset
-    from .distributed import is_main
+    from .distributed import is_main, teardown
     from .models import build_adapter, load_adapter, predict, save_adapter
     from .train import TrainConfig
     from .train import train as train_loop
@@ -247,6 +244,7 @@ def _fit_trained(pairs: Pairs, method, run: Path, params, train, seed, device, p
                         name=f"{pairs.fmri_path} train", memory=memory, progress=progress)
     model = build_adapter(method, params, data, seed=seed)
     result = train_loop(model, data, cfg)
+    teardown()  # the last collective is behind: process 0 alone goes on, nobody waits for it
     if not is_main():
         return None, {}
     write_timings(run, {**result.timings(), "targets_read": data.bank.describe()})

@@ -280,10 +280,9 @@ def train(
                 terms = _train_epoch(parts, step, params, loader, autocast, device, cfg.grad_clip, bar, epoch, several)
                 record = {"epoch": epoch, **distributed.mean_over_processes(terms, device)}
                 record["lr"] = optimizer.param_groups[0]["lr"]
-                if val is not None and len(val):
-                    record.update(
-                        {f"val_{k}": v for k, v in evaluate_loss(model, val, cfg.batch_size, device, cfg.amp).items()}
-                    )
+                if val is not None and len(val):  # process 0's validation decides for all (early stopping)
+                    losses = evaluate_loss(model, val, cfg.batch_size, device, cfg.amp)
+                    record.update({f"val_{k}": v for k, v in distributed.from_main(losses, device).items()})
                 record["seconds"] = time.perf_counter() - t0
                 monitored = record.get("val_loss", record["train_loss"])
                 if monitored < state["best_val"] or val is None:
