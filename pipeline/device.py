@@ -1,7 +1,7 @@
 """Where computation runs: the one place that turns a ``--device`` value into a :class:`torch.device`.
 
-Every stage takes the same ``--device`` (:data:`DEVICE_HELP`); ``auto`` is a CUDA GPU when one is
-present, else the CPU. Asking for a device this machine does not have is a :class:`UserError`
+Every stage takes the same ``--device`` (``stages.params.device_option``); ``auto`` is a CUDA GPU
+when one is present, else the CPU. Asking for a device this machine does not have is a :class:`UserError`
 raised before any work starts, so nothing is half-written.
 """
 
@@ -11,7 +11,6 @@ import torch
 
 from .errors import UserError
 
-DEVICE_HELP = "auto (a CUDA GPU when present, else the CPU) | cpu | cuda | cuda:K | mps."
 KINDS = ("cpu", "cuda", "mps")
 
 

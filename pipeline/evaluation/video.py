@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..decoding.video import read_clips
+from ..device import resolve_device
 from ..errors import UserError
 from ..features import clip as clip_models
 from ..features.cache import open_cache
@@ -117,10 +118,11 @@ def n_way_scores(gt: np.ndarray, rec: np.ndarray, n_ways: Sequence[int], trials:
 
 
 def evaluate_video_run(
-    run: Path | str, *, video: Path | str | None = None, videomae: str | None = VIDEOMAE, device: str = "cpu",
+    run: Path | str, *, video: Path | str | None = None, videomae: str | None = VIDEOMAE, device: str = "auto",
     n_ways: Sequence[int] = (2, 50), trials: int = 100, seed: int = 0,
 ) -> dict[str, Any]:
     """Metrics of a decode-video folder -> ``<run>/metrics.json``; see the module docstring."""
+    device = str(resolve_device(device))
     run = Path(run)
     info_path = run / "decode.json"
     if not info_path.is_file():

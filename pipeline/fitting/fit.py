@@ -39,6 +39,7 @@ import numpy as np
 import zarr
 
 from .. import __version__
+from ..device import resolve_device
 from ..errors import UserError
 from ..evaluation import metrics
 from ..store import atomic_dir, compressor, take_rows, write_timings
@@ -89,6 +90,7 @@ def fit_adapters(
 
     if method not in METHODS:
         raise UserError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+    resolve_device(device)  # a device this machine lacks fails before any work
     out = Path(out)
     params = dict(params or {})
     stores = [fmri] if isinstance(fmri, (str, Path)) else list(fmri)
@@ -213,8 +215,7 @@ def _fit_ridge(pairs: Pairs, run: Path, rois, params, seed, device, progress, ke
     ids = pairs.image_ids("train")
     if keep is not None:
         X_train, ids = X_train[keep], ids[keep]
-    backend = params.pop("backend", "auto" if device == "auto" else ("torch_cuda" if device.startswith("cuda") else "torch"))
-    adapter = RidgeAdapter(**params, backend=backend, seed=seed, progress=progress)
+    adapter = RidgeAdapter(**params, device=device, seed=seed, progress=progress)
     adapter.fit(
         X_train[:, idx], {t: pairs.target(t) for t in pairs.targets}, groups=ids, rows=ids,
         out=run / "adapters" / "ridge",
