@@ -39,7 +39,8 @@ from report import emit  # noqa: E402  (benchmarks/ is the script's folder)
 from pipeline.data.demo import DemoConfig, make_images  # noqa: E402
 from pipeline.features import clip  # noqa: E402
 from pipeline.features.extract import extract_clip  # noqa: E402
-from pipeline.features.shards import cached_model, resolve_device, resolve_dtype  # noqa: E402
+from pipeline.device import resolve_device  # noqa: E402
+from pipeline.features.shards import cached_model, resolve_dtype  # noqa: E402
 
 THINGSVISION_SCRIPT = r'''
 import json, sys, time
@@ -135,7 +136,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = ap.parse_args()
 
-    device = resolve_device(args.device)
+    device = str(resolve_device(args.device))
     dtype = resolve_dtype(args.dtype, device)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-extract-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .params import comma_list, resolve, user_errors
+from .params import comma_list, device_option, resolve, user_errors
 
 
 @user_errors
@@ -22,7 +22,7 @@ def command(
     layers: Optional[str] = typer.Option(None, help="Comma-separated cached layers, e.g. 8,16,24 or 11-20:mean [default: every layers/* array]."),
     rois: Optional[str] = typer.Option(None, help="Comma-separated ROI files, e.g. prf-visualrois,floc [default: every ROI file in the store]."),
     features: Optional[str] = typer.Option(None, help="How a layer's tokens become one vector per image: mean (patch tokens) | cls | flatten [default: mean]."),
-    device: Optional[str] = typer.Option(None, help="Ridge backend: auto (CUDA when present) | torch | torch_cuda | numpy."),
+    device: Optional[str] = device_option(),
 ) -> None:
     """Which CLIP layer each brain area matches: ridge encoding, RSA, noise ceiling and layer CKA."""
     from pipeline.analysis.alignment import analyze_layers  # imports torch: only when run
@@ -33,7 +33,7 @@ def command(
         raise typer.BadParameter("give --clip or set analyze_layers.clip in params.yaml")
     encoding = dict(p.get("encoding") or {})
     if device is not None:
-        encoding["backend"] = device
+        encoding["device"] = device
     out = out or Path("runs") / f"alignment_{fmri.stem}"
     result = analyze_layers(
         fmri, p["clip"], out, layers=comma_list(p.get("layers")), rois=comma_list(p.get("rois")),

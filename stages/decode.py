@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .params import resolve, user_errors
+from .params import device_option, resolve, user_errors
 
 
 @user_errors
@@ -25,7 +25,7 @@ def command(
     guidance: Optional[float] = typer.Option(None, help="unclip classifier-free guidance scale."),
     noise_level: Optional[int] = typer.Option(None, help="unclip noise added to the image embedding."),
     seed: Optional[int] = typer.Option(None, help="Seed of the unclip generators."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda."),
+    device: Optional[str] = device_option(),
 ) -> None:
     """Turn predicted embeddings into images: retrieval from the CLIP cache, or Stable unCLIP."""
     from pipeline.decoding.run import decode_run  # imports torch: only when run

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .params import resolve, user_errors
+from .params import device_option, resolve, user_errors
 
 
 @user_errors
@@ -27,7 +27,7 @@ def command(
     guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale."),
     prompt: Optional[str] = typer.Option(None, help="Text prompt of the video model [default: empty]."),
     seed: Optional[int] = typer.Option(None, help="Seed of the per-clip generators."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda."),
+    device: Optional[str] = device_option(),
 ) -> None:
     """Reconstruct test clips from a keyframe (semantics) and blurry frames (perception): interpolate or diffusion."""
     from pipeline.decoding.video_run import decode_video_run  # imports torch: only when run

@@ -8,14 +8,14 @@ from typing import Optional
 
 import typer
 
-from .params import comma_list, resolve, user_errors
+from .params import comma_list, device_option, resolve, user_errors
 
 
 @user_errors
 def command(
     run: Path = typer.Option(..., help="Run folder that decode has filled."),
     nsd_root: Optional[Path] = typer.Option(None, help="NSD root holding nsd_stimuli.hdf5 [params: evaluate.nsd_root]."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda for the feature networks."),
+    device: Optional[str] = device_option(),
     retrieval_target: Optional[str] = typer.Option(
         None, help="CLIP-cache array retrieval is computed in, flattened: image_embeds, or layers/24_proj for "
         "MindEye1's protocol [params: evaluate.retrieval_target]."),

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .params import resolve, user_errors
+from .params import device_option, resolve, user_errors
 
 
 @user_errors
@@ -16,7 +16,7 @@ def command(
     run: Path = typer.Option(..., help="Folder written by decode-video, e.g. runs/video_interpolate."),
     video: Optional[Path] = typer.Option(None, help="cc2017 root (or stimuli/) if the movies moved since extraction."),
     videomae: Optional[str] = typer.Option(None, help="VideoMAE classifier folder or hub id (read from the HF cache only)."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda for CLIP and VideoMAE."),
+    device: Optional[str] = device_option(),
     trials: Optional[int] = typer.Option(None, help="Draws of distractors per clip in n-way identification."),
     seed: Optional[int] = typer.Option(None, help="Seed of the n-way draws."),
 ) -> None:

@@ -12,7 +12,7 @@ import typer
 
 from pipeline.errors import UserError
 
-from .params import resolve, section, user_errors
+from .params import device_option, resolve, section, user_errors
 
 
 def default_out(model: str, pretrained: str) -> Path:
@@ -44,7 +44,7 @@ def command(
         None, help="Rows to fill: all | shared | subject:N | A-B (0-based ids, inclusive); rounded out to "
         "whole shards (default: all)."),
     batch_size: Optional[int] = typer.Option(None, help="Images per forward pass (default: 64)."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:K (default: auto)."),
+    device: Optional[str] = device_option(),
     dtype: Optional[str] = typer.Option(
         None, help="Compute precision: auto (float16 on GPU, float32 on CPU) | float16 | bfloat16 | float32; "
         "layers are always stored float16."),

@@ -22,7 +22,7 @@ import typer
 
 from pipeline.errors import UserError
 
-from .params import comma_list, resolve, section, user_errors
+from .params import comma_list, device_option, resolve, section, user_errors
 
 
 def _several(fmri, *multi_options) -> bool:
@@ -41,7 +41,7 @@ def command(
     rois: Optional[str] = typer.Option(None, help="Ridge input voxels: comma-separated ROI names (labels > 0), default all nsdgeneral."),
     epochs: Optional[int] = typer.Option(None, help="Training epochs of mclip / litemind."),
     seed: Optional[int] = typer.Option(None, help="Seed of folds, initialisation and batching."),
-    device: Optional[str] = typer.Option(None, help="auto (cuda when present), cpu or cuda[:N]."),
+    device: Optional[str] = device_option(),
     subject: Optional[int] = typer.Option(None, help="Refuse an fMRI cache of another subject."),
     align: Optional[str] = typer.Option(None, help="Multi-subject input layers: voxels (a linear map per subject, MindEye2) or roi (per-ROI-label tokens)."),
     experts: Optional[int] = typer.Option(None, help="K brain experts after the shared trunk, trained in a second stage (Wills Aligner)."),

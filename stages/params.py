@@ -15,6 +15,12 @@ import yaml
 from pipeline.errors import UserError
 
 PARAMS_FILE = Path("params.yaml")
+DEVICE_HELP = "Where to compute: auto (a CUDA GPU when present, else the CPU) | cpu | cuda | cuda:K | mps [default: auto]."
+
+
+def device_option() -> Any:
+    """The ``--device`` option every stage shares (resolved by :func:`pipeline.device.resolve_device`)."""
+    return typer.Option(None, help=DEVICE_HELP)
 
 
 def section(name: str, path: Path = PARAMS_FILE) -> dict[str, Any]:

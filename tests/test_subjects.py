@@ -289,6 +289,51 @@ def test_torchrun_two_gloo_processes_equal_one_process(stores, tmp_path):
     assert not list(tmp_path.glob("two.*"))
 
 
+SLOW_REPORT_SCRIPT = """
+import json, os, sys, time
+import torch
+torch.set_num_threads(1)
+import torch.distributed as dist
+from pipeline.fitting import fit, fit_subjects
+
+rank, log = int(os.environ["RANK"]), {{}}
+
+def slow(write):  # process 0's report takes long; record whether any collective is still possible
+    def wrapped(*args, **kwargs):
+        log.setdefault("in_group", []).append(dist.is_initialized())
+        time.sleep(4)
+        log.setdefault("report_done", []).append(time.time())
+        return write(*args, **kwargs)
+    return wrapped
+
+fit._write_outputs = slow(fit._write_outputs)
+fit_subjects.write_subject_outputs = slow(fit_subjects.write_subject_outputs)
+stores, clip, out = sys.argv[1].split(","), sys.argv[2], sys.argv[3]
+kw = dict(targets={targets}, params={params}, train={train}, progress=False)
+fit.fit_adapters(stores[0], clip, "mclip", out + "/single", **kw)
+fit.fit_adapters(stores, clip, "mclip", out + "/multi", subjects={subjects}, align="voxels", **kw)
+log["exit"] = time.time()
+open(f"{{out}}/rank{{rank}}.json", "w").write(json.dumps(log))
+"""
+
+
+def test_torchrun_others_leave_while_process_0_writes_the_report(stores, tmp_path):
+    """Every process leaves the group after training: process 0's long report (NCCL would time out a
+    barrier after 10 min) blocks nobody, and the run folders still land complete."""
+    train = {**TRAIN, "batch_size": 16, "epochs": 1, "val_fraction": 0.1}
+    script = tmp_path / "fit.py"
+    script.write_text(SLOW_REPORT_SCRIPT.format(targets=TARGETS, params=MCLIP, train=train, subjects=SUBJ))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29519",
+                    str(script), f"{stores[1]},{stores[2]}", str(stores["clip"]), str(tmp_path)],
+                   cwd=ROOT, env=env, check=True, timeout=300)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["in_group"] == [False, False] and "in_group" not in r1
+    assert r1["exit"] < r0["report_done"][-1]  # process 1 was done before process 0's second report
+    for run in ("single", "multi"):
+        assert (tmp_path / run / "run.json").is_file() and not list(tmp_path.glob(f"{run}.*"))
+
+
 def test_brain_experts_second_stage_and_litemind_trunk(stores, tmp_path):
     run = tmp_path / "experts"
     _fit([stores[1], stores[2]], stores["clip"], run, experts=2, subjects={**SUBJ, "expert_hidden": 8, "expert_epochs": 2})

@@ -199,6 +199,7 @@ def analyze_layers(
     plots/best_layer.json) atomically; returns the alignment.json content."""
     enc_cfg = make_config(EncodingConfig, encoding, "analyze_layers.encoding")
     rec_cfg = make_config(RecommendConfig, recommend_cfg, "analyze_layers.recommend")
+    xp = get_backend(enc_cfg.backend, enc_cfg.device)  # a device this machine lacks fails before any work
     if features not in inputs.FEATURES:
         raise UserError(f"--features must be one of {', '.join(inputs.FEATURES)}, not {features!r}")
     fmri_path, clip_path, out = Path(fmri), Path(clip), Path(out)
@@ -225,7 +226,6 @@ def analyze_layers(
     else:
         Y_train, Y_test = train.betas[:, union], test.betas[:, union]
     roi_rdms = {roi: rdm(Y_test[:, idx]) for roi, idx in local.items()}
-    xp = get_backend(enc_cfg.backend)
 
     enc = {roi: {} for roi in sets}
     enc_draws: dict[str, dict[str, np.ndarray]] = {roi: {} for roi in sets}

@@ -81,7 +81,8 @@ class EncodingConfig:
     alphas: Sequence[float] = DEFAULT_ALPHAS
     cv: int = 5  # folds over training images
     voxels_batch: int = 4096  # voxel columns per block on the backend
-    backend: str = "auto"  # auto (CUDA when present) | torch | torch_cuda | numpy
+    backend: str = "auto"  # the solver: auto (= torch) | torch | numpy
+    device: str = "auto"  # where torch computes: auto (CUDA when present) | cpu | cuda[:K]
     dtype: str = "float32"
     seed: int = 0
 
@@ -95,7 +96,7 @@ def encode(
     ``X_*`` are (standardised) features, ``Y_train`` (n_train, V) betas, ``groups`` (n_train,)
     labels that never straddle folds (the image ids).
     """
-    xp = xp or get_backend(cfg.backend)
+    xp = xp or get_backend(cfg.backend, cfg.device)
     grid = np.unique(np.asarray(cfg.alphas, np.float64))
     if grid.size == 0 or grid[0] <= 0:
         raise UserError(f"analyze-layers alphas: need positive penalties, got {list(cfg.alphas)}")

@@ -13,6 +13,7 @@ import numpy as np
 import zarr
 
 from ..data.nsd import NSD
+from ..device import resolve_device
 from ..errors import UserError
 from ..features.cache import filled_rows, open_cache
 from ..fitting.pairs import row_ids
@@ -55,9 +56,10 @@ def decode_run(
     run: Path | str, nsd_root: Path | str, *, method: str = "retrieval", target: str = "image_embeds",
     include_test: bool = False, unclip_model: str | None = None, detail_target: str | None = None,
     strength: float = 0.85, steps: int = 20, guidance: float = decode.GUIDANCE, noise_level: int = 0,
-    samples: int = 1, seed: int = 0, device: str = "cpu",
+    samples: int = 1, seed: int = 0, device: str = "auto",
 ) -> Path:
     """Reconstruct every test image of a run; returns the ``recon/`` folder."""
+    device = str(resolve_device(device))
     if method not in DECODERS:
         raise UserError(f"--method must be one of {', '.join(DECODERS)}, not {method!r}")
     run = Path(run)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from ..device import resolve_device
 from ..errors import UserError
 from ..features.cache import open_cache
 from ..features.video import load_vae
@@ -53,9 +54,10 @@ def decode_video_run(
     keyframes: str = "retrieval", semantic_target: str = "image_embeds", size: int | None = None,
     unclip_model: str | None = None, unclip_steps: int = 20, unclip_guidance: float = decode.GUIDANCE,
     video_model: str | None = None, motion_adapter: str | None = None, steps: int = 25, strength: float = 0.6,
-    guidance: float = 7.5, prompt: str = "", seed: int = 0, device: str = "cpu", grid_clips: int = 6,
+    guidance: float = 7.5, prompt: str = "", seed: int = 0, device: str = "auto", grid_clips: int = 6,
 ) -> Path:
     """Reconstruct every test clip; returns ``out``. See :mod:`.video` for the methods."""
+    device = str(resolve_device(device))
     if method not in DECODERS:
         raise UserError(f"--method must be one of {', '.join(DECODERS)}, not {method!r}")
     if keyframes not in KEYFRAMES:

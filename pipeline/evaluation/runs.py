@@ -39,6 +39,7 @@ import zarr
 from ..data.nsd import NSD
 from ..decoding import decode
 from ..decoding.run import open_run
+from ..device import resolve_device
 from ..errors import UserError
 from ..features.cache import open_cache
 from ..store import LazyRows, write_text
@@ -46,11 +47,12 @@ from . import baselines, intervals, metrics
 
 
 def evaluate_run(
-    run: Path | str, nsd_root: Path | str, *, weights: dict[str, str] | None = None, device: str = "cpu",
+    run: Path | str, nsd_root: Path | str, *, weights: dict[str, str] | None = None, device: str = "auto",
     pool: int = 300, draws: int = 30, seed: int = 42, retrieval_target: str = "image_embeds",
     drop_rois: list[str] | None = None,
 ) -> dict[str, Any]:
     """MindEye2-protocol metrics of a decoded run -> ``metrics.json`` (and ``plots/targets.json``)."""
+    device = str(resolve_device(device))
     run = Path(run)
     info, groups = open_run(run)
     if not (run / "recon").is_dir():

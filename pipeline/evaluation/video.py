@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ..decoding.video import read_clips
+from ..device import resolve_device
 from ..errors import UserError
 from ..features import clip as clip_models
 from ..features.cache import open_cache
@@ -135,10 +136,11 @@ def videomae_scores(p_gt: np.ndarray, p_rec: np.ndarray, n: int) -> np.ndarray:
 
 
 def evaluate_video_run(
-    run: Path | str, *, video: Path | str | None = None, videomae: str | None = VIDEOMAE, device: str = "cpu",
+    run: Path | str, *, video: Path | str | None = None, videomae: str | None = VIDEOMAE, device: str = "auto",
     n_ways: Sequence[int] = (2, 50), trials: int = 100, seed: int = 0,
 ) -> dict[str, Any]:
     """Metrics of a decode-video folder -> ``<run>/metrics.json``; see the module docstring."""
+    device = str(resolve_device(device))
     run = Path(run)
     info_path = run / "decode.json"
     if not info_path.is_file():

@@ -31,6 +31,7 @@ import zarr
 from tqdm import tqdm
 
 from .. import __version__
+from ..device import resolve_device, worker_gpu
 from ..errors import UserError
 from ..store import check_disk, human_bytes
 from . import clip
@@ -46,19 +47,6 @@ from .cache import (
 )
 
 DTYPES = ("float16", "bfloat16", "float32")
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when there is a GPU, else ``cpu``; anything else must exist here."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise UserError(f"--device must be auto, cpu, cuda or cuda:K, not {device!r}") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA device is available here")
-    return device
 
 
 def resolve_dtype(dtype: str | None, device: str) -> str:
@@ -125,6 +113,15 @@ def _loader(job: Job, transform: Callable, spans: list, on_gpu: bool) -> torch.u
     )
 
 
+def device_outputs(out: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The outputs of a batch that live on the accelerator, the only ones a side stream may record.
+
+    Some outputs never leave the host (the video source's ``frames`` are the loader's pinned CPU
+    tensor), and ``record_stream`` has no CPU kernel.
+    """
+    return [v for v in out.values() if v.device.type != "cpu"]
+
+
 def _to_host(results: Iterator[tuple[int, dict[str, torch.Tensor]]], device: str) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """Device -> host copies one batch behind compute.
 
@@ -141,7 +138,7 @@ def _to_host(results: Iterator[tuple[int, dict[str, torch.Tensor]]], device: str
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             host = {k: v.to("cpu", non_blocking=True) for k, v in out.items()}
-        for v in out.values():
+        for v in device_outputs(out):
             v.record_stream(stream)
         current = (i, host, stream.record_event())
         if previous is not None:
@@ -154,17 +151,23 @@ def _to_host(results: Iterator[tuple[int, dict[str, torch.Tensor]]], device: str
 
 
 def _worker_device(device: str) -> str:
-    """Resolve ``auto``; on a local cluster with several GPUs, worker k takes GPU k (mod count)."""
-    device = resolve_device(device)
-    if device != "cuda" or torch.cuda.device_count() < 2:
-        return device
+    """Resolve ``auto`` and bind this process to its GPU before any CUDA work.
+
+    On a local dask cluster with several GPUs worker k takes GPU k (mod count); ``set_device``
+    makes it the process's current device, so the worker opens a CUDA context on that GPU only.
+    """
+    dev = resolve_device(device)
+    if dev.type != "cuda":
+        return str(dev)
     try:
         from distributed import get_worker
 
         name = get_worker().name
     except (ImportError, ValueError):
-        return device
-    return f"cuda:{name % torch.cuda.device_count()}" if isinstance(name, int) else device
+        name = None
+    dev = worker_gpu(dev, name, torch.cuda.device_count())
+    torch.cuda.set_device(dev)
+    return str(dev)
 
 
 def fill_shards(
@@ -315,7 +318,7 @@ def setup(
     if workers is not None and workers < 1:
         raise UserError(f"--workers must be >= 1, not {workers}")
     distributed = bool(scheduler) or workers is not None
-    device = device if distributed else resolve_device(device)
+    device = str(device) if distributed else str(resolve_device(device))
     dtype = resolve_dtype(dtype, device)
     if loader_workers is None:
         loader_workers = min(8, (os.cpu_count() or 1) - 1) if "cuda" in device or distributed else 0

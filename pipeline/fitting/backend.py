@@ -1,8 +1,8 @@
-"""Array backends for the solvers: numpy, torch on the CPU, torch on CUDA (himalaya's seam).
+"""Array backends for the solvers: numpy, or torch on any device (himalaya's seam).
 
 Solvers only call the few operations of :class:`Backend` beyond ``@``, ``.T``, indexing and
-arithmetic, so one solver runs on every device; :func:`get_backend` is the only place that knows
-about devices.
+arithmetic, so one solver runs on every device. The solver (``numpy`` | ``torch``) is a setting a
+run records; the device (:func:`pipeline.device.resolve_device`) is an execution choice it does not.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
+from ..device import resolve_device
 from ..errors import UserError
 
 
@@ -25,6 +27,7 @@ class Backend:
     to_numpy: Callable[[Any], np.ndarray]
     eigh: Callable[[Any], tuple[Any, Any]]  # symmetric eigendecomposition: values, vectors
     stack: Callable[[list[Any]], Any]
+    device: str = "cpu"  # where the arrays live
 
 
 def _numpy_backend() -> Backend:
@@ -37,41 +40,41 @@ def _numpy_backend() -> Backend:
     )
 
 
-def _torch_backend(device: str) -> Callable[[], Backend]:
-    def make() -> Backend:
-        import torch
+def _torch_backend(device: torch.device) -> Backend:
+    def asarray(a: np.ndarray, dtype: str | None) -> Any:
+        t = torch.from_numpy(np.ascontiguousarray(a)).to(device)
+        return t if dtype is None else t.to(getattr(torch, dtype))
 
-        if device == "cuda" and not torch.cuda.is_available():
-            raise UserError("ridge backend 'torch_cuda': no CUDA device is visible (use 'torch' or 'auto')")
-
-        def asarray(a: np.ndarray, dtype: str | None) -> Any:
-            t = torch.from_numpy(np.ascontiguousarray(a)).to(device)
-            return t if dtype is None else t.to(getattr(torch, dtype))
-
-        return Backend(
-            name="torch" if device == "cpu" else "torch_cuda",
-            asarray=asarray,
-            to_numpy=lambda t: t.cpu().numpy(),
-            eigh=torch.linalg.eigh,
-            stack=torch.stack,
-        )
-
-    return make
+    return Backend(
+        name="torch",
+        asarray=asarray,
+        to_numpy=lambda t: t.cpu().numpy(),
+        eigh=torch.linalg.eigh,
+        stack=torch.stack,
+        device=str(device),
+    )
 
 
-BACKENDS: dict[str, Callable[[], Backend]] = {
-    "numpy": _numpy_backend,
-    "torch": _torch_backend("cpu"),
-    "torch_cuda": _torch_backend("cuda"),
-}
+SOLVERS = ("auto", "numpy", "torch")
+LEGACY = {"torch_cuda": "cuda"}  # runs saved before the device was separate from the solver
 
 
-def get_backend(name: str = "auto") -> Backend:
-    """A backend by name; ``"auto"`` is CUDA through torch when present, else torch on CPU."""
-    if name == "auto":
-        import torch
+def split_backend(name: str) -> tuple[str, str | None]:
+    """A ridge backend name -> (solver, the device the name implies or None); ``auto`` is torch.
 
-        name = "torch_cuda" if torch.cuda.is_available() else "torch"
-    if name not in BACKENDS:
-        raise UserError(f"ridge backend: {name!r} is not one of auto, {', '.join(BACKENDS)}")
-    return BACKENDS[name]()
+    ``torch_cuda`` (recorded by older runs) is torch on CUDA: the device is an execution choice,
+    so a run fitted on a GPU is scored on a CPU-only machine with ``device="auto"``.
+    """
+    if name in LEGACY:
+        return "torch", LEGACY[name]
+    if name not in SOLVERS:
+        raise UserError(f"ridge backend: {name!r} is not one of {', '.join(SOLVERS)} (the device is set apart)")
+    return ("torch" if name == "auto" else name), None
+
+
+def get_backend(name: str = "auto", device: str | torch.device = "auto") -> Backend:
+    """The ``name`` solver's arrays on ``device`` (``auto``: CUDA when present); numpy is host-only."""
+    solver, implied = split_backend(name)
+    if solver == "numpy":
+        return _numpy_backend()
+    return _torch_backend(resolve_device(implied if implied and str(device) == "auto" else device))

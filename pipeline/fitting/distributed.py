@@ -59,7 +59,12 @@ def local_device(device: torch.device) -> torch.device:
 
 
 def teardown() -> None:
-    """Leave the process group (the end of a torchrun fit)."""
+    """Leave the process group, on every process, right after the last collective (the end of training).
+
+    Process 0 then saves, predicts and writes the report outside any collective: the others exit
+    instead of waiting in a barrier that NCCL's watchdog would kill after 10 minutes. The barrier
+    here is met at once, since every process stops at the same epoch (:func:`from_main`).
+    """
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -98,3 +103,15 @@ def mean_over_processes(values: dict[str, float], device: torch.device) -> dict[
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return dict(zip(keys, (t / dist.get_world_size()).tolist()))
+
+
+def from_main(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Process 0's values on every process, for decisions all must share (the validation loss that
+    picks the best epoch and stops training early): processes that stopped at different epochs
+    would wait forever in each other's collectives."""
+    if not dist.is_initialized() or dist.get_world_size() == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.broadcast(t, src=0)
+    return dict(zip(keys, t.tolist()))

@@ -39,6 +39,7 @@ import numpy as np
 import zarr
 
 from .. import __version__
+from ..device import resolve_device
 from ..errors import UserError
 from ..evaluation import metrics
 from ..store import atomic_dir, compressor, take_rows, write_timings
@@ -85,10 +86,11 @@ def fit_adapters(
     multi-subject run) and ``finetune`` (all | lora | skip-lora) fit one multi-subject model
     (:mod:`.fit_subjects`); ``subjects``: :class:`.adapters.subjects.SubjectConfig` fields.
     """
-    from .distributed import is_main, teardown
+    from .distributed import is_main
 
     if method not in METHODS:
         raise UserError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+    resolve_device(device)  # a device this machine lacks fails before any work
     out = Path(out)
     params = dict(params or {})
     stores = [fmri] if isinstance(fmri, (str, Path)) else list(fmri)
@@ -117,12 +119,10 @@ def fit_adapters(
         else:
             predictions, info = _fit_trained(pairs, method, tmp, params, train, seed, device, progress, checkpoints, keep)
         if not is_main():
-            teardown()
             return {}
         info.update(held)
         report = _write_outputs(tmp, pairs, method, predictions, info, params)
     shutil.rmtree(checkpoints, ignore_errors=True)
-    teardown()
     return report
 
 
@@ -141,7 +141,7 @@ def _run_folder(out: Path) -> Iterator[Path]:
 
 def _fit_several(stores, clip, method, out, targets, rois, params, train, subject, seed, device, progress,
                  holdout_categories, align, experts, init, finetune, subjects) -> dict[str, Any]:
-    from .distributed import is_main, teardown
+    from .distributed import is_main
     from .fit_subjects import fit_subjects
 
     if rois:
@@ -163,7 +163,6 @@ def _fit_several(stores, clip, method, out, targets, rois, params, train, subjec
                               is_main=is_main())
     if is_main():
         shutil.rmtree(checkpoints, ignore_errors=True)
-    teardown()
     return report
 
 
@@ -216,8 +215,7 @@ def _fit_ridge(pairs: Pairs, run: Path, rois, params, seed, device, progress, ke
     ids = pairs.image_ids("train")
     if keep is not None:
         X_train, ids = X_train[keep], ids[keep]
-    backend = params.pop("backend", "auto" if device == "auto" else ("torch_cuda" if device.startswith("cuda") else "torch"))
-    adapter = RidgeAdapter(**params, backend=backend, seed=seed, progress=progress)
+    adapter = RidgeAdapter(**params, device=device, seed=seed, progress=progress)
     adapter.fit(
         X_train[:, idx], {t: pairs.target(t) for t in pairs.targets}, groups=ids, rows=ids,
         out=run / "adapters" / "ridge",
@@ -233,7 +231,7 @@ def _alpha_summary(alpha: np.ndarray) -> dict[str, float]:
 
 def _fit_trained(pairs: Pairs, method, run: Path, params, train, seed, device, progress, checkpoints: Path, keep=None):
     from .data import CacheDataset
-    from .distributed import is_main
+    from .distributed import is_main, teardown
     from .models import build_adapter, load_adapter, predict, save_adapter
     from .train import TrainConfig
     from .train import train as train_loop
@@ -247,6 +245,7 @@ def _fit_trained(pairs: Pairs, method, run: Path, params, train, seed, device, p
                         name=f"{pairs.fmri_path} train", memory=memory, progress=progress)
     model = build_adapter(method, params, data, seed=seed)
     result = train_loop(model, data, cfg)
+    teardown()  # the last collective is behind: process 0 alone goes on, nobody waits for it
     if not is_main():
         return None, {}
     write_timings(run, {**result.timings(), "targets_read": data.bank.describe()})

@@ -73,6 +73,7 @@ def fit_subjects(
     """Train the multi-subject model; on the main process, write the run folder ``run``."""
     from .cohort import MultiSubjectDataset
     from .data import CacheDataset, TargetBank
+    from .distributed import teardown
     from .models import adapter_targets, build_subject_adapter, load_adapter, predict, save_adapter, subject_units
     from .train import TrainConfig
     from .train import train as train_loop
@@ -133,6 +134,7 @@ def fit_subjects(
                         "epochs_run": result.epochs_run, "resumed_from": result.resumed_from,
                         "processes": result.processes, "history": result.record()["history"]})
         timings[stage] = result.timings()
+    teardown()  # the last collective is behind: process 0 alone goes on, nobody waits for it
     if not is_main:
         return {}
     write_timings(run, {**timings, "targets_read": bank.describe()})

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from .. import __version__
 from ..errors import UserError
 from ..store import atomic_file
+from ..device import resolve_device
 from .adapters.base import Adapter, make_config, prediction_shape
 from .adapters.litemind import LiteMind
 from .adapters.mclip import BrainMCLIP
@@ -29,7 +30,6 @@ from .adapters.perception import Perception
 from .adapters.subjects import SubjectAdapter, SubjectConfig, plan_units, subject_key, unit_voxels
 from .cohort import MultiSubjectDataset
 from .data import CacheDataset, target_statistics
-from .train import resolve_device
 
 ADAPTERS: dict[str, type[Adapter]] = {"mclip": BrainMCLIP, "litemind": LiteMind, "perception": Perception}
 WEIGHTS_FILE, SPEC_FILE = "adapter.safetensors", "adapter.json"

@@ -43,6 +43,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from ..device import resolve_device
 from ..errors import UserError
 from ..store import atomic_file
 from . import distributed
@@ -116,14 +117,6 @@ class TrainResult:
         """The wall-clock seconds :meth:`record` leaves out (``runs/<exp>/timings.json``, no DVC output)."""
         return {"train_seconds": round(self.seconds, 2),
                 "epoch_seconds": [round(epoch["seconds"], 3) for epoch in self.history if "seconds" in epoch]}
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {device!r}: CUDA is not available on this machine (use cpu or auto)")
-    return torch.device(device)
 
 
 def warmup_cosine(total: int, warmup: int, min_ratio: float):
@@ -287,10 +280,9 @@ def train(
                 terms = _train_epoch(parts, step, params, loader, autocast, device, cfg.grad_clip, bar, epoch, several)
                 record = {"epoch": epoch, **distributed.mean_over_processes(terms, device)}
                 record["lr"] = optimizer.param_groups[0]["lr"]
-                if val is not None and len(val):
-                    record.update(
-                        {f"val_{k}": v for k, v in evaluate_loss(model, val, cfg.batch_size, device, cfg.amp).items()}
-                    )
+                if val is not None and len(val):  # process 0's validation decides for all (early stopping)
+                    losses = evaluate_loss(model, val, cfg.batch_size, device, cfg.amp)
+                    record.update({f"val_{k}": v for k, v in distributed.from_main(losses, device).items()})
                 record["seconds"] = time.perf_counter() - t0
                 monitored = record.get("val_loss", record["train_loss"])
                 if monitored < state["best_val"] or val is None:

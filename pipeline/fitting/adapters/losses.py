@@ -1,11 +1,17 @@
 """Alignment losses shared by the trained adapters (the retrieval metric lives in :mod:`pipeline.metrics`).
 
 Every function takes batched torch tensors ``(B, ...)`` and flattens what it needs; none keeps state.
-Losses are computed in float32 whatever the autocast dtype of the forward pass. Under torchrun the
+Losses are computed in float32 whatever the autocast dtype of the forward pass: each runs with
+autocast disabled (:func:`_float32`), since ``.float()`` alone does not leave autocast and its matmul
+would cast the operands back to bf16 (at Lite-Mind's logit scale e^8 that ties the logits of
+near-duplicate targets; issue 21 measured a gradient cosine of 0.71-0.87 to float32). Under torchrun the
 contrastive loss sees the rows of every process (:func:`pipeline.fitting.distributed.gather`).
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +19,18 @@ import torch.nn.functional as F
 from ..distributed import gather
 
 
+def _float32(loss: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``loss(pred, ...)`` with autocast off on ``pred``'s device, so its float32 operands stay float32."""
+
+    @functools.wraps(loss)
+    def wrapped(pred: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        with torch.autocast(pred.device.type, enabled=False):
+            return loss(pred, *args, **kwargs)
+
+    return wrapped
+
+
+@_float32
 def info_nce(
     pred: torch.Tensor,
     true: torch.Tensor,
@@ -49,11 +67,13 @@ def info_nce(
     return loss
 
 
+@_float32
 def token_cosine(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
     """Fine-grained term: 1 - cosine between matching tokens (last axis), averaged over tokens."""
     return 1 - F.cosine_similarity(pred.float(), true.float(), dim=-1).mean()
 
 
+@_float32
 def mse(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(pred.float(), true.float())
 

@@ -36,8 +36,10 @@ Arguments and what they buy:
   exact ties go to the larger alpha.
 - ``rescale``: Brain-Diffuser's post-hoc step; each predicted column is z-scored over the rows of
   the ``predict`` call and mapped to the training targets' mean and std (needs >= 2 rows).
-- ``backend``: ``"auto"`` (CUDA via torch when present, else torch on CPU), ``"torch"``,
-  ``"torch_cuda"`` or ``"numpy"``; ``dtype`` is the compute precision.
+- ``backend``: the solver, ``"torch"`` (``"auto"``) or ``"numpy"``; ``device`` where torch
+  computes (``"auto"``: CUDA when present), an execution choice that ``config.json`` records apart
+  from the parameters, so a fit made on a GPU loads and predicts on a CPU-only machine (an older
+  run's ``"torch_cuda"`` reads as torch); ``dtype`` is the compute precision.
 - ``coef_dtype``: storage of the coefficients, ``"float32"`` or ``"float16"`` (half the disk; a
   257x768 layer from 15k voxels is 3.0 billion weights, 11.8 GB in float32).
 
@@ -74,7 +76,7 @@ import numpy as np
 
 from ...errors import UserError
 from ...store import write_text
-from ..backend import Backend, get_backend
+from ..backend import Backend, get_backend, split_backend
 from .ridge_blocks import RowIndex, TargetLayout, TensorFile, axis1_chunk, block_reader, progress_items, target_layout
 from .ridge_solvers import (
     Decomposition,
@@ -194,6 +196,7 @@ class RidgeAdapter:
         coef_dtype: str = "float32",
         seed: int = 0,
         progress: bool = False,
+        device: str = "auto",
     ):
         self.alphas = [float(a) for a in alphas]
         self.cv = cv
@@ -201,12 +204,14 @@ class RidgeAdapter:
         self.fit_intercept = fit_intercept
         self.rescale = rescale
         self.n_targets_batch = int(n_targets_batch)
-        self.backend = backend
+        self.backend, implied = split_backend(backend)
+        self.device = implied if implied and device == "auto" else device
         self.dtype = dtype
         self.coef_dtype = coef_dtype
         self.seed = seed
         self.progress = progress
         self.path_: Path | None = None
+        self.fitted_on_: str | None = None  # the device the fit ran on (config.json "device")
         self.targets_: dict[str, dict[str, Any]] = {}
 
     def _params(self) -> dict[str, Any]:
@@ -256,7 +261,9 @@ class RidgeAdapter:
             raise UserError(f"ridge groups: expected {n} labels (one per X row), got shape {groups.shape}")
         splits = grouped_folds(groups, self.cv, self.seed) if isinstance(self.cv, int) else list(self.cv)
 
-        solver = _Solver.build(get_backend(self.backend), X, splits, grid, self.fit_intercept, self.dtype)
+        xp = get_backend(self.backend, self.device)
+        self.fitted_on_ = xp.device
+        solver = _Solver.build(xp, X, splits, grid, self.fit_intercept, self.dtype)
         layouts = {
             name: target_layout(a.shape[1:], self.n_targets_batch, axis1_chunk(a)) for name, a in targets.items()
         }
@@ -340,7 +347,7 @@ class RidgeAdapter:
         X = _check_X(X, "ridge predict X (betas)", self.n_features_in_)
         if self.rescale and len(X) < 2:
             raise UserError("ridge predict: rescale=True z-scores over rows, so it needs at least 2 rows")
-        xp = get_backend(self.backend)
+        xp = get_backend(self.backend, self.device)
         Xb = xp.asarray(X, self.dtype)
         for name, info in self.targets_.items():
             layout = target_layout(info["shape"], self.n_targets_batch)
@@ -393,8 +400,8 @@ class RidgeAdapter:
         return out
 
     @classmethod
-    def load(cls, path: Path, backend: str | None = None) -> RidgeAdapter:
-        """Reload a saved adapter; ``backend`` overrides the one it was fitted with."""
+    def load(cls, path: Path, backend: str | None = None, device: str = "auto") -> RidgeAdapter:
+        """Reload a saved adapter to predict on ``device``; ``backend`` overrides the solver it was fitted with."""
         path = Path(path)
         if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
             raise UserError(f"{path}: not a complete ridge adapter (expected {CONFIG} and {WEIGHTS})")
@@ -405,7 +412,9 @@ class RidgeAdapter:
         if config.get("method") != "ridge" or config.get("format") != FORMAT:
             raise UserError(f"{path / CONFIG}: not a ridge adapter of format {FORMAT}")
         params = dict(config["params"], **({} if backend is None else {"backend": backend}))
-        adapter = cls(**params)
+        params["backend"] = split_backend(params["backend"])[0]  # the device it was fitted on is not required
+        adapter = cls(**params, device=device)
+        adapter.fitted_on_ = config.get("device")
         adapter.targets_ = config["targets"]
         adapter.n_features_in_, adapter.n_samples_ = config["n_features"], config["n_samples"]
         adapter._attach(path, TensorFile.open(path / WEIGHTS))
@@ -431,6 +440,7 @@ class RidgeAdapter:
             "params": self._params(),
             "n_features": self.n_features_in_,
             "n_samples": self.n_samples_,
+            "device": self.fitted_on_,  # where the fit ran; predicting may run anywhere
             "targets": self.targets_,
             "weights": WEIGHTS,
         }
