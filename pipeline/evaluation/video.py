@@ -19,6 +19,10 @@ Protocol (MinD-Video / NeuroClips on cc2017; functions in :mod:`.video_metrics`)
   default ``MCG-NJU/videomae-base-finetuned-kinetics`` from the Hugging Face cache): MinD-Video's
   n-way top-1 classification of the reconstructed clip against the ground truth's class (the F
   frames are resampled to the model's ``num_frames``); otherwise ``unavailable``.
+
+A CLIP model that cannot be rebuilt from the cache's attrs (:func:`pipeline.features.cache.load_cache_model`:
+its config file or checkpoint moved, or its weights are not on this machine) makes the CLIP metrics
+``unavailable`` with the reason; the others are still written.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import torch
 from ..decoding.video import read_clips
 from ..errors import UserError
 from ..features import clip as clip_models
-from ..features.cache import open_cache
+from ..features.cache import load_cache_model, open_cache
 from ..features.video import VideoSource
 from ..store import write_text
 from .metrics import ssim_each
@@ -137,12 +141,19 @@ def evaluate_video_run(
     flat_gt, flat_rec = gt.reshape(-1, *gt.shape[2:]), rec.reshape(-1, *rec.shape[2:])
     numbers: dict[str, float] = {"SSIM": float(ssim_each(flat_gt, flat_rec).mean()),
                                  "PSNR": float(np.mean(np.minimum(psnr_each(flat_gt, flat_rec), 100.0)))}
-    loaded = clip_models.load_model(store.attrs["model"], store.attrs["pretrained"], device,
-                                    activation=store.attrs.get("activation", "auto"))
-    f_gt, f_rec = frame_features(loaded, gt, device), frame_features(loaded, rec, device)
-    numbers["CLIP-pcc"] = clip_pcc(f_rec)
-    numbers.update(n_way_scores(f_gt, f_rec, n_ways, trials, seed))
     unavailable: dict[str, str] = {}
+    reference: dict[str, float] = {}
+    try:
+        loaded = load_cache_model(store.attrs, device)
+    except UserError as exc:  # the config file or checkpoint moved, weights not on this machine
+        names = ["CLIP-pcc", *(f"CLIP {min(int(n), len(ids))}-way ({level})"
+                               for n in n_ways for level in ("video", "frame"))]
+        unavailable.update(dict.fromkeys(names, f"the cache's CLIP model cannot be rebuilt: {exc}"))
+    else:
+        f_gt, f_rec = frame_features(loaded, gt, device), frame_features(loaded, rec, device)
+        numbers["CLIP-pcc"] = clip_pcc(f_rec)
+        numbers.update(n_way_scores(f_gt, f_rec, n_ways, trials, seed))
+        reference["CLIP-pcc of the ground truth"] = clip_pcc(f_gt)
     found, reason = load_videomae(videomae, device) if videomae else (None, "no VideoMAE model given")
     if found is None:
         for n in n_ways:
@@ -159,9 +170,10 @@ def evaluate_video_run(
         "frames_per_clip": info["frames_per_clip"],
         "size": int(rec.shape[2]),
         "reconstruction": numbers,
-        "reference": {"CLIP-pcc of the ground truth": clip_pcc(f_gt)},
+        "reference": reference,
         "protocol": {
-            "clip_model": f"{store.attrs['model']} / {store.attrs['pretrained']} (the run's cache model)",
+            "clip_model": f"{store.attrs.get('model_source') or store.attrs['model']} / {store.attrs['pretrained']} "
+                          "(the run's cache model)",
             "n_way": f"{trials} draws of n - 1 distractors per clip, seed {seed}; chance = 1 / n",
             "ground_truth": "the test clips' frames from their mp4s at the cache's frame times, centre square",
             "psnr": "data range 1, capped at 100 dB for identical frames",
