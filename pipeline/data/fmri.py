@@ -187,7 +187,7 @@ def prepare_fmri(
         for name, lab in labels.items():
             arr = _create(root, f"voxels/{name}", (n_vox,), np.int32)
             arr[...] = lab
-            arr.attrs["labels"] = {str(k): v for k, v in nsd.roi_labels(subject, name).items()}
+            arr.attrs["labels"] = {str(k): v for k, v in nsd.roi_labels(subject, name).items()}  # marks an ROI
         _create(root, "voxels/ijk", (n_vox, 3), np.int32)[...] = np.argwhere(mask).astype(np.int32)
         _create(root, "voxels/invalid_sessions", (n_vox,), np.int32)[...] = invalid_sessions
 
@@ -218,6 +218,19 @@ def prepare_fmri(
             }
         )
     return out
+
+
+def roi_names(group: zarr.Group) -> list[str]:
+    """The ROI label arrays of an fMRI store: the ``voxels/<name>`` arrays that carry a ``labels``
+    attribute (prepare-fmri's ROI files, prepare-video-fmri's ``hemisphere``), not the per-voxel
+    metadata beside them (``ijk``, ``invalid_sessions``, ``grayordinate``, ``vertex``). In the
+    store's ``rois`` order, then by name."""
+    if "voxels" not in group:
+        return []
+    voxels = group["voxels"]
+    found = [n for n in sorted(voxels.array_keys()) if "labels" in voxels[n].attrs and voxels[n].ndim == 1]
+    listed = [r for r in group.attrs.get("rois", []) if r in found]
+    return listed + [r for r in found if r not in listed]
 
 
 def _create(root: zarr.Group, path: str, shape: tuple[int, ...], dtype: type) -> zarr.Array:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from ..data.fmri import roi_names
 from ..errors import UserError
 from ..features.cache import require_rows
 from ..features.clip import SIZES_SUFFIX
@@ -69,10 +70,10 @@ class Pairs:
         return self.clip[name]
 
     def roi(self, name: str) -> np.ndarray:
-        key = f"voxels/{name}"
-        if key not in self.fmri:
-            raise UserError(f"{self.fmri_path}: no ROI array {key!r} (has {_members(self.fmri, 'voxels')})")
-        return self.fmri[key][...]
+        rois = roi_names(self.fmri)
+        if name not in rois:
+            raise UserError(f"{self.fmri_path}: no ROI array 'voxels/{name}' (has {rois})")
+        return self.fmri[f"voxels/{name}"][...]
 
     @property
     def subject(self) -> int | None:
