@@ -81,7 +81,7 @@ def test_missing_reconstruction_is_one_clear_error(run, demo_root, tmp_path):
 def test_only_label_arrays_are_rois(run):
     import zarr
 
-    from pipeline.data.fmri import roi_names
+    from pipeline.fitting.pairs import roi_names
 
     g = zarr.open_group(json.loads((run / "run.json").read_text())["fmri"], mode="r")
     assert {"ijk", "invalid_sessions"} <= set(g["voxels"].array_keys())

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from ..data.fmri import roi_names
 from ..errors import UserError
 from ..features.cache import open_cache
+from ..fitting.pairs import roi_names
 from ..store import open_existing, take_rows
 from .encoding import average_by_image
 

@@ -220,19 +220,6 @@ def prepare_fmri(
     return out
 
 
-def roi_names(group: zarr.Group) -> list[str]:
-    """The ROI label arrays of an fMRI store: the ``voxels/<name>`` arrays that carry a ``labels``
-    attribute (prepare-fmri's ROI files, prepare-video-fmri's ``hemisphere``), not the per-voxel
-    metadata beside them (``ijk``, ``invalid_sessions``, ``grayordinate``, ``vertex``). In the
-    store's ``rois`` order, then by name."""
-    if "voxels" not in group:
-        return []
-    voxels = group["voxels"]
-    found = [n for n in sorted(voxels.array_keys()) if "labels" in voxels[n].attrs and voxels[n].ndim == 1]
-    listed = [r for r in group.attrs.get("rois", []) if r in found]
-    return listed + [r for r in found if r not in listed]
-
-
 def _create(root: zarr.Group, path: str, shape: tuple[int, ...], dtype: type) -> zarr.Array:
     """An array at ``group/name`` chunked by rows (about 16 MB per chunk) and compressed."""
     group_name, _, name = path.rpartition("/")

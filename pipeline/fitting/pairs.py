@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from ..data.fmri import roi_names
 from ..errors import UserError
 from ..features.cache import require_rows
 from ..features.clip import SIZES_SUFFIX
@@ -78,6 +77,19 @@ class Pairs:
     @property
     def subject(self) -> int | None:
         return self.fmri.attrs.get("subject")
+
+
+def roi_names(group: zarr.Group) -> list[str]:
+    """The ROI label arrays of an fMRI store: the ``voxels/<name>`` arrays that carry a ``labels``
+    attribute (:mod:`pipeline.data.fmri` writes one on every ROI file; prepare-video-fmri's
+    ``hemisphere`` has one too), not the per-voxel metadata beside them (``ijk``,
+    ``invalid_sessions``, ``grayordinate``, ``vertex``). In the store's ``rois`` order, then by name."""
+    if "voxels" not in group:
+        return []
+    voxels = group["voxels"]
+    found = [n for n in sorted(voxels.array_keys()) if "labels" in voxels[n].attrs and voxels[n].ndim == 1]
+    listed = [r for r in group.attrs.get("rois", []) if r in found]
+    return listed + [r for r in found if r not in listed]
 
 
 def _members(group: zarr.Group, path: str) -> list[str]:

@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from ..data.fmri import roi_names
 from ..errors import UserError
 from ..store import open_existing, take_rows
 from .adapters.base import FLOC
 from .adapters.subjects import _labels, subject_key
+from .pairs import roi_names
 
 ALIASES = {"floc": FLOC}
 
@@ -47,7 +47,7 @@ def _select(voxels: Any, rois: Sequence[str], name: str) -> np.ndarray | None:
 
 def dropped_voxels(stores: Mapping[Any, Path], names: Sequence[str]) -> dict[Any, dict[str, np.ndarray]]:
     """Per store, per name, the (V,) mask of voxels that name removes. Only ROI label arrays
-    (:func:`pipeline.data.fmri.roi_names`) are ROIs; a name no store knows as one is an error, raised
+    (:func:`.pairs.roi_names`) are ROIs; a name no store knows as one is an error, raised
     before any scoring."""
     out: dict[Any, dict[str, np.ndarray]] = {}
     known, listed = set(), []
