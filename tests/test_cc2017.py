@@ -172,6 +172,8 @@ def test_bad_inputs_fail_with_one_clear_line(video_root, tmp_path, monkeypatch, 
     result = CliRunner().invoke(app, args + case.args)
     assert result.exit_code == 1, result.output
     assert case.message in result.output and result.output.count("\n") == 1, result.output
+    shown = [line.rpartition("\r")[2] for line in result.output.split("\n")]  # what a terminal keeps
+    assert shown[0].startswith("error: ") and not "".join(shown[1:]).strip(), result.output  # no bar left before it
     assert not (tmp_path / "x.zarr").exists() and not list(tmp_path.glob("x.zarr.tmp-*"))
 
 

@@ -4,6 +4,7 @@ zero-shot category decoding on the demo's planted classes."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import h5py
@@ -291,6 +292,25 @@ def test_unclip_decode_is_deterministic_and_detail_switch_acts(unclip_dir: Path,
     assert np.abs(with_init[:, 0].astype(int) - first[:, 0]).mean() > 1
     assert np.abs(with_init[0].astype(int) - swapped[0]).mean() > 1
     assert np.abs(with_init[1].astype(int) - swapped[1]).max() <= 1  # same init for the middle image
+
+
+def test_unclip_progress_shows_on_a_terminal_only(unclip_dir: Path, unclip_inputs: dict, capsys, monkeypatch):
+    pipe = decode.load_unclip(unclip_dir, local_files_only=True)
+    emb, ids = unclip_inputs["embeds"], unclip_inputs["ids"]
+    kw = dict(steps=3, prompt_embeds=unclip_inputs["prompt"], noise_level=10, batch_size=2)
+    monkeypatch.delenv("CI", raising=False)
+    quiet = decode.unclip_decode(pipe, emb, ids, **kw)  # captured stderr is no terminal
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    shown = decode.unclip_decode(pipe, emb, ids, **kw)
+    err = capsys.readouterr().err
+    assert "unclip" in err and "3/3" in err  # the bar over reconstructions ends at all 3 images
+    assert "denoising steps" in err  # each batch's step bar (diffusers' own), erased when the batch ends
+    np.testing.assert_array_equal(quiet, shown)
+    assert pipe._progress_bar_config == {"disable": True}  # the pipeline's own setting is back
+    monkeypatch.setenv("CI", "true")
+    decode.unclip_decode(pipe, emb[:1], ids[:1], **kw)
+    assert capsys.readouterr().err == ""
 
 
 def test_empty_prompt_goes_through_the_text_encoder(unclip_inputs: dict, tmp_path: Path):

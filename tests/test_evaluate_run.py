@@ -77,6 +77,44 @@ def test_missing_reconstruction_is_one_clear_error(run, demo_root, tmp_path):
     assert not (folder / "metrics.json").exists()
 
 
+
+def test_only_label_arrays_are_rois(run):
+    import zarr
+
+    from pipeline.fitting.pairs import roi_names
+
+    g = zarr.open_group(json.loads((run / "run.json").read_text())["fmri"], mode="r")
+    assert {"ijk", "invalid_sessions"} <= set(g["voxels"].array_keys())
+    assert roi_names(g) == g.attrs["rois"]  # the ROI files prepare-fmri read, in its order
+
+
+@pytest.mark.parametrize("name", ["ijk", "invalid_sessions", "hippocampus", "floc-faces/no-such-label"])
+def test_drop_rois_refuses_what_is_not_an_roi_before_any_work(run, demo_root, tmp_path, name):
+    import zarr
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    folder = _copy(run, tmp_path / "run")
+    sorted((folder / "recon").glob("*.png"))[0].unlink()  # any scoring would now fail on this instead
+    rois = zarr.open_group(json.loads((folder / "run.json").read_text())["fmri"], mode="r").attrs["rois"]
+    result = CliRunner().invoke(app, ["evaluate", "--run", str(folder), "--nsd-root", str(demo_root),
+                                      "--drop-rois", f"prf-visualrois,{name}"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert f"--drop-rois: no ROI {name!r} in the run's stores (ROI files: {', '.join(rois)};" in result.output
+    assert not (folder / "metrics.json").exists()
+
+
+def test_drop_rois_on_a_ridge_run_removes_the_roi_voxels(run, demo_root, tmp_path):
+    import zarr
+
+    folder = _copy(run, tmp_path / "run")
+    g = zarr.open_group(json.loads((folder / "run.json").read_text())["fmri"], mode="r")
+    out = evaluate_run(folder, demo_root, drop_rois=["prf-visualrois", "floc"])
+    floc = np.any([g[f"voxels/{f}"][:] > 0 for f in ("floc-bodies", "floc-faces", "floc-places", "floc-words")], 0)
+    assert out["drop_rois"]["prf-visualrois"]["dropped_voxels"] == int((g["voxels/prf-visualrois"][:] > 0).sum())
+    assert out["drop_rois"]["floc"]["dropped_voxels"] == int(floc.sum()) > 0
+
 def test_unclip_decoder_settings_reach_metrics_json(run, demo_root, tmp_path):
     from test_decode import tiny_text_tower, tiny_unclip
 

@@ -179,6 +179,28 @@ def test_litemind_paper_sizes_have_the_stated_parameter_count():
         assert model(torch.zeros(2, 15724))["layers/24_proj"].shape == (2, 257, 768)
 
 
+
+def test_litemind_predicts_and_contrasts_head_times_std_plus_mean():
+    """The documented departure: the head output is standardised; predictions and the InfoNCE term
+    use ``head * std + mean`` with the training targets' statistics, not the head output itself."""
+    from pipeline.fitting.adapters.litemind import LiteMind, LiteMindConfig
+
+    torch.manual_seed(0)
+    cfg = LiteMindConfig(targets=("image_embeds",), patch_size=8, dims=(8,), depths=(1,), dropout=0.0,
+                         drop_path=0.0, temperature=0.1)
+    model = LiteMind(cfg, 40, {"image_embeds": (6,)}, {"input": np.arange(40)}).eval()
+    scaler = model.scaler("image_embeds")
+    scaler.mean.normal_(0, 3)
+    scaler.std.uniform_(0.5, 4)
+    x, raw_true = torch.randn(5, 40), torch.randn(5, 6)
+    with torch.no_grad():
+        head = model(x)["image_embeds"]
+        mapped = head * scaler.std + scaler.mean
+        torch.testing.assert_close(model.predict_batch(x)["image_embeds"], mapped)
+        nce = model.loss(x, {"image_embeds": raw_true})["nce:image_embeds"]
+    torch.testing.assert_close(nce, info_nce(raw_true, mapped, 0.1, symmetric=False))
+    assert not torch.allclose(nce, info_nce(raw_true, head, 0.1, symmetric=False))
+
 # ---- data -----------------------------------------------------------------------------------------
 def test_dataset_reads_rows_by_image_id_from_zarr_or_numpy(caches):
     fmri, clip = caches

@@ -37,6 +37,22 @@ def test_output_shapes_for_pixels_and_latents():
         Perception(PerceptionConfig(**SMALL), 40, {"frames": (6, 16)}, {"input": np.arange(40)})
 
 
+
+def test_the_docstring_states_the_parameter_counts():
+    """Counted on the meta device (no memory): the defaults at cc2017 subject 1's 13,447 voxels for 6
+    frames of 4 x 28 x 28 latents, and the published expansion (Linear(256, 6 V) + one Linear(V, 4096))."""
+    from pipeline.fitting.adapters import perception
+
+    voxels, frames = 13_447, 6
+    with torch.device("meta"):
+        model = Perception(PerceptionConfig(target="frame_latents"), voxels, {"frame_latents": (frames, 4, 28, 28)},
+                           {"input": np.arange(voxels)})
+        published = [torch.nn.Linear(256, frames * voxels), torch.nn.Linear(voxels, 4096)]
+    n_published = sum(p.numel() for layer in published for p in layer.parameters())
+    doc = " ".join(perception.__doc__.split())
+    for count in (model.n_params, model.parameter_counts()["expand"], n_published):
+        assert f"{count:,}" in doc, count
+
 def test_frames_decode_independently_until_the_temporal_layers_train():
     """The temporal convolutions start at zero: a clip's frames are then decoded from their own vectors."""
     torch.manual_seed(0)

@@ -5,6 +5,7 @@ unCLIP keyframes, and the outputs: mp4s of F frames at the clip frame rate, loss
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import av
@@ -122,6 +123,22 @@ def test_diffusion_decodes_each_clip_on_its_own_seed(animatediff_dirs):
         video.load_animatediff(animatediff_dirs["sd"], local_files_only=True)
     with pytest.raises(UserError, match="local folder not found and not a hub id"):
         video.load_animatediff(animatediff_dirs["sd"] / "nowhere")
+
+
+def test_diffusion_progress_shows_on_a_terminal_only(animatediff_dirs, capsys, monkeypatch):
+    pipe = video.load_animatediff(animatediff_dirs["pipeline"], local_files_only=True)
+    init = np.random.default_rng(4).integers(0, 255, (2, 6, 32, 32, 3), dtype=np.uint8)
+    kw = dict(steps=2, strength=0.5, guidance=1.0)
+    monkeypatch.delenv("CI", raising=False)
+    video.diffusion_decode(pipe, init, [7, 9], **kw)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    video.diffusion_decode(pipe, init, [7, 9], **kw)
+    err = capsys.readouterr().err
+    assert "animatediff" in err and "2/2" in err and "denoising steps" in err
+    monkeypatch.setenv("CI", "true")
+    video.diffusion_decode(pipe, init[:1], [7], **kw)
+    assert capsys.readouterr().err == ""
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ ground truth is the cache's frames, VideoMAE runs with a tiny offline classifier
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -77,18 +78,21 @@ def test_n_way_classification_matches_brute_force():
     assert n_way_top1_classification(gt, rec, 10, trials=30, seed=5) == pytest.approx(hits / (15 * 30))
 
 
-@pytest.fixture(scope="module")
-def perfect_run(video_caches, tmp_path_factory) -> Path:
+def write_perfect_run(run: Path, clip: Path, fmri: Path) -> Path:
     """A decode-video folder whose reconstructions are the ground-truth frames of the 50 test clips."""
-    run = tmp_path_factory.mktemp("perfect")
-    store = zarr.open_group(video_caches["clip"], mode="r")
-    ids = zarr.open_group(video_caches["fmri"], mode="r")["test/clip_ids"][:]
-    (run / "recon_video").mkdir()
+    store = zarr.open_group(clip, mode="r")
+    ids = zarr.open_group(fmri, mode="r")["test/clip_ids"][:]
+    (run / "recon_video").mkdir(parents=True)
     for clip_id in ids:
         video.write_clip(run / "recon_video", int(clip_id), store["frames"][int(clip_id)], 3.0)
-    (run / "decode.json").write_text(json.dumps({"method": "ground truth", "clip": str(video_caches["clip"]),
+    (run / "decode.json").write_text(json.dumps({"method": "ground truth", "clip": str(clip),
                                                  "clip_ids": ids.tolist(), "frames_per_clip": 6}))
     return run
+
+
+@pytest.fixture(scope="module")
+def perfect_run(video_caches, tmp_path_factory) -> Path:
+    return write_perfect_run(tmp_path_factory.mktemp("perfect"), video_caches["clip"], video_caches["fmri"])
 
 
 def test_ground_truth_is_read_from_the_movies(video_caches):
@@ -123,3 +127,32 @@ def test_videomae_classification_with_tiny_offline_weights(perfect_run, tmp_path
     assert out["unavailable"] == {}
     missing = evaluate_video_run(perfect_run, videomae=str(tmp_path / "nowhere"), trials=5)
     assert "not found locally" in missing["unavailable"]["VideoMAE 2-way"]
+
+
+def test_a_cache_made_from_a_config_file_rebuilds_its_model_or_degrades(video_root, video_caches, tmp_path,
+                                                                          monkeypatch):
+    import open_clip
+
+    from pipeline.data.demo_video import DEMO_DESIGN
+    from pipeline.features.clip import MODEL_CONFIG_DIR
+    from pipeline.features.video import extract_video
+
+    config = tmp_path / "configs/tiny-from-file.json"
+    config.parent.mkdir()
+    shutil.copy(MODEL_CONFIG_DIR / "nsd-tiny-vit.json", config)
+    clip = extract_video(video_root, tmp_path / "clip.zarr", design=DEMO_DESIGN, model=str(config), layers="6:proj",
+                         pretrained=str(video_root / "demo/nsd-tiny-vit.safetensors"), frame_size=32, progress=False)
+    attrs = zarr.open_group(clip, mode="r").attrs
+    assert attrs["model"] == "tiny-from-file" and attrs["model_source"] == str(config)
+    monkeypatch.delitem(open_clip.factory._MODEL_CONFIGS, "tiny-from-file")  # as in a new process: name unknown
+    run = write_perfect_run(tmp_path / "run", clip, video_caches["fmri"])
+    out = evaluate_video_run(run, videomae=None, trials=5)
+    assert out["reconstruction"]["CLIP 2-way (video)"] == 1.0 and "CLIP-pcc" in out["reconstruction"]
+
+    config.unlink()  # the config file moved away: the CLIP metrics are unavailable, the rest is written
+    out = evaluate_video_run(run, videomae=None, trials=5)
+    clip_metrics = {"CLIP-pcc", "CLIP 2-way (video)", "CLIP 2-way (frame)", "CLIP 50-way (video)", "CLIP 50-way (frame)"}
+    assert clip_metrics <= set(out["unavailable"]) and not clip_metrics & set(out["reconstruction"])
+    assert "config file not found" in out["unavailable"]["CLIP-pcc"]
+    assert out["reconstruction"]["SSIM"] == pytest.approx(1.0) and out["reconstruction"]["PSNR"] == 100.0
+    assert json.loads((run / "metrics.json").read_text()) == out

@@ -20,6 +20,7 @@ import zarr
 
 from ..errors import UserError
 from ..features.cache import open_cache
+from ..fitting.pairs import roi_names
 from ..store import open_existing, take_rows
 from .encoding import average_by_image
 
@@ -28,7 +29,6 @@ SIZES_SUFFIX = "__sizes"
 """``layers/<name>__sizes``: merged-token sizes written beside ``merge:K`` layers (metadata, not a layer)."""
 FEATURES = ("mean", "cls", "flatten")
 FLOC_PREFIX = "floc-"
-NOT_ROIS = ("ijk", "invalid_sessions")
 SLAB_BYTES = 256 << 20
 """Rows of a layer read at once: bounds memory for all-token caches (ViT-L/14: ~500 rows)."""
 
@@ -114,16 +114,9 @@ def read_trials(group: zarr.Group, path: Path, split: str) -> tuple[np.ndarray, 
 
 
 # ---- ROIs ------------------------------------------------------------------------------------------
-def roi_files(group: zarr.Group) -> list[str]:
-    """ROI files of an fMRI store, in the store's order (``voxels/<roi>`` arrays)."""
-    present = sorted(group["voxels"].array_keys()) if "voxels" in group else []
-    listed = [r for r in group.attrs.get("rois", present) if r in present]
-    return listed + [r for r in present if r not in listed and r not in NOT_ROIS]
-
-
 def select_roi_files(group: zarr.Group, path: Path, wanted: list[str] | None) -> list[str]:
     """``--rois``: ROI file names (``floc`` = every ``floc-*`` file); default all of them."""
-    files = roi_files(group)
+    files = roi_names(group)
     if not files:
         raise UserError(f"{path}: no voxels/<roi> arrays; is it an fMRI cache made by prepare-fmri?")
     if not wanted:

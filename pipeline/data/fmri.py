@@ -187,7 +187,7 @@ def prepare_fmri(
         for name, lab in labels.items():
             arr = row_array(root, f"voxels/{name}", (n_vox,), np.int32)
             arr[...] = lab
-            arr.attrs["labels"] = {str(k): v for k, v in nsd.roi_labels(subject, name).items()}
+            arr.attrs["labels"] = {str(k): v for k, v in nsd.roi_labels(subject, name).items()}  # marks an ROI
         row_array(root, "voxels/ijk", (n_vox, 3), np.int32)[...] = np.argwhere(mask).astype(np.int32)
         row_array(root, "voxels/invalid_sessions", (n_vox,), np.int32)[...] = invalid_sessions
 

@@ -46,10 +46,9 @@ from pathlib import Path
 
 import numpy as np
 import scipy.stats
-from tqdm.auto import tqdm
-
 from .. import __version__
 from ..errors import UserError
+from ..progress import bar as progress_bar
 from ..store import atomic_store
 from .cc2017 import CC2017, Cortex, Design, Run
 from .fmri import row_array
@@ -154,7 +153,6 @@ def prepare_video_fmri(
     cortex: Cortex | None = None
     steps, sources = set(), []
     n_total = sum(s.repeats for s in design.segments)
-    bar = tqdm(total=n_total, desc=f"subject{subject} runs", unit="run", disable=not progress)
 
     def read(segment, repeat) -> np.ndarray:
         nonlocal cortex
@@ -168,18 +166,18 @@ def prepare_video_fmri(
     n_t = design.trs_per_segment
     train_rows: list[np.ndarray] = []
     r = []
-    for seg in train:
-        reps = [read(seg, k) for k in range(1, seg.repeats + 1)]
-        train_rows += reps
-        r.append(np.mean([repeat_correlation(a, b) for i, a in enumerate(reps) for b in reps[i + 1:]], axis=0)
-                 if len(reps) > 1 else np.zeros(reps[0].shape[1]))
     test_means = []
-    for seg in test:
-        total = np.zeros((n_t, len(cortex.rows)), np.float64)
-        for k in range(1, seg.repeats + 1):
-            total += read(seg, k)
-        test_means.append((total / seg.repeats).astype(np.float32))
-    bar.close()
+    with progress_bar(progress, total=n_total, desc=f"subject{subject} runs", unit="run") as bar:  # erased on error
+        for seg in train:
+            reps = [read(seg, k) for k in range(1, seg.repeats + 1)]
+            train_rows += reps
+            r.append(np.mean([repeat_correlation(a, b) for i, a in enumerate(reps) for b in reps[i + 1:]], axis=0)
+                     if len(reps) > 1 else np.zeros(reps[0].shape[1]))
+        for seg in test:
+            total = np.zeros((n_t, len(cortex.rows)), np.float64)
+            for k in range(1, seg.repeats + 1):
+                total += read(seg, k)
+            test_means.append((total / seg.repeats).astype(np.float32))
 
     stats = reproducibility_test(np.stack(r))
     keep = select_voxels(stats["p_value"], select, alpha)

@@ -18,7 +18,9 @@ Two decoders, one output format:
       recon = unclip_decode(pipe, pred_embeds, test_ids, init_images=init, strength=0.85)
 
   Each (image id, sample) pair has its own random generator seeded from (seed, id, sample), so a
-  reconstruction does not depend on the batch size or on which other images are decoded.
+  reconstruction does not depend on the batch size or on which other images are decoded. On a
+  terminal a bar counts the reconstructions and a second one the denoising steps of the batch
+  (:func:`decoding_bars`); nothing is printed under CI or into a log (:func:`pipeline.progress.on_terminal`).
 
 Output on disk (:func:`write_reconstructions`): one PNG per test image named by its 0-based 73k
 id zero-padded to 5 digits, ``recon/01234.png``; extra samples of the same image are
@@ -28,14 +30,15 @@ rows above reconstruction rows.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .. import hub
+from .. import hub, progress
 from ..errors import UserError
 from ..evaluation.metrics import as_float_images
 from ..store import take_rows  # noqa: F401  (part of this module's API)
@@ -220,6 +223,21 @@ def load_unclip(
     return pipe
 
 
+@contextmanager
+def decoding_bars(pipe, enabled: bool | None, total: int, desc: str, unit: str) -> Iterator:
+    """A bar over ``total`` images or clips, with the pipeline's own per-step bar (diffusers'
+    ``progress_bar``) below it for the duration; both on a terminal only when ``enabled`` is None.
+    The pipeline's bar settings are restored afterwards."""
+    enabled = progress.on_terminal() if enabled is None else enabled
+    saved = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(disable=not enabled, leave=False, desc="denoising steps", dynamic_ncols=True)
+    try:
+        with progress.bar(enabled, total=total, desc=desc, unit=unit) as outer:
+            yield outer
+    finally:
+        pipe.set_progress_bar_config(**saved)
+
+
 def embed_dim(pipe) -> int:
     """The CLIP image-embedding size the pipeline's UNet was trained on (768 for -small, 1024 for -h)."""
     return int(pipe.image_normalizer.mean.shape[-1])
@@ -288,7 +306,7 @@ def denoise(
         init = pipe.vae.encode(init_images.to(device, dtype)).latent_dist.mean * pipe.vae.config.scaling_factor
         latents = pipe.scheduler.add_noise(init, noise, timesteps[:1].repeat(b))
     extra = pipe.prepare_extra_step_kwargs(generators, 0.0)
-    for t in timesteps:
+    for t in pipe.progress_bar(timesteps):  # shown as its set_progress_bar_config says
         x = torch.cat([latents] * 2) if cfg else latents
         x = pipe.scheduler.scale_model_input(x, t)
         eps = pipe.unet(x, t, encoder_hidden_states=text, class_labels=cond, return_dict=False)[0]
@@ -318,13 +336,15 @@ def unclip_decode(
     negative_prompt_embeds: torch.Tensor | None = None,
     height: int | None = None,
     width: int | None = None,
+    show_progress: bool | None = None,
 ) -> np.ndarray:
     """Reconstructions (n, samples, H, W, 3) uint8 of predicted ``image_embeds`` (n, D).
 
     ``init_images`` (n, h, w, 3) switches the img2img start on (see the module docstring);
     ``strength`` is the fraction of the ``steps`` that is run from it (1.0 = almost pure noise).
     ``prompt_embeds`` (1, L, C) replaces the text encoder (needed when the pipeline has none);
-    the negative defaults to the same embedding, as an empty prompt gives.
+    the negative defaults to the same embedding, as an empty prompt gives. ``show_progress``: the
+    bars of :func:`decoding_bars` (default: on a terminal only).
     """
     emb = np.asarray(image_embeds, dtype=np.float32)
     n = len(image_ids)
@@ -355,19 +375,21 @@ def unclip_decode(
 
     jobs = [(i, k) for i in range(n) for k in range(samples)]
     out: list[np.ndarray] = []
-    for start in range(0, len(jobs), batch_size):
-        batch = jobs[start : start + batch_size]
-        rows = [i for i, _ in batch]
-        images = denoise(
-            pipe,
-            torch.from_numpy(emb[rows]),
-            prompt_embeds.expand(len(batch), -1, -1),
-            negative_prompt_embeds.expand(len(batch), -1, -1),
-            [sample_generator(seed, image_ids[i], k) for i, k in batch],
-            steps=steps, guidance=guidance, noise_level=noise_level,
-            init_images=None if init is None else init[rows], strength=strength, height=height, width=width,
-        )
-        out.append(to_uint8(images))
+    with decoding_bars(pipe, show_progress, len(jobs), "unclip", "img") as bar:
+        for start in range(0, len(jobs), batch_size):
+            batch = jobs[start : start + batch_size]
+            rows = [i for i, _ in batch]
+            images = denoise(
+                pipe,
+                torch.from_numpy(emb[rows]),
+                prompt_embeds.expand(len(batch), -1, -1),
+                negative_prompt_embeds.expand(len(batch), -1, -1),
+                [sample_generator(seed, image_ids[i], k) for i, k in batch],
+                steps=steps, guidance=guidance, noise_level=noise_level,
+                init_images=None if init is None else init[rows], strength=strength, height=height, width=width,
+            )
+            out.append(to_uint8(images))
+            bar.update(len(batch))
     result = np.concatenate(out)
     return result.reshape(n, samples, *result.shape[1:])
 

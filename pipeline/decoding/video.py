@@ -17,7 +17,8 @@ perception branch's predicted ``frames``, or ``frame_latents`` decoded by the ca
   a first-frame RGB condition), the blurry video's latents as the start and a BLIP-2 caption of the
   keyframe as the prompt; here the prompt is ``prompt`` (empty by default) and there is no
   SparseCtrl branch. Each clip has its own generator seeded from (seed, clip id), so a clip's video
-  does not depend on which other clips are decoded.
+  does not depend on which other clips are decoded. On a terminal a bar counts the clips and the
+  pipeline's own bar the denoising steps (:func:`pipeline.decoding.decode.decoding_bars`).
 
 Output (:func:`write_clip`): ``<clip id, 5 digits>.mp4`` at the clips' frame rate (F frames =
 one TR) and ``<clip id>.png``, a contact sheet of the F frames side by side with no gaps, which
@@ -38,7 +39,7 @@ from .. import hub
 from ..errors import UserError
 from ..store import take_rows
 from ..videoio import square, write_mp4
-from .decode import nearest_rows, sample_generator, to_uint8
+from .decode import decoding_bars, nearest_rows, sample_generator, to_uint8
 
 ID_WIDTH = 5
 
@@ -136,8 +137,10 @@ def load_animatediff(model: str | Path, motion_adapter: str | Path | None = None
 
 
 def diffusion_decode(pipe, init: np.ndarray, clip_ids: Sequence[int], *, steps: int = 25, strength: float = 0.6,
-                     guidance: float = 7.5, prompt: str = "", seed: int = 0) -> np.ndarray:
-    """(n, F, S, S, 3) uint8 videos denoised by ``pipe`` from the ``init`` videos (n, F, S, S, 3) at ``strength``."""
+                     guidance: float = 7.5, prompt: str = "", seed: int = 0,
+                     show_progress: bool | None = None) -> np.ndarray:
+    """(n, F, S, S, 3) uint8 videos denoised by ``pipe`` from the ``init`` videos (n, F, S, S, 3) at
+    ``strength``; ``show_progress``: bars per clip and per step (default: on a terminal only)."""
     init = np.asarray(init)
     if init.ndim != 5 or init.shape[-1] != 3 or len(init) != len(clip_ids):
         raise UserError(f"diffusion: expected ({len(clip_ids)}, frames, S, S, 3) init videos, got {init.shape}")
@@ -149,13 +152,15 @@ def diffusion_decode(pipe, init: np.ndarray, clip_ids: Sequence[int], *, steps: 
     if pipe.tokenizer is None or pipe.text_encoder is None:
         raise UserError("the video model has no tokenizer/text encoder to encode the prompt with")
     out = []
-    for video, clip_id in zip(init, clip_ids):
-        frames = pipe(
-            video=[[Image.fromarray(f) for f in video]], prompt=prompt, height=size, width=size,
-            num_inference_steps=steps, strength=strength, guidance_scale=guidance, output_type="np",
-            generator=sample_generator(seed, int(clip_id), 0),
-        ).frames
-        out.append(to_uint8(np.asarray(frames)[0]))
+    with decoding_bars(pipe, show_progress, len(init), "animatediff", "clip") as bar:
+        for video, clip_id in zip(init, clip_ids):
+            frames = pipe(
+                video=[[Image.fromarray(f) for f in video]], prompt=prompt, height=size, width=size,
+                num_inference_steps=steps, strength=strength, guidance_scale=guidance, output_type="np",
+                generator=sample_generator(seed, int(clip_id), 0),
+            ).frames
+            out.append(to_uint8(np.asarray(frames)[0]))
+            bar.update(1)
     return np.stack(out)
 
 

@@ -41,7 +41,7 @@ from ..decoding import decode
 from ..decoding.run import open_run
 from ..device import resolve_device
 from ..errors import UserError
-from ..features.cache import open_cache
+from ..features.cache import load_cache_model, open_cache
 from ..store import LazyRows, write_text
 from . import baselines, intervals, metrics
 
@@ -184,7 +184,6 @@ def brainclip_tasks(preds: zarr.Group, info: dict, nsd: NSD, test_ids: np.ndarra
     from predicted ``image_embeds`` (all test images and categories; and, when the run held
     categories out at fit time, BrainCLIP's held-out protocol), and fMRI->text retrieval from
     predicted ``text_embeds``."""
-    from ..features import clip as clip_models
     from .zeroshot import caption_targets, class_embeddings, coco_categories, zero_shot_accuracy
 
     out: dict[str, Any] = {}
@@ -195,8 +194,7 @@ def brainclip_tasks(preds: zarr.Group, info: dict, nsd: NSD, test_ids: np.ndarra
     if "test/image_embeds" in preds:
         try:
             names, labels = coco_categories(nsd, test_ids)
-            loaded = clip_models.load_model(store.attrs["model"], store.attrs["pretrained"], device,
-                                            activation=store.attrs.get("activation", "auto"))
+            loaded = load_cache_model(store.attrs, device)
         except UserError as exc:  # no COCO instances files, no stim info, no CLIP weights
             out["zero_shot"] = {"unavailable": str(exc)}
         else:

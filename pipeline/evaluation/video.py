@@ -22,6 +22,10 @@ Protocol (MinD-Video / NeuroClips on cc2017; functions in :mod:`.video_metrics`)
 
 ``ci95`` gives each number's 95 % bootstrap interval over test clips (n-way statistics recomputed
 in the resampled set, as the exact expectation over distractor draws; :mod:`.intervals`).
+
+A CLIP model that cannot be rebuilt from the cache's attrs (:func:`pipeline.features.cache.load_cache_model`:
+its config file or checkpoint moved, or its weights are not on this machine) makes the CLIP metrics
+``unavailable`` with the reason; the others are still written.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from ..decoding.video import read_clips
 from ..device import resolve_device
 from ..errors import UserError
 from ..features import clip as clip_models
-from ..features.cache import open_cache
+from ..features.cache import load_cache_model, open_cache
 from ..features.video import VideoSource
 from ..store import write_text
 from . import bootstrap, intervals
@@ -159,13 +163,20 @@ def evaluate_video_run(
     numbers: dict[str, float] = {"SSIM": float(ssim_frames.mean()), "PSNR": float(np.mean(psnr_frames))}
     per_clip: intervals.PerImage = {"SSIM": {"scores": ssim_frames.reshape(len(ids), -1).mean(1)},
                                     "PSNR": {"scores": psnr_frames.reshape(len(ids), -1).mean(1)}}
-    loaded = clip_models.load_model(store.attrs["model"], store.attrs["pretrained"], device,
-                                    activation=store.attrs.get("activation", "auto"))
-    f_gt, f_rec = frame_features(loaded, gt, device), frame_features(loaded, rec, device)
-    numbers["CLIP-pcc"] = clip_pcc(f_rec)
-    per_clip["CLIP-pcc"] = {"scores": np.array([clip_pcc(f_rec[k : k + 1]) for k in range(len(ids))])}
-    numbers.update(n_way_scores(f_gt, f_rec, n_ways, trials, seed, per_clip))
     unavailable: dict[str, str] = {}
+    reference: dict[str, float] = {}
+    try:
+        loaded = load_cache_model(store.attrs, device)
+    except UserError as exc:  # the config file or checkpoint moved, weights not on this machine
+        names = ["CLIP-pcc", *(f"CLIP {min(int(n), len(ids))}-way ({level})"
+                               for n in n_ways for level in ("video", "frame"))]
+        unavailable.update(dict.fromkeys(names, f"the cache's CLIP model cannot be rebuilt: {exc}"))
+    else:
+        f_gt, f_rec = frame_features(loaded, gt, device), frame_features(loaded, rec, device)
+        numbers["CLIP-pcc"] = clip_pcc(f_rec)
+        per_clip["CLIP-pcc"] = {"scores": np.array([clip_pcc(f_rec[k : k + 1]) for k in range(len(ids))])}
+        numbers.update(n_way_scores(f_gt, f_rec, n_ways, trials, seed, per_clip))
+        reference["CLIP-pcc of the ground truth"] = clip_pcc(f_gt)
     found, reason = load_videomae(videomae, device) if videomae else (None, "no VideoMAE model given")
     if found is None:
         for n in n_ways:
@@ -186,9 +197,10 @@ def evaluate_video_run(
         "reconstruction": numbers,
         "ci95": {"reconstruction": ci95},
         "bootstrap": record,
-        "reference": {"CLIP-pcc of the ground truth": clip_pcc(f_gt)},
+        "reference": reference,
         "protocol": {
-            "clip_model": f"{store.attrs['model']} / {store.attrs['pretrained']} (the run's cache model)",
+            "clip_model": f"{store.attrs.get('model_source') or store.attrs['model']} / {store.attrs['pretrained']} "
+                          "(the run's cache model)",
             "n_way": f"{trials} draws of n - 1 distractors per clip, seed {seed}; chance = 1 / n",
             "ground_truth": "the test clips' frames from their mp4s at the cache's frame times, centre square",
             "psnr": "data range 1, capped at 100 dB for identical frames",

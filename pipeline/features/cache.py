@@ -189,7 +189,8 @@ def fill_command(group: zarr.Group, path: Path | str, first: int, last: int) -> 
         return str(first) if layer["aggregate"] is None else f"{first}-{last}:{layer['aggregate']}"
 
     args = {
-        "--stimuli": attrs["source"]["path"], "--out": str(path), "--model": attrs["model"],
+        "--stimuli": attrs["source"]["path"], "--out": str(path),
+        "--model": attrs.get("model_source") or attrs["model"],
         "--pretrained": attrs["pretrained"], "--activation": settings["activation"],
         "--layers": ",".join(spec(v) for v in attrs["layers"].values()), "--tokens": settings["tokens"],
         "--dtype": settings["dtype"], "--shard-rows": settings["shard_rows"],
@@ -197,6 +198,15 @@ def fill_command(group: zarr.Group, path: Path | str, first: int, last: int) -> 
     }
     words = ["python", "cli.py", "extract-clip"] + [w for k, v in args.items() for w in (k, shlex.quote(str(v)))]
     return " ".join(words + ["--captions" if settings["captions"] else "--no-captions"])
+
+
+def load_cache_model(attrs, device: str) -> clip.LoadedModel:
+    """The CLIP model a cache was made with, rebuilt from its attrs: ``model_source`` (the ``--model``
+    given: a name or a config JSON's path), ``pretrained`` (a tag or the checkpoint's path as given)
+    and the activation. Caches made before ``model_source`` was recorded have only the model's name,
+    which does not rebuild a model from a config file. Raises :class:`UserError` when it cannot load."""
+    return clip.load_model(attrs.get("model_source") or attrs["model"], attrs["pretrained"], device,
+                           activation=attrs.get("activation", "auto"))
 
 
 def require_rows(group: zarr.Group, path: Path | str, rows: Sequence[int] | np.ndarray | None = None) -> None:

@@ -352,6 +352,7 @@ def model_attrs(st: Setup, layout: dict) -> dict:
     loaded = st.loaded
     return {
         "model": loaded.name,
+        "model_source": st.model,  # as given: a config JSON's path rebuilds the model, its stem ("model") does not
         "pretrained": loaded.pretrained,
         "open_clip_model": loaded.architecture.name,
         "activation": loaded.architecture.activation,

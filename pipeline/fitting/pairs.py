@@ -69,14 +69,27 @@ class Pairs:
         return self.clip[name]
 
     def roi(self, name: str) -> np.ndarray:
-        key = f"voxels/{name}"
-        if key not in self.fmri:
-            raise UserError(f"{self.fmri_path}: no ROI array {key!r} (has {_members(self.fmri, 'voxels')})")
-        return self.fmri[key][...]
+        rois = roi_names(self.fmri)
+        if name not in rois:
+            raise UserError(f"{self.fmri_path}: no ROI array 'voxels/{name}' (has {rois})")
+        return self.fmri[f"voxels/{name}"][...]
 
     @property
     def subject(self) -> int | None:
         return self.fmri.attrs.get("subject")
+
+
+def roi_names(group: zarr.Group) -> list[str]:
+    """The ROI label arrays of an fMRI store: the ``voxels/<name>`` arrays that carry a ``labels``
+    attribute (:mod:`pipeline.data.fmri` writes one on every ROI file; prepare-video-fmri's
+    ``hemisphere`` has one too), not the per-voxel metadata beside them (``ijk``,
+    ``invalid_sessions``, ``grayordinate``, ``vertex``). In the store's ``rois`` order, then by name."""
+    if "voxels" not in group:
+        return []
+    voxels = group["voxels"]
+    found = [n for n in sorted(voxels.array_keys()) if "labels" in voxels[n].attrs and voxels[n].ndim == 1]
+    listed = [r for r in group.attrs.get("rois", []) if r in found]
+    return listed + [r for r in found if r not in listed]
 
 
 def _members(group: zarr.Group, path: str) -> list[str]:

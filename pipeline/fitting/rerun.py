@@ -4,7 +4,8 @@ Removing an ROI zeroes its voxels in the (z-scored) test betas, i.e. sets them t
 a multi-subject model every unit (ROI token or voxel group) left without voxels reads its learned
 missing token (:mod:`.adapters.subjects`), which training with ``roi_dropout`` taught it to decode
 without. Names: an ROI file of the store (``floc-faces``, ``prf-visualrois``), one label of a file
-(``floc-faces/FFA-1``), or ``floc`` (every ``floc-*`` file).
+(``floc-faces/FFA-1``), or ``floc`` (every ``floc-*`` file); the per-voxel metadata beside the ROI
+files (``voxels/ijk``, ``voxels/invalid_sessions``) is not an ROI.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ..errors import UserError
 from ..store import open_existing, take_rows
 from .adapters.base import FLOC
 from .adapters.subjects import _labels, subject_key
+from .pairs import roi_names
 
 ALIASES = {"floc": FLOC}
 
@@ -31,11 +33,10 @@ def run_stores(info: Mapping[str, Any]) -> dict[str | None, Path]:
     return {None: Path(info["fmri"])}
 
 
-def _select(voxels: Any, name: str) -> np.ndarray | None:
-    """Voxels of ``name`` in one store's ``voxels/`` group (None: the store does not know it)."""
+def _select(voxels: Any, rois: Sequence[str], name: str) -> np.ndarray | None:
+    """Voxels of ``name`` among one store's ROI arrays ``rois`` (None: the store does not know it)."""
     file, _, label = name.partition("/")
-    files = ALIASES.get(name, (file,))
-    present = [f for f in files if f in voxels]
+    present = [f for f in ALIASES.get(name, (file,)) if f in rois]
     if not present:
         return None
     if label:
@@ -45,26 +46,26 @@ def _select(voxels: Any, name: str) -> np.ndarray | None:
 
 
 def dropped_voxels(stores: Mapping[Any, Path], names: Sequence[str]) -> dict[Any, dict[str, np.ndarray]]:
-    """Per store, per name, the (V,) mask of voxels that name removes; a name no store knows is an error."""
+    """Per store, per name, the (V,) mask of voxels that name removes. Only ROI label arrays
+    (:func:`.pairs.roi_names`) are ROIs; a name no store knows as one is an error, raised
+    before any scoring."""
     out: dict[Any, dict[str, np.ndarray]] = {}
-    known = set()
+    known, listed = set(), []
     for key, path in stores.items():
         g = open_existing(path, "fMRI cache of the run")
-        voxels = g["voxels"] if "voxels" in g else {}
+        rois = roi_names(g)
+        listed += [r for r in rois if r not in listed]
         n = g["test/betas"].shape[1]
         out[key] = {}
         for name in names:
-            sel = _select(voxels, name)
+            sel = _select(g["voxels"], rois, name) if rois else None
             if sel is not None:
                 known.add(name)
             out[key][name] = np.zeros(n, bool) if sel is None else sel
     unknown = [n for n in names if n not in known]
     if unknown:
-        path = next(iter(stores.values()))
-        g = open_existing(path, "fMRI cache of the run")
-        files = sorted(g["voxels"].array_keys()) if "voxels" in g else []
-        raise UserError(f"--drop-rois: no ROI {unknown[0]!r} in the run's stores (ROI files: {', '.join(files)}; "
-                        f"also 'floc' and '<file>/<label>')")
+        raise UserError(f"--drop-rois: no ROI {unknown[0]!r} in the run's stores (ROI files: "
+                        f"{', '.join(listed) or 'none'}; also 'floc' and '<file>/<label>')")
     return out
 
 

@@ -1,5 +1,6 @@
-"""Lite-Mind's DFT backbone (Gong et al., arXiv 2312.03781, ACM MM 2024), as in its public code
-(github gongzix/Lite-Mind, ``src/dft_backbone.py``, ``src/engine.py``, ``src/train_litemind.py``).
+"""Lite-Mind's DFT backbone (Gong et al., arXiv 2312.03781, ACM MM 2024) after its public code
+(github gongzix/Lite-Mind, ``src/dft_backbone.py``, ``src/engine.py``, ``src/train_litemind.py``),
+with the departures listed at the end.
 
 Backbone. The input voxels (every ``nsdgeneral`` voxel by default) are cut into ``patch_size``-voxel
 patches by a Conv1d (kernel = stride = patch size, no padding: ``floor(V / patch_size)`` patches, the
@@ -29,11 +30,19 @@ which needs the last stage width ``dims[-1] == T`` (257 for ViT-L/14 all tokens)
 Linear(dims[-1], T) comes first (our addition). A vector target (D,) uses the published class-token
 variant (``cls_only``): mean over patches, then Linear(dims[-1], D).
 
+Output. Unlike the published module, whose head output is the prediction, every head here
+predicts the *standardised* target: the prediction is ``head * std + mean`` with the per-element
+mean and std of the training targets (buffers of :class:`.base.Standardizer`, applied by
+:meth:`.base.Adapter.predict_batch`), and the InfoNCE term below sees that mapped value. With the
+published weights copied in, the predictions therefore differ from the published module's output
+(unless every target element has mean 0 and std 1) and equal it only after the same affine map.
+
 Loss (``engine.py``): one-directional InfoNCE with a fixed logit scale e^8 (``temperature = e^-8``)
-on the flattened, L2-normalised raw CLIP targets and predictions, in the published direction: the
-code calls ``ContrastiveLoss(targets, outputs)``, so the softmax runs over predictions for each
-CLIP target row (``direction="target_to_brain"``; ``brain_to_target`` or ``symmetric`` on request).
-An MSE in standardised units (``w_mse``, default 0 = published) can anchor the scale.
+on the flattened, L2-normalised raw CLIP targets and predictions (``head * std + mean``, above), in
+the published direction: the code calls ``ContrastiveLoss(targets, outputs)``, so the softmax runs
+over predictions for each CLIP target row (``direction="target_to_brain"``; ``brain_to_target`` or
+``symmetric`` on request). An MSE in standardised units (``w_mse``, default 0 = published) can
+anchor the scale.
 
 Defaults are the paper's NSD configuration (``train_litemind.py``): ``patch_size=450,
 dims=(512, 256, 128, 257), depths=(2, 10, 2, 4), mlp_ratio=4, dropout=0.1, drop_path=0.15,
@@ -45,9 +54,11 @@ through ``einsum('bijd,dd->bijd')``, and an unused ``embeddings`` vector per blo
 is the same. :meth:`LiteMind.parameter_counts` breaks the count down.
 
 Departures, on purpose: the per-channel frequency weights are stored as vectors (above); ``irfft``
-is given ``n=N`` (the published call omits it, which breaks for an odd number of patches); targets
-are standardised for the optional MSE only; several targets share one backbone (the published
-model has one head). The demo's small widths live in params.yaml.
+is given ``n=N`` (the published call omits it, which breaks for an odd number of patches); the
+heads' output is mapped back through the training targets' mean and std (Output, above), so the
+initial prediction is the mean target instead of about 0 and the learned function differs from the
+published one; several targets share one backbone (the published model has one head). The demo's
+small widths live in params.yaml.
 """
 
 from __future__ import annotations

@@ -2,10 +2,17 @@
 
 After the published code (github gongzix/NeuroClips ``src/Perception.py``, ``src/train_PR.py``):
 
-1. *Inception extension*: the TR's voxels -> ``Linear(V, width)``, GELU, dropout -> one vector per
-   frame (published: an MLP back to V x F voxels, then a per-frame ridge ``Linear(V, hidden)``);
-2. per frame, ``depth`` residual MLP-mixer blocks ``x + MLP(LayerNorm(x))`` of width ``hidden``
-   (published: 4 blocks of 4096);
+1. *Inception extension*: the TR's voxels -> ``Linear(V, width)``, GELU, dropout, then
+   ``Linear(width, F x hidden)``, GELU, dropout -> one ``hidden`` vector per frame (published:
+   ``Linear(V, 256)`` then ``Linear(256, F x V)`` back to F voxel vectors, then one ``Linear(V, 4096)``
+   shared by all F frames);
+2. per frame, ``depth`` residual MLP blocks ``x + MLP(LayerNorm(x))`` of width ``hidden``. These are
+   live layers and our addition: the published code has 4 mixer blocks of width 4096 (and one of
+   width 256 in the extension), but at its sequence length 1 they do nothing. Their channel-mixing
+   half normalises an axis of length 1 (LayerNorm's output is its bias, a constant) and each block
+   adds it to the residual of the block *input*, so the token-mixing MLP's output never reaches the
+   block's output: the published stack is the identity plus one learned scalar (re-randomising the
+   token-mixing weights changes the output by exactly 0);
 3. ``Linear(hidden, C0 * g * g)``, dropout 0.3, GroupNorm, then an upsampling decoder of
    ``channels`` (one residual conv, a temporal conv and 2x upsampling per step; published:
    ``DecoderVideo``, diffusers' VAE decoder blocks [128, 64, 32] with temporal attention) to the
@@ -17,14 +24,20 @@ Loss: L1 to the target (published: L1 on the VAE latents ``mode() * 0.18215``), 
 standardised target units (per-element mean/std of the training targets, see :mod:`.base`), so
 pixels and latents train alike; ``loss: mse`` on request.
 
-Departures, on purpose: the published V x F expansion followed by a per-frame V -> 4096 ridge
-(2 x V x F x 4096 parameters: 660M for 13,447 voxels) is folded into one ``Linear(width, F x
-hidden)``; the decoder's temporal layers are 1-D convolutions over the F frames of a clip at each
-pixel (the published temporal attention runs over every frame of a *batch*, across clips, because
-its ``time`` argument is the batch's frame count); no ConvNeXt contrastive term (0.1 x soft-CLIP on
-ConvNeXt-XL features of the frames: its weights are not part of this project); the published
-checkpoint is selected on test-set PixCorr, here on the validation split of the training rows.
-Defaults are small (a few million parameters); params.yaml sets the demo's.
+Sizes. The published expansion, ``Linear(256, F x V)`` plus the shared ``Linear(V, 4096)``, has
+75,818,282 parameters at subject 1's 13,447 voxels and F = 6; here it is ``Linear(width, F x
+hidden)``, 1,579,008 parameters with the defaults. The defaults build 19,975,396 parameters at
+13,447 voxels for 6 frames of 4 x 28 x 28 latents (:meth:`Perception.parameter_counts` breaks it
+down; most of it is the extension's input layer, the mixers and the grid projection); params.yaml
+sets the demo's smaller sizes.
+
+Departures, on purpose: the expansion to F voxel vectors and the shared ridge are folded into one
+``Linear(width, F x hidden)`` (above); the mixers are live residual blocks (above); the decoder's
+temporal layers are 1-D convolutions over the F frames of a clip at each pixel (the published
+temporal attention runs over every frame of a *batch*, across clips, because its ``time`` argument
+is the batch's frame count); no ConvNeXt contrastive term (0.1 x soft-CLIP on ConvNeXt-XL features
+of the frames: its weights are not part of this project); the published checkpoint is selected on
+test-set PixCorr, here on the validation split of the training rows.
 """
 
 from __future__ import annotations
@@ -54,7 +67,7 @@ class PerceptionConfig:
     rois: tuple[str, ...] | None = None  # input voxels; None: all of the cache's voxels
     width: int = 256  # the Inception extension's width (published 256)
     hidden: int = 1024  # per-frame width of the mixer (published 4096)
-    depth: int = 4  # mixer blocks (published 4)
+    depth: int = 4  # live residual MLP blocks (published: 4 mixer blocks, inert at sequence length 1)
     channels: tuple[int, ...] = (128, 64, 32)  # decoder widths, first at the coarsest grid (published)
     dropout: float = 0.15
     head_dropout: float = 0.3
