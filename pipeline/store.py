@@ -280,7 +280,7 @@ def _zarr_rows(array, rows: np.ndarray, stats: ReadStats | None = None, out=None
                 block = array[lo:hi]
             except Exception as exc:  # zarr raises several types for a torn shard (checksum, blosc, short read)
                 raise UserError(f"{_where(array)}: rows {lo}..{hi - 1} cannot be read, the store is damaged "
-                                f"({type(exc).__name__}: {exc}); rebuild it") from None
+                                f"({type(exc).__name__}: {exc}); re-create it") from None
             out[a:b] = block if per_chunk == 1 else block[rows[a:b] - lo]
             if stats is not None:
                 stats.add(-(-(hi - lo) // per_chunk) * chunk_bytes)
@@ -294,7 +294,8 @@ def _zarr_rows(array, rows: np.ndarray, stats: ReadStats | None = None, out=None
 
 
 def _where(array: zarr.Array) -> str:
-    return str(getattr(array, "store_path", "")) or f"array {getattr(array, 'name', '')}"
+    """The array's location for an error line: ``/path/store.zarr/layers/x`` for a local store."""
+    return str(getattr(array, "store_path", "")).removeprefix("file://") or f"array {getattr(array, 'name', '')}"
 
 
 def _require_shard(array: zarr.Array, shard: int) -> None:
@@ -304,7 +305,7 @@ def _require_shard(array: zarr.Array, shard: int) -> None:
     if not sync(array.store.exists(f"{array.path}/{key}".lstrip("/"))):
         raise UserError(f"{_where(array)}: shard file {key} (rows {shard * array.shards[0]}.."
                         f"{min((shard + 1) * array.shards[0], array.shape[0]) - 1}) is missing; the store is "
-                        "damaged or incomplete: rebuild it")
+                        "damaged or incomplete: re-create it")
 
 
 class LazyRows:
