@@ -17,7 +17,10 @@ from pathlib import Path
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
+from zarr.abc.store import ByteRequest, Store, SuffixByteRequest
+from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.core.sync import sync
+from zarr.storage import WrapperStore
 
 from .errors import UserError
 
@@ -262,6 +265,8 @@ def _zarr_rows(array, rows: np.ndarray, stats: ReadStats | None = None, out=None
         return out
     per_chunk = int(array.chunks[0])
     shards = getattr(array, "shards", None)
+    if shards and isinstance(array, zarr.Array):
+        array = zarr.open_array(_IndexCache(array.store), path=array.path, mode="r")
     per_shard = int(shards[0]) if shards else per_chunk
     chunk_bytes = per_chunk * row_bytes(array)
     chunks = rows // per_chunk
@@ -291,6 +296,25 @@ def _zarr_rows(array, rows: np.ndarray, stats: ReadStats | None = None, out=None
         with ThreadPoolExecutor(min(READ_THREADS, len(by_shard)), thread_name_prefix="take-rows") as pool:
             list(pool.map(read_shard, by_shard))  # re-raises the first failure
     return out
+
+
+class _IndexCache(WrapperStore):
+    """A view of a store that keeps the shard indexes it fetched (read at the end of each shard
+    file), so the slices of one shard read its index once, not once per slice."""
+
+    def __init__(self, store: Store, cache: dict | None = None) -> None:
+        super().__init__(store)
+        self.cache = {} if cache is None else cache
+
+    def _with_store(self, store: Store) -> _IndexCache:
+        return type(self)(store, self.cache)
+
+    async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
+        if not isinstance(byte_range, SuffixByteRequest):
+            return await self._store.get(key, prototype, byte_range)
+        if (key, byte_range.suffix) not in self.cache:
+            self.cache[key, byte_range.suffix] = await self._store.get(key, prototype, byte_range)
+        return self.cache[key, byte_range.suffix]
 
 
 def _where(array: zarr.Array) -> str:
