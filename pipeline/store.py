@@ -234,7 +234,7 @@ READ_THREADS = 8
 """Shards read at once by :func:`take_rows` (file reads and blosc release the GIL)."""
 
 
-def read_slices(chunks: np.ndarray, chunk_rows: int, shard_rows: int, window: int) -> np.ndarray:
+def _read_slices(chunks: np.ndarray, chunk_rows: int, shard_rows: int, window: int) -> np.ndarray:
     """Where to cut sorted touched chunk indices ``chunks`` into slices: the first index of each.
 
     A slice is a run of consecutive chunks, within one shard, at most ``window`` chunks long, so
@@ -270,7 +270,7 @@ def _zarr_rows(array, rows: np.ndarray, stats: ReadStats | None = None, out=None
     per_shard = int(shards[0]) if shards else per_chunk
     chunk_bytes = per_chunk * row_bytes(array)
     chunks = rows // per_chunk
-    cuts = read_slices(chunks, per_chunk, per_shard, max(1, slab_bytes // chunk_bytes))
+    cuts = _read_slices(chunks, per_chunk, per_shard, max(1, slab_bytes // chunk_bytes))
     bounds = list(zip(cuts.tolist(), np.r_[cuts[1:], len(rows)].tolist()))
     by_shard: dict[int, list[tuple[int, int]]] = {}
     for a, b in bounds:
@@ -285,7 +285,7 @@ def _zarr_rows(array, rows: np.ndarray, stats: ReadStats | None = None, out=None
                 block = array[lo:hi]
             except Exception as exc:  # zarr raises several types for a torn shard (checksum, blosc, short read)
                 raise UserError(f"{_where(array)}: rows {lo}..{hi - 1} cannot be read, the store is damaged "
-                                f"({type(exc).__name__}: {exc}); re-create it") from None
+                                f"({type(exc).__name__}: {' '.join(str(exc).split())}); re-create it") from None
             out[a:b] = block if per_chunk == 1 else block[rows[a:b] - lo]
             if stats is not None:
                 stats.add(-(-(hi - lo) // per_chunk) * chunk_bytes)
@@ -323,8 +323,9 @@ def _where(array: zarr.Array) -> str:
 
 
 def _require_shard(array: zarr.Array, shard: int) -> None:
-    """A missing shard file reads as zeros in zarr: refuse it (the project's writers write every
-    shard whole, and readers are refused unfinished shards before they read)."""
+    """A missing shard file reads as zeros in zarr: refuse it. extract-clip writes every shard whole
+    (zarr skips only a shard that is all zeros, which no CLIP feature shard is) and stage 2 refuses
+    unfinished shards before it reads (:func:`pipeline.features.cache.require_rows`)."""
     key = array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
     if not sync(array.store.exists(f"{array.path}/{key}".lstrip("/"))):
         raise UserError(f"{_where(array)}: shard file {key} (rows {shard * array.shards[0]}.."
