@@ -16,7 +16,8 @@ fed four ways, on the same device:
   architecture) for the same targets, then the same step.
 
 Each variant runs one untimed warm-up step, then ``--steps`` (``--clip-steps`` for CLIP) timed
-steps. ``decoded_mb_per_epoch`` is what one epoch decodes from the stores: counted by the bank for the
+steps. ``decoded_mb_per_epoch`` is what one epoch decodes from the stores: measured by the bank's reads
+(:class:`pipeline.store.ReadStats`, with ``read_amplification`` = decoded / needed bytes) for the
 cache paths, computed from the chunk layout for lazy reads, also at full NSD subject scale (27,000
 training trials of 9,000 images among 73,000). Random weights and values: only timings and bytes
 mean anything.
@@ -55,7 +56,7 @@ from pipeline.data.fmri import beta_chunk_rows, row_array  # noqa: E402  (prepar
 from pipeline.features import clip as clip_lib  # noqa: E402
 from pipeline.features.cache import DONE, ArraySpec, create_store, default_chunk_rows  # noqa: E402
 from pipeline.fitting.adapters.base import FLOC  # noqa: E402
-from pipeline.fitting.data import CacheDataset, TargetBank, decoded_bytes, iter_batches  # noqa: E402
+from pipeline.fitting.data import CacheDataset, TargetBank, iter_batches  # noqa: E402
 from pipeline.fitting.models import build_adapter  # noqa: E402
 from pipeline.fitting.train import resolve_device, step_runner  # noqa: E402
 from pipeline.store import atomic_store, take_rows  # noqa: E402
@@ -262,6 +263,7 @@ def main() -> None:
         t0 = time.perf_counter()
         memory = CacheDataset.from_stores(fmri, clip, [detail, SEMANTIC], progress=True)
         load = {"seconds": round(time.perf_counter() - t0, 2), "decoded_mb": round(memory.bank.decoded / 1e6, 1),
+                "read_amplification": memory.bank.reads.summary()["read_amplification"],
                 "bytes_in_memory_mb": round(memory.nbytes_in_memory / 1e6, 1)}
         model = build_adapter("mclip", {"detail_target": detail, "semantic_target": SEMANTIC, **z.adapters.get("mclip", {})},
                               memory, seed=0)
@@ -278,11 +280,17 @@ def main() -> None:
         first = np.flatnonzero(bank.block_of_image == 0)
         t0 = time.perf_counter()
         bank.gather(first)  # reads block 0, what the background reader does once per block and epoch
+        block_seconds = round(time.perf_counter() - t0, 3)
+        before = streamed.bank.reads.summary()
+        for _ in iter_batches(streamed, b, seed=2):  # one epoch: what its reads decode, measured
+            pass
+        epoch = {k: streamed.bank.reads.summary()[k] - before[k] for k in ("decoded_bytes", "needed_bytes")}
         variants["cache_streamed"] = {**run, "streamed": sorted(streamed.bank.streamed),
                                       "blocks": streamed.bank.n_blocks,
-                                      "block_read_seconds": round(time.perf_counter() - t0, 3),
+                                      "block_read_seconds": block_seconds,
                                       "block_decoded_mb": round(bank.decoded / 1e6, 1),
-                                      "decoded_mb_per_epoch": round(decoded_bytes(clip[detail], images) / 1e6, 1)}
+                                      "decoded_mb_per_epoch": round(epoch["decoded_bytes"] / 1e6, 1),
+                                      "read_amplification": round(epoch["decoded_bytes"] / max(epoch["needed_bytes"], 1), 3)}
 
         betas_layout, target_layouts = store_layouts(len(image_ids), args.images, z)
         run = time_steps(model, iter_batches(LazyReads(fmri, clip, [detail, SEMANTIC]), b, seed=1), args.steps, device)

@@ -279,3 +279,23 @@ def test_resume_against_other_data_is_refused(stores, demo_root, tmp_path, monke
     with pytest.raises(UserError, match=r"other settings or data \(data\.betas differ\)"):
         _fit_mclip(other, stores[1], tmp_path / "run", epochs=3)
     assert _fit_mclip(fmri, stores[1], tmp_path / "run", epochs=3)["n_test"] > 0  # the same data resumes
+
+
+def test_timings_report_measured_read_amplification_and_a_torn_cache_is_one_line(stores, tmp_path):
+    fmri, clip = stores
+    _fit_mclip(fmri, clip, tmp_path / "run", epochs=1)
+    reads = json.loads((tmp_path / "run" / "timings.json").read_text())["target_reads"]
+    assert reads["decoded_bytes"] >= reads["needed_bytes"] > 0
+    assert reads["read_amplification"] == pytest.approx(reads["decoded_bytes"] / reads["needed_bytes"], rel=1e-3)
+
+    torn = tmp_path / "torn.zarr"
+    shutil.copytree(clip, torn)
+    shard = sorted(p for p in (torn / "layers" / "2-4_mean" / "c").rglob("*") if p.is_file())[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    result = CliRunner().invoke(app, ["fit-adapters", "--fmri", str(fmri), "--clip", str(torn), "--method", "mclip",
+                                      "--targets", "layers/2-4_mean,image_embeds", "--epochs", "1",
+                                      "--out", str(tmp_path / "torn_run")])
+    errors = [line for line in result.output.splitlines() if "error" in line]  # after the loading bar, if any
+    assert result.exit_code == 1 and len(errors) == 1 and errors[0].startswith("error:"), result.output
+    assert "torn.zarr/layers/2-4_mean" in errors[0] and "damaged" in errors[0]
+    assert not list(tmp_path.glob("torn_run*"))

@@ -103,3 +103,83 @@ def test_take_rows_of_zarr_arrays_in_any_order(tmp_path, chunks, shards):
         np.testing.assert_array_equal(store.take_rows(z, rows), data[rows])
         unique = np.unique(rows)  # slices cut at any size still read every row once
         np.testing.assert_array_equal(store._zarr_rows(z, unique, slab_bytes=int(rng.integers(1, 200))), data[unique])
+
+
+# ---- row reads at the real layout ---------------------------------------------------------------------
+class LayoutOnly:
+    """A zarr array's shape, chunks and shards without data: records the slices asked for."""
+
+    def __init__(self, shape: tuple[int, ...], chunk_rows: int, shard_rows: int | None, dtype: str = "float16"):
+        self.shape, self.dtype = shape, np.dtype(dtype)
+        self.chunks = (chunk_rows, *shape[1:])
+        self.shards = None if shard_rows is None else (shard_rows, *shape[1:])
+        self.asked: list[tuple[int, int]] = []
+
+    def __getitem__(self, sel: slice) -> np.ndarray:
+        self.asked.append((sel.start, sel.stop))
+        return np.broadcast_to(np.zeros((), self.dtype), (sel.stop - sel.start, *self.shape[1:]))
+
+
+class Discard:
+    def __setitem__(self, where, value) -> None:
+        pass
+
+
+@pytest.mark.parametrize("wanted", [9000, 1000, 36000])
+def test_scattered_rows_of_the_real_cache_layout_decode_only_what_they_need(wanted):
+    """73,000 rows of a ViT-L/14 token layer (257 x 1024 float16), one row per chunk, 1,024-row shards
+    (extract-clip's layout); the old reader decoded 111x the 9,000 rows (64 MB slices per wanted row)."""
+    from pipeline.features.cache import SHARD_ROWS, default_chunk_rows
+
+    row_bytes = 257 * 1024 * 2
+    array = LayoutOnly((73000, 257, 1024), default_chunk_rows(row_bytes, SHARD_ROWS), SHARD_ROWS)
+    assert array.chunks[0] == 1
+    rows = np.sort(np.random.default_rng(0).choice(73000, wanted, replace=False))
+    stats = store.ReadStats()
+    stats.add(0, len(rows) * row_bytes)
+    store._zarr_rows(array, rows, stats, out=Discard())
+    decoded = sum(hi - lo for lo, hi in array.asked) * row_bytes  # 1-row chunks: a slice decodes its rows
+    assert decoded / stats.needed <= 1.1
+    assert stats.decoded == decoded  # what the reader reports is what it asked for
+    assert all(lo // SHARD_ROWS == (hi - 1) // SHARD_ROWS for lo, hi in array.asked)  # one shard per slice
+
+
+def test_sharded_store_reads_match_numpy_and_count_what_blosc_decodes(tmp_path, monkeypatch):
+    rng = np.random.default_rng(1)
+    data = rng.standard_normal((300, 5, 4)).astype(np.float16)
+    z = zarr.create_array(tmp_path / "a.zarr", shape=data.shape, dtype="float16", chunks=(2, 5, 4), shards=(32, 5, 4),
+                          compressors=[store.compressor()], fill_value=0)
+    z[:] = data
+    decoded = []
+    real = type(store.compressor())._decode_sync
+
+    def counted(self, chunk_bytes, chunk_spec):
+        out = real(self, chunk_bytes, chunk_spec)
+        decoded.append(len(out))
+        return out
+
+    monkeypatch.setattr(type(store.compressor()), "_decode_sync", counted)
+    z = zarr.open_array(tmp_path / "a.zarr", mode="r")
+    for rows in (rng.integers(0, 300, 40), np.arange(290, 300), rng.permutation(300)[:120], np.array([], int)):
+        stats, before = store.ReadStats(), len(decoded)
+        np.testing.assert_array_equal(store.take_rows(z, rows, stats), data[rows])
+        assert stats.decoded == sum(decoded[before:])  # counted = what blosc decoded
+        touched = len(np.unique(np.asarray(rows) // 2))
+        assert stats.decoded == touched * 2 * 5 * 4 * 2 and stats.needed == len(np.unique(rows)) * 5 * 4 * 2
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_damaged_shard_is_one_clear_error(tmp_path, damage):
+    z = zarr.create_array(tmp_path / "clip.zarr", shape=(96, 3, 4), dtype="float16", chunks=(1, 3, 4),
+                          shards=(32, 3, 4), compressors=[store.compressor()], fill_value=0)
+    z[:] = np.ones(z.shape, np.float16)
+    shard = tmp_path / "clip.zarr" / "c" / "1" / "0" / "0"
+    if damage == "missing":
+        shard.unlink()
+    else:
+        shard.write_bytes(shard.read_bytes()[:-100])
+    z = zarr.open_array(tmp_path / "clip.zarr", mode="r")
+    np.testing.assert_array_equal(store.take_rows(z, [0, 70]), np.ones((2, 3, 4)))  # other shards still read
+    with pytest.raises(store.UserError, match=r"clip\.zarr.*(missing|damaged)") as err:
+        store.take_rows(z, [3, 40, 41, 90])
+    assert "\n" not in str(err.value)

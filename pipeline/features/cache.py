@@ -114,6 +114,7 @@ def create_store(out: Path, layout: dict[str, ArraySpec], attrs: dict) -> None:
                 path, shape=spec.shape, dtype=spec.dtype, fill_value=0,
                 chunks=(spec.chunk_rows, *spec.shape[1:]), shards=(spec.shard_rows, *spec.shape[1:]),
                 compressors=[compressor()],
+                config={"write_empty_chunks": True},  # every shard on disk, so a missing one is damage
             )
         done = root.create_array(DONE, shape=(n_shards(n, shard_rows),), dtype=bool, chunks=(1,), fill_value=False)
         done.attrs["shard_rows"] = shard_rows

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,7 +35,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from ..store import human_bytes, take_rows
+from ..store import ReadStats, human_bytes, row_bytes, take_rows
 from .adapters.base import CAPTIONS
 from .adapters.losses import caption_mean
 from .pairs import row_key
@@ -55,23 +54,10 @@ def _array_names(store: Mapping[str, Any] | zarr.Group) -> list[str]:
     return sorted(store)
 
 
-def _row_bytes(array: Any) -> int:
-    return int(np.prod(array.shape[1:], dtype=np.int64)) * np.dtype(array.dtype).itemsize
-
-
 def chunk_rows(array: Any) -> int:
     """Rows per stored chunk (1 for in-memory arrays: reading a row costs that row only)."""
     chunks = getattr(array, "chunks", None)
     return int(chunks[0]) if isinstance(array, zarr.Array) and chunks else 1
-
-
-def decoded_bytes(array: Any, rows: np.ndarray) -> int:
-    """Bytes decoded to read ``rows`` of ``array``: every chunk they touch, whole."""
-    rows = np.asarray(rows)
-    if not rows.size:
-        return 0
-    n = chunk_rows(array)
-    return len(np.unique(rows // n)) * n * _row_bytes(array)
 
 
 def _available_memory() -> int:
@@ -94,8 +80,9 @@ class TargetBank:
 
     ``clip`` maps target names (``layers/<name>``, ``image_embeds``, ``text_embeds``) to (N, ...)
     arrays (a zarr group or a mapping of numpy/zarr arrays). ``memory``: bytes of targets to hold
-    in memory (default :data:`MEMORY_FRACTION` of the available memory). ``decoded`` counts the
-    bytes decoded from the store so far (loading and streaming).
+    in memory (default :data:`MEMORY_FRACTION` of the available memory). ``reads`` counts the
+    bytes decoded from the store so far (loading and streaming) and the bytes of the rows they
+    served (:class:`~pipeline.store.ReadStats`).
     """
 
     def __init__(
@@ -113,18 +100,17 @@ class TargetBank:
         budget = int(MEMORY_FRACTION * _available_memory()) if memory is None else int(memory)
         self.tables: dict[str, torch.Tensor] = {}
         self.streamed: dict[str, Any] = {}
-        for name in sorted(self.targets, key=lambda t: _row_bytes(arrays[t])):
-            size = len(self.images) * _row_bytes(arrays[name])
+        for name in sorted(self.targets, key=lambda t: row_bytes(arrays[t])):
+            size = len(self.images) * row_bytes(arrays[name])
             if size <= budget:
                 budget -= size
                 self.tables[name] = torch.empty((len(self.images), *self.shapes[name]),
                                                 dtype=_torch_dtype(arrays[name].dtype))
             else:
                 self.streamed[name] = arrays[name]
-        self.decoded = 0
+        self.reads = ReadStats()
         self.block_of_image = self._blocks()
         self._block_start = np.searchsorted(self.block_of_image, np.arange(self.n_blocks))
-        self._lock = threading.Lock()
         self._held: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
         self._pending: dict[int, Future] = {}
         self._pool: ThreadPoolExecutor | None = None
@@ -137,7 +123,7 @@ class TargetBank:
         arrays = list(self.streamed.values()) or [self.clip[t] for t in self.tables]
         unit = max(chunk_rows(a) for a in arrays)
         chunk = self.images // unit
-        per_chunk = sum(unit * _row_bytes(a) for a in arrays)
+        per_chunk = sum(unit * row_bytes(a) for a in arrays)
         starts = np.flatnonzero(np.r_[True, chunk[1:] != chunk[:-1]])  # first image of each touched chunk
         block_of_chunk = np.arange(len(starts)) // max(1, BLOCK_BYTES // max(per_chunk, 1))
         return np.repeat(block_of_chunk, np.diff(np.r_[starts, len(self.images)]))
@@ -152,13 +138,14 @@ class TargetBank:
                 where = np.flatnonzero(self.block_of_image == b)
                 for name, table in self.tables.items():
                     array = self.clip[name]
-                    table[where[0] : where[-1] + 1] = torch.from_numpy(np.asarray(take_rows(array, self.images[where])))
-                    self._count(decoded_bytes(array, self.images[where]))
-                    bar.update(len(where) * _row_bytes(array))
+                    rows = take_rows(array, self.images[where], self.reads)
+                    table[where[0] : where[-1] + 1] = torch.from_numpy(np.asarray(rows))
+                    bar.update(len(where) * row_bytes(array))
 
-    def _count(self, n: int) -> None:
-        with self._lock:
-            self.decoded += n
+    @property
+    def decoded(self) -> int:
+        """Bytes decoded from the store so far (measured by :func:`~pipeline.store.take_rows`)."""
+        return self.reads.decoded
 
     @property
     def n_blocks(self) -> int:
@@ -200,8 +187,7 @@ class TargetBank:
         ids = self.images[self.block_of_image == block]
         out = {}
         for name, array in self.streamed.items():
-            out[name] = torch.from_numpy(np.asarray(take_rows(array, ids)))
-            self._count(decoded_bytes(array, ids))
+            out[name] = torch.from_numpy(np.asarray(take_rows(array, ids, self.reads)))
         return out
 
     def _block(self, block: int) -> dict[str, torch.Tensor]:

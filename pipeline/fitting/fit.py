@@ -248,7 +248,7 @@ def _fit_trained(pairs: Pairs, method, run: Path, params, train, seed, device, p
     teardown()  # the last collective is behind: process 0 alone goes on, nobody waits for it
     if not is_main():
         return None, {}
-    write_timings(run, {**result.timings(), "targets_read": data.bank.describe()})
+    write_timings(run, {**result.timings(), "targets_read": data.bank.describe(), "target_reads": data.bank.reads.summary()})
     folder = save_adapter(run / "adapters" / method, model, extra={"train": result.record()})
     reloaded = load_adapter(folder)  # predictions come from what was saved
     preds = predict(reloaded, pairs.betas("test"))

@@ -137,7 +137,7 @@ def fit_subjects(
     teardown()  # the last collective is behind: process 0 alone goes on, nobody waits for it
     if not is_main:
         return {}
-    write_timings(run, {**timings, "targets_read": bank.describe()})
+    write_timings(run, {**timings, "targets_read": bank.describe(), "target_reads": bank.reads.summary()})
     folder = save_adapter(run / "adapters" / method, model, extra={"trained": trained})
     reloaded = load_adapter(folder)  # predictions come from what was saved
     predictions = {p.subject: predict(reloaded, p.betas("test"), subject=p.subject) for p in cohort}
