@@ -99,6 +99,7 @@ def write_stores(a: argparse.Namespace, work: Path) -> dict[str, Path]:
                 arr(root, f"voxels/{name}", lab)
                 root[f"voxels/{name}"].attrs["labels"] = {str(k): f"{name}-{k}" for k in range(1, n_labels + 1)}
             arr(root, "voxels/nsdgeneral", np.ones(a.voxels, np.int32))
+            root["voxels/nsdgeneral"].attrs["labels"] = {"1": "nsdgeneral"}  # an ROI label array, as prepare-fmri writes
             root.attrs.update({"subject": 1, "zscore": "session", "rois": ["nsdgeneral", *labels]})
 
     n_rows = 73000

@@ -313,6 +313,24 @@ def test_unclip_progress_shows_on_a_terminal_only(unclip_dir: Path, unclip_input
     assert capsys.readouterr().err == ""
 
 
+def test_unclip_init_images_are_preprocessed_per_batch(unclip_dir: Path, unclip_inputs: dict, monkeypatch):
+    """The detail branch's init images are preprocessed with their decode batch (never all n at once),
+    and each batch gets the same tensor rows as preprocessing all of them together."""
+    pipe = decode.load_unclip(unclip_dir, local_files_only=True)
+    init = unclip_inputs["init"]
+    whole = decode._init_tensor(pipe, init, None, None)
+    sizes, starts = [], []
+    preprocess, denoise = pipe.image_processor.preprocess, decode.denoise
+    monkeypatch.setattr(pipe.image_processor, "preprocess",
+                        lambda images, **kw: sizes.append(len(images)) or preprocess(images, **kw))
+    monkeypatch.setattr(decode, "denoise", lambda *a, init_images, **kw: starts.append(init_images) or denoise(
+        *a, init_images=init_images, **kw))
+    decode.unclip_decode(pipe, unclip_inputs["embeds"], unclip_inputs["ids"], samples=2, batch_size=4, steps=2,
+                         prompt_embeds=unclip_inputs["prompt"], init_images=init, strength=0.5)
+    assert sizes == [4, 2]  # 3 images x 2 samples in batches of 4
+    torch.testing.assert_close(torch.cat(starts), whole.repeat_interleave(2, 0), rtol=0, atol=0)
+
+
 def test_empty_prompt_goes_through_the_text_encoder(unclip_inputs: dict, tmp_path: Path):
     tokenizer, text_encoder = tiny_text_tower(tmp_path)
     pipe = tiny_unclip(text_tower=(tokenizer, text_encoder))

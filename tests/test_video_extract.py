@@ -21,6 +21,7 @@ from pipeline.data.demo_video import DEMO_DESIGN
 from pipeline.features import clip
 from pipeline.features.cache import filled_rows
 from pipeline.features.video import extract_video, load_vae, vae_encode
+from pipeline import videoio
 from pipeline.videoio import read_frames, write_mp4
 
 D = DEMO_DESIGN
@@ -119,6 +120,22 @@ def test_read_frames_past_the_end_fails(tmp_path):
     assert read_frames(path, [0.0, 1.9]).shape == (2, 16, 16, 3)
     with pytest.raises(Exception, match="video ends before 2.50 s"):
         read_frames(path, [0.0, 2.5])
+
+
+def test_read_frames_converts_only_the_frames_it_keeps(tmp_path, monkeypatch):
+    """3 of 30 fps kept: the same frames as decoding all and picking the one shown at each time, and
+    one RGB conversion per frame kept (a time asked twice converts once), not one per decoded frame."""
+    rng = np.random.default_rng(0)
+    frames = np.repeat(np.repeat(rng.integers(0, 256, (60, 4, 4, 3), np.uint8), 4, 1), 4, 2)
+    path = write_mp4(tmp_path / "30fps.mp4", frames, 30.0)
+    every, when = decoded(path)
+    times = np.r_[np.arange(0, 2, 1 / 3), 1.9, 1.9]  # 3 fps, and one frame asked twice
+    shown = [every[np.flatnonzero(when <= t + 1e-3)[-1]] for t in times]
+    calls = []
+    as_rgb = videoio._as_rgb
+    monkeypatch.setattr(videoio, "_as_rgb", lambda frame, size: calls.append(frame.time) or as_rgb(frame, size))
+    np.testing.assert_array_equal(read_frames(path, times), np.stack(shown))
+    assert len(calls) == len(set(calls)) == 7
 
 
 def test_write_mp4_is_byte_reproducible(tmp_path):

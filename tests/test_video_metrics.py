@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import json
 import shutil
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
-from skimage.metrics import peak_signal_noise_ratio
+from skimage.color import rgb2gray
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from pipeline.decoding import video
 from pipeline.errors import UserError
-from pipeline.evaluation.metrics import two_way_identification
+from pipeline.evaluation.metrics import ssim_each, two_way_identification
 from pipeline.evaluation.video import evaluate_video_run, ground_truth
 from pipeline.evaluation.video_metrics import clip_pcc, n_way_identification, n_way_top1_classification, psnr_each
 
@@ -27,6 +29,39 @@ def test_psnr_matches_scikit_image():
     ref = [peak_signal_noise_ratio(g / 255.0, r / 255.0, data_range=1.0) for g, r in zip(gt, rec)]
     np.testing.assert_allclose(psnr_each(gt, rec), ref, rtol=1e-10)
     assert np.isinf(psnr_each(gt[:1], gt[:1])[0])
+
+
+def _frames(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    gt = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    return gt, np.clip(gt.astype(int) + rng.integers(-40, 40, gt.shape), 0, 255).astype(np.uint8)
+
+
+def test_frame_scores_cross_batches_and_match_scikit_image_per_frame():
+    gt, rec = _frames(70, 16)  # 70 frames: three conversion batches of 32, the last one partial
+    g, r = gt / 255.0, rec / 255.0
+    ref_psnr = [peak_signal_noise_ratio(a, b, data_range=1.0) for a, b in zip(g, r)]
+    ref_ssim = [structural_similarity(rgb2gray(b), rgb2gray(a), gaussian_weights=True, sigma=1.5,
+                                      use_sample_covariance=False, data_range=1.0) for a, b in zip(g, r)]
+    np.testing.assert_allclose(psnr_each(gt, rec), ref_psnr, rtol=1e-10)
+    np.testing.assert_allclose(ssim_each(gt, rec), ref_ssim, rtol=1e-10)
+    with pytest.raises(UserError, match="differ in shape"):
+        psnr_each(gt, rec[:-1])
+
+
+@pytest.mark.parametrize("score", [psnr_each, ssim_each], ids=["psnr", "ssim"])
+def test_frame_scores_peak_memory_does_not_grow_with_the_clip_count(score):
+    """uint8 frames are converted to float64 a batch at a time: 8x more frames, about the same peak
+    (converting all at once, the peak grew with the count: 16 float64 bytes per input byte)."""
+    peaks = []
+    for n in (64, 512):
+        gt, rec = _frames(n, 24)
+        tracemalloc.start()
+        score(gt, rec)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    assert peaks[1] < 1.5 * peaks[0], peaks
+    assert peaks[1] < 4 * gt.nbytes  # two whole float64 copies: 16 x gt.nbytes
 
 
 def test_clip_pcc_is_the_mean_adjacent_cosine():

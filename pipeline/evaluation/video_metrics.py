@@ -22,15 +22,13 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import UserError
-from .metrics import _flat, as_float_images, cross_correlation
+from .metrics import _flat, cross_correlation, float_pairs
 
 
 def psnr_each(gt: np.ndarray, rec: np.ndarray) -> np.ndarray:
-    """(N,) PSNR of (N, H, W, 3) images (uint8 or [0, 1] float), data range 1; identical images give inf."""
-    g, r = as_float_images(gt, "gt"), as_float_images(rec, "rec")
-    if g.shape != r.shape or not len(g):
-        raise UserError(f"ground truth {g.shape} and reconstructions {r.shape} must be equal, non-empty")
-    mse = ((g - r) ** 2).reshape(len(g), -1).mean(1)
+    """(N,) PSNR of (N, H, W, 3) images (uint8 or [0, 1] float), data range 1; identical images give inf.
+    Converted to float a batch at a time (:func:`.metrics.float_pairs`)."""
+    mse = np.concatenate([((g - r) ** 2).reshape(len(g), -1).mean(1) for g, r in float_pairs(gt, rec)])
     with np.errstate(divide="ignore"):
         return 10 * np.log10(1.0 / mse)
 

@@ -35,6 +35,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..memory import available_memory, cgroup_room
 from ..store import ReadStats, human_bytes, row_bytes, take_rows
 from .adapters.base import CAPTIONS
 from .adapters.losses import caption_mean
@@ -60,10 +61,16 @@ def chunk_rows(array: Any) -> int:
     return int(chunks[0]) if isinstance(array, zarr.Array) and chunks else 1
 
 
-def _available_memory() -> int:
-    import psutil
-
-    return int(psutil.virtual_memory().available)
+def memory_budget(memory: int | None) -> int:
+    """Bytes of targets to hold in memory: ``memory`` as configured (refused, in one line, when it
+    exceeds what this process's cgroup leaves), else :data:`MEMORY_FRACTION` of what it may allocate."""
+    if memory is None:
+        return int(MEMORY_FRACTION * available_memory())
+    room = cgroup_room()
+    if room is not None and memory > room[1]:
+        raise UserError(f"train.memory_gb = {memory / 1e9:.1f} GB exceeds the {room[1] / 1e9:.1f} GB left under this "
+                        f"process's cgroup memory limit ({room[0] / 1e9:.1f} GB); lower it or leave it null")
+    return int(memory)
 
 
 def _sha256(*arrays: np.ndarray) -> str:
@@ -80,9 +87,10 @@ class TargetBank:
 
     ``clip`` maps target names (``layers/<name>``, ``image_embeds``, ``text_embeds``) to (N, ...)
     arrays (a zarr group or a mapping of numpy/zarr arrays). ``memory``: bytes of targets to hold
-    in memory (default :data:`MEMORY_FRACTION` of the available memory). ``reads`` counts the
-    bytes decoded from the store so far (loading and streaming) and the bytes of the rows they
-    served (:class:`~pipeline.store.ReadStats`).
+    in memory (default :data:`MEMORY_FRACTION` of the available memory, cgroup limits included:
+    :func:`memory_budget`), in the cache's dtype (uint8 frames stay uint8 until their batch is
+    gathered as float32). ``reads`` counts the bytes decoded from the store so far (loading and
+    streaming) and the bytes of the rows they served (:class:`~pipeline.store.ReadStats`).
     """
 
     def __init__(
@@ -97,7 +105,7 @@ class TargetBank:
         self.images = np.unique(np.asarray(image_ids, dtype=np.int64))
         arrays = {t: clip[t] for t in self.targets}
         self.shapes = {t: tuple(int(s) for s in a.shape[1:]) for t, a in arrays.items()}
-        budget = int(MEMORY_FRACTION * _available_memory()) if memory is None else int(memory)
+        budget = memory_budget(memory)
         self.tables: dict[str, torch.Tensor] = {}
         self.streamed: dict[str, Any] = {}
         for name in sorted(self.targets, key=lambda t: row_bytes(arrays[t])):
@@ -234,7 +242,9 @@ class TargetBank:
 
 
 def _torch_dtype(dtype: Any) -> torch.dtype:
-    return {np.dtype("float16"): torch.float16, np.dtype("float64"): torch.float64}.get(np.dtype(dtype), torch.float32)
+    """The torch dtype a target table is held in: the cache's own (so the budget counts what is held)."""
+    return {np.dtype("float16"): torch.float16, np.dtype("float64"): torch.float64,
+            np.dtype("uint8"): torch.uint8}.get(np.dtype(dtype), torch.float32)
 
 
 class CacheDataset(Dataset):
