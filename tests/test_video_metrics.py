@@ -5,6 +5,7 @@ ground truth is the cache's frames, VideoMAE runs with a tiny offline classifier
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -123,3 +124,22 @@ def test_videomae_classification_with_tiny_offline_weights(perfect_run, tmp_path
     assert out["unavailable"] == {}
     missing = evaluate_video_run(perfect_run, videomae=str(tmp_path / "nowhere"), trials=5)
     assert "not found locally" in missing["unavailable"]["VideoMAE 2-way"]
+
+
+def test_compare_pairs_two_video_runs_clip_by_clip(perfect_run, tmp_path):
+    from pipeline.evaluation.compare import compare_runs
+
+    same, worse = shutil.copytree(perfect_run, tmp_path / "same"), shutil.copytree(perfect_run, tmp_path / "worse")
+    ids = json.loads((perfect_run / "decode.json").read_text())["clip_ids"]
+    for clip_id in ids[:15]:  # 15 of the 50 clips reconstructed as their negative
+        frames = video.read_clips(perfect_run / "recon_video", np.array([clip_id]), 6)[0]
+        video.write_clip(worse / "recon_video", int(clip_id), 255 - frames, 3.0)
+    for run in (perfect_run, same, worse):
+        evaluate_video_run(run, videomae=None, trials=10)
+    assert (same / "per_clip.npz").read_bytes() == (perfect_run / "per_clip.npz").read_bytes()
+    result = compare_runs([perfect_run, same, worse], draws=300, permutations=2000)
+    assert result["settings"]["unit"] == "test clip"
+    itself, worse_rows = (c["metrics"] for c in result["comparisons"])
+    assert all(r["difference"] == 0 and r["p"] == 1.0 for r in itself.values())
+    for name in ("SSIM", "PSNR"):
+        assert worse_rows[name]["difference"] < 0 and worse_rows[name]["ci95"][1] < 0 and worse_rows[name]["p_holm"] < 0.01
