@@ -65,6 +65,8 @@ def test_metrics_json_keeps_its_numbers_and_adds_intervals_around_them(evaluated
     px = out["reconstruction"]["PixCorr"]
     assert out["ci95"]["reconstruction"]["PixCorr"][0] <= px <= out["ci95"]["reconstruction"]["PixCorr"][1]
     assert out["bootstrap"]["draws"] == 1000 and out["bootstrap"]["n"] == out["reconstruction"]["n_images"]
+    lo, hi = out["ci95"]["brainclip"]["zero_shot"]["top1"]  # BrainCLIP's numbers too, at their key paths
+    assert lo <= out["brainclip"]["zero_shot"]["top1"] <= hi
 
 
 def test_intervals_follow_from_the_per_image_file_and_its_bytes_from_its_arrays(evaluated, tmp_path):
