@@ -186,13 +186,18 @@ def test_demo_noise_ceiling_matches_the_planted_one(demo_result, demo_root):
     assert result["noise_ceiling_sources"] == [f"{result['fmri_trials']}:train", f"{result['fmri_trials']}:test"]
 
 
-def test_encoding_has_intervals_and_the_best_layer_is_tested_against_its_neighbours(demo_result):
+def test_encoding_and_rsa_have_intervals_and_each_best_layer_is_tested_against_its_neighbours(demo_result):
     result, _ = demo_result
     for roi, row in result["encoding_ci95"].items():
         for layer, (lo, hi) in row.items():
             assert lo <= hi and lo - 0.05 <= result["encoding"][roi][layer] <= hi + 0.05
     floc = result["best_layer_test"]["floc"]
     assert floc["best"] == "6" and set(floc["neighbours"]) == {"5"}  # the last block has one neighbour
+    for roi, row in result["rsa_ci95"].items():
+        for layer, (lo, hi) in row.items():
+            assert lo <= result["rsa"][roi][layer] <= hi
+    prf = result["best_layer_rsa_test"]["prf-visualrois"]
+    assert prf["best"] == result["best_layer_rsa"]["prf-visualrois"] and len(prf["neighbours"]) == 2
     assert result["bootstrap"]["n"] == result["n_test_images"]
 
 

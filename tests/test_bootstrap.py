@@ -115,3 +115,62 @@ def test_pearson_draws_with_unit_weights_are_pearson_and_resample_consistently()
     np.testing.assert_allclose(B.pearson_draws(good, y, w)[0], pearson_columns(good[idx], y[idx]), atol=1e-10)
     test = B.paired_difference(B.pearson_draws(good, y, w).mean(1), B.pearson_draws(worse, y, w).mean(1))
     assert test["better"] and test["p"] < 0.01
+
+
+def test_rdm_spearman_draws_are_close_to_rsa_of_the_resampled_conditions():
+    """Brute force: materialise each resampled set of conditions, drop pairs of copies of one condition
+    (equal up to re-ranking in the resample, which the draws skip; exact with unit weights)."""
+    from scipy.stats import spearmanr
+
+    from pipeline.analysis.rsa import rdm, rsa
+
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(40, 5))
+    Y = np.round(X @ rng.normal(size=(5, 4)) + rng.normal(size=(40, 4)), 1)  # rounded: tied distances too
+    Y[3] = Y[5]
+    w = B.resample_weights(40, draws=12, seed=3)
+    got = B.rdm_spearman_draws(rdm(X), rdm(Y), w)
+    for draw, weights in zip(got, w):
+        idx = np.repeat(np.arange(40), weights.astype(int))
+        a, b = np.triu_indices(len(idx), 1)
+        keep = idx[a] != idx[b]
+        full_x = 1 - np.corrcoef(X[idx])[a, b]
+        full_y = 1 - np.corrcoef(Y[idx])[a, b]
+        assert draw == pytest.approx(spearmanr(full_x[keep], full_y[keep])[0], abs=0.02)
+    assert B.rdm_spearman_draws(rdm(X), rdm(Y), np.ones((1, 40)))[0] == pytest.approx(rsa(rdm(X), rdm(Y)), abs=1e-12)
+
+
+def test_rdm_spearman_interval_covers_the_population_rsa():
+    """Conditions drawn from one population: the interval over them covers the RSA of a very large draw."""
+    rng = np.random.default_rng(2)
+    M = rng.normal(size=(4, 6))
+
+    def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
+        X = rng.normal(size=(n, 4))
+        return X, X @ M + 1.5 * rng.normal(size=(n, 6))
+
+    from pipeline.analysis.rsa import rdm, rsa
+
+    truth = rsa(*(rdm(a) for a in sample(700)))
+    hits = 0
+    for sim in range(100):
+        X, Y = sample(40)
+        lo, hi = B.percentile_ci(B.rdm_spearman_draws(rdm(X), rdm(Y), B.resample_weights(40, 200, sim)))
+        hits += lo <= truth <= hi
+    assert 0.90 <= hits / 100 <= 0.99
+
+
+def test_zero_shot_hits_average_to_the_accuracy_and_unlabelled_images_leave_the_draws():
+    from pipeline.evaluation.zeroshot import zero_shot_accuracy
+
+    rng = np.random.default_rng(5)
+    pred, classes = rng.normal(size=(30, 8)), rng.normal(size=(6, 8))
+    labels = rng.random((30, 6)) < 0.3
+    labels[:4] = False  # four images without a category
+    hits: dict = {}
+    found = zero_shot_accuracy(pred, classes, labels, topk=(1, 5), hits=hits)
+    assert np.isnan(hits["top1"][:4]).all() and np.nanmean(hits["top5"]) == found["top5"]
+    w = B.resample_weights(30, draws=5, seed=1)
+    expected = [np.mean(np.repeat(hits["top1"], row.astype(int))[~np.isnan(np.repeat(hits["top1"], row.astype(int)))])
+                for row in w]
+    np.testing.assert_allclose(B.mean_draws(hits["top1"], w), expected)

@@ -1,9 +1,13 @@
-"""evaluate's intervals and per-image file, and compare of evaluated runs (on a decoded demo run)."""
+"""evaluate's intervals and per-image file, and compare of evaluated runs.
+
+One demo run is decoded and evaluated once (module fixture); the other runs are derived from its
+``per_image.npz`` (a planted difference, other test ids) or written directly with known scores, so
+no test evaluates again. That evaluate writes the same ``per_image.npz`` bytes twice is
+tests/test_reproducible.py's check (every stage output, two folders)."""
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +16,9 @@ from typer.testing import CliRunner
 
 from cli import app
 from pipeline.data.fmri import prepare_fmri
-from pipeline.data.nsd import NSD
-from pipeline.decoding import decode
 from pipeline.decoding.run import decode_run
 from pipeline.evaluation.compare import compare_runs, holm
+from pipeline.evaluation.intervals import add_intervals, flatten, read_per_image, write_per_image
 from pipeline.evaluation.runs import evaluate_run
 from pipeline.features.extract import extract_clip
 from pipeline.fitting.fit import fit_adapters
@@ -35,6 +38,23 @@ def evaluated(demo_root, tmp_path_factory) -> Path:
     return base / "run"
 
 
+def _derived(run: Path, dest: Path, edit) -> Path:
+    """A run folder holding only ``run``'s per-image file after ``edit(ids, details)`` (in place)."""
+    ids, details = read_per_image(run / "per_image.npz")
+    edit(ids, details)
+    dest.mkdir()
+    write_per_image(dest / "per_image.npz", flatten(details, ids))
+    return dest
+
+
+def _synthetic(dest: Path, groups: dict[str | None, tuple[np.ndarray, np.ndarray]]) -> Path:
+    """A run folder with known per-image SSIM scores: ``{subject or None: (test_ids, scores)}``."""
+    dest.mkdir()
+    write_per_image(dest / "per_image.npz", flatten({k: {"SSIM": {"scores": s}} for k, (_, s) in groups.items()},
+                                                    {k: ids for k, (ids, _) in groups.items()}))
+    return dest
+
+
 def test_metrics_json_keeps_its_numbers_and_adds_intervals_around_them(evaluated):
     out = json.loads((evaluated / "metrics.json").read_text())
     assert isinstance(out["reconstruction"]["PixCorr"], float)  # dvc metrics show still reads the numbers
@@ -45,14 +65,19 @@ def test_metrics_json_keeps_its_numbers_and_adds_intervals_around_them(evaluated
     px = out["reconstruction"]["PixCorr"]
     assert out["ci95"]["reconstruction"]["PixCorr"][0] <= px <= out["ci95"]["reconstruction"]["PixCorr"][1]
     assert out["bootstrap"]["draws"] == 1000 and out["bootstrap"]["n"] == out["reconstruction"]["n_images"]
+    lo, hi = out["ci95"]["brainclip"]["zero_shot"]["top1"]  # BrainCLIP's numbers too, at their key paths
+    assert lo <= out["brainclip"]["zero_shot"]["top1"] <= hi
 
 
-def test_evaluate_again_writes_identical_intervals_and_per_image_bytes(evaluated, demo_root, tmp_path):
-    again = shutil.copytree(evaluated, tmp_path / "again")
-    evaluate_run(again, demo_root)
-    assert (again / "per_image.npz").read_bytes() == (evaluated / "per_image.npz").read_bytes()
-    first, second = (json.loads((p / "metrics.json").read_text())["ci95"] for p in (evaluated, again))
-    assert first == second
+def test_intervals_follow_from_the_per_image_file_and_its_bytes_from_its_arrays(evaluated, tmp_path):
+    ids, details = read_per_image(evaluated / "per_image.npz")
+    again: dict = {}
+    add_intervals(again, details, ids)  # the default seed and draws, from the file alone
+    written = json.loads((evaluated / "metrics.json").read_text())["ci95"]
+    for section, row in again["ci95"].items():
+        assert row == {key: written[section][key] for key in row}
+    write_per_image(tmp_path / "copy.npz", flatten(details, ids))
+    assert (tmp_path / "copy.npz").read_bytes() == (evaluated / "per_image.npz").read_bytes()
 
 
 def test_a_run_against_itself_differs_by_zero_with_p_one(evaluated):
@@ -64,26 +89,46 @@ def test_a_run_against_itself_differs_by_zero_with_p_one(evaluated):
         assert row["p"] == 1.0 and row["p_holm"] == 1.0
 
 
-def test_a_planted_difference_is_separated(evaluated, demo_root, tmp_path):
-    better = shutil.copytree(evaluated, tmp_path / "better")
-    half = np.load(evaluated / "per_image.npz")["test_ids"][:20]
-    with NSD(demo_root).stimuli() as brick:  # the ground truth itself as the reconstruction of 20 images
-        truth = decode.take_rows(brick, half)
-    decode.write_reconstructions(better / "recon", half, truth[:, None])
-    evaluate_run(better, demo_root)
-    row = compare_runs([evaluated, better], draws=300, permutations=2000)["comparisons"][0]["metrics"]["SSIM"]
-    assert row["difference"] > 0 and row["ci95"][0] > 0 and row["p_holm"] < 0.01
+def test_a_planted_difference_is_separated(evaluated, tmp_path):
+    def perfect_first_20(ids, details):  # what the ground truth as reconstruction of 20 images scores
+        for detail in details[None].values():
+            if "scores" in detail:
+                detail["scores"][:20] = 1.0
+            else:
+                detail["fail"][:, :20] = False  # the 20 now beat every distractor
+    better = _derived(evaluated, tmp_path / "better", perfect_first_20)
+    rows = compare_runs([evaluated, better], draws=300, permutations=2000)["comparisons"][0]["metrics"]
+    for name in ("SSIM", "PixCorr"):
+        assert rows[name]["difference"] > 0 and rows[name]["ci95"][0] > 0 and rows[name]["p_holm"] < 0.01, name
+    assert rows["retrieval_image_to_brain"]["difference"] >= 0  # the demo's retrieval is near its ceiling already
+
+
+def test_paired_differences_match_their_definition_on_known_scores(tmp_path):
+    rng = np.random.default_rng(0)
+    ids, a = np.arange(60), rng.uniform(0.2, 0.6, 60)
+    b = a + rng.normal(0.0, 0.05, 60)
+    runs = [_synthetic(tmp_path / "a", {None: (ids, a)}), _synthetic(tmp_path / "b", {None: (ids, b)})]
+    row = compare_runs(runs, draws=400, permutations=400)["comparisons"][0]["metrics"]["SSIM"]
+    assert row["difference"] == pytest.approx(b.mean() - a.mean())
+    d = b - a
+    se = d.std(ddof=1) / np.sqrt(len(d))  # the bootstrap interval is about the normal one of a mean
+    assert row["ci95"] == pytest.approx([d.mean() - 1.96 * se, d.mean() + 1.96 * se], abs=0.6 * se)
 
 
 def test_compare_refuses_runs_on_other_test_images(evaluated, tmp_path):
-    other = shutil.copytree(evaluated, tmp_path / "other")
-    data = dict(np.load(other / "per_image.npz"))
-    data["test_ids"] = data["test_ids"][::-1]
-    from pipeline.evaluation.intervals import write_per_image
-
-    write_per_image(other / "per_image.npz", data)
+    def reverse(ids, details):
+        ids[None] = ids[None][::-1]
+    other = _derived(evaluated, tmp_path / "other", reverse)
     result = CliRunner().invoke(app, ["compare", str(evaluated), str(other)])
     assert result.exit_code == 1 and "differ in their test images" in result.output
+
+
+def test_compare_refuses_runs_of_other_subjects(tmp_path):
+    ids, s = np.arange(10), np.linspace(0, 1, 10)
+    a = _synthetic(tmp_path / "a", {"subj01": (ids, s), "subj02": (ids, s)})
+    b = _synthetic(tmp_path / "b", {"subj01": (ids, s), "subj05": (ids, s)})
+    result = CliRunner().invoke(app, ["compare", str(a), str(b)])
+    assert result.exit_code == 1 and "compare runs of the same subjects" in result.output
 
 
 def test_compare_cli_prints_a_table_and_writes_json(evaluated, tmp_path):

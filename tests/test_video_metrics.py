@@ -191,3 +191,22 @@ def test_a_cache_made_from_a_config_file_rebuilds_its_model_or_degrades(video_ro
     assert "config file not found" in out["unavailable"]["CLIP-pcc"]
     assert out["reconstruction"]["SSIM"] == pytest.approx(1.0) and out["reconstruction"]["PSNR"] == 100.0
     assert json.loads((run / "metrics.json").read_text()) == out
+
+
+def test_compare_pairs_two_video_runs_clip_by_clip(perfect_run, tmp_path):
+    from pipeline.evaluation.compare import compare_runs
+
+    same, worse = shutil.copytree(perfect_run, tmp_path / "same"), shutil.copytree(perfect_run, tmp_path / "worse")
+    ids = json.loads((perfect_run / "decode.json").read_text())["clip_ids"]
+    for clip_id in ids[:15]:  # 15 of the 50 clips reconstructed as their negative
+        frames = video.read_clips(perfect_run / "recon_video", np.array([clip_id]), 6)[0]
+        video.write_clip(worse / "recon_video", int(clip_id), 255 - frames, 3.0)
+    for run in (perfect_run, same, worse):
+        evaluate_video_run(run, videomae=None, trials=10)
+    assert (same / "per_clip.npz").read_bytes() == (perfect_run / "per_clip.npz").read_bytes()
+    result = compare_runs([perfect_run, same, worse], draws=300, permutations=2000)
+    assert result["settings"]["unit"] == "test clip"
+    itself, worse_rows = (c["metrics"] for c in result["comparisons"])
+    assert all(r["difference"] == 0 and r["p"] == 1.0 for r in itself.values())
+    for name in ("SSIM", "PSNR"):
+        assert worse_rows[name]["difference"] < 0 and worse_rows[name]["ci95"][1] < 0 and worse_rows[name]["p_holm"] < 0.01

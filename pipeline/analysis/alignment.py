@@ -18,6 +18,10 @@ store's test images (the shared images, betas averaged per image):
   the ``--fmri-trials`` store (``prepare-fmri --repeats trials``) when given; without either
   the ceiling and ``encoding_normalized`` are null and ``noise_ceiling_method`` says why.
 - ``cka``: linear CKA between layers over the test images.
+- ``encoding_ci95`` / ``rsa_ci95``: 95 % bootstrap intervals over test images of every ROI x layer
+  value, and ``best_layer_test`` / ``best_layer_rsa_test``: each ROI's best layer against its
+  neighbours under the same resampled images (:func:`layer_intervals`), so a best layer within
+  noise of its neighbours says so.
 
 ``recommended`` (:func:`recommend`) turns the profiles into BrainMCLIP-style targets: a contiguous
 ``detail`` block range for the low-level areas and a ``semantic`` block for the high-level ones.
@@ -123,10 +127,11 @@ def _argmax(table: Mapping[str, Mapping[str, float]]) -> dict[str, str]:
 
 
 def layer_intervals(draws: Mapping[str, Mapping[str, np.ndarray]], best: Mapping[str, str], names: Sequence[str],
-                    n_images: int) -> dict[str, Any]:
-    """``encoding_ci95`` (ROI x layer 95 % bootstrap interval over test images) and ``best_layer_test``:
-    per ROI, the best layer against each adjacent layer in ``names``, a paired bootstrap over the same
-    resampled images (``better``: the difference's interval excludes 0)."""
+                    what: str = "encoding") -> dict[str, Any]:
+    """``<what>_ci95`` (ROI x layer 95 % bootstrap interval over test images) and the test of each best
+    layer (``best_layer_test`` for encoding, ``best_layer_<what>_test`` otherwise): per ROI, the best
+    layer against each adjacent layer in ``names``, a paired bootstrap over the same resampled images
+    (``better``: the difference's interval excludes 0)."""
     tests = {}
     for roi, layer in best.items():
         k = names.index(layer)
@@ -135,11 +140,9 @@ def layer_intervals(draws: Mapping[str, Mapping[str, np.ndarray]], best: Mapping
             for j in (k - 1, k + 1) if 0 <= j < len(names)}}
         tests[roi]["better_than_neighbours"] = all(t["better"] for t in tests[roi]["neighbours"].values())
     return {
-        "encoding_ci95": {roi: {name: [round(v, 5) for v in bootstrap.percentile_ci(d)] for name, d in row.items()}
-                          for roi, row in draws.items()},
-        "best_layer_test": tests,
-        "bootstrap": {"draws": bootstrap.DRAWS, "seed": bootstrap.SEED, "unit": "test image", "n": int(n_images),
-                      "method": "percentile; voxel r recomputed in each resampled set, mean over the ROI's voxels"},
+        f"{what}_ci95": {roi: {name: [round(v, 5) for v in bootstrap.percentile_ci(d)] for name, d in row.items()}
+                         for roi, row in draws.items()},
+        "best_layer_test" if what == "encoding" else f"best_layer_{what}_test": tests,
     }
 
 
@@ -231,6 +234,7 @@ def analyze_layers(
     enc_draws: dict[str, dict[str, np.ndarray]] = {roi: {} for roi in sets}
     weights = bootstrap.resample_weights(len(test.image_ids), bootstrap.DRAWS, bootstrap.SEED)
     rsa_table = {roi: {} for roi in sets}
+    rsa_draws: dict[str, dict[str, np.ndarray]] = {roi: {} for roi in sets}
     grams, alphas = {}, {}
     for name in tqdm(names, desc="analyze-layers", unit="layer", disable=not progress):
         feats = inputs.layer_features(cache, name, rows, features, tokens)
@@ -245,6 +249,7 @@ def analyze_layers(
             enc[roi][name] = float(r[idx].mean())
             enc_draws[roi][name] = r_draws[:, idx].mean(1)
             rsa_table[roi][name] = rsa(roi_rdms[roi], layer_rdm)
+            rsa_draws[roi][name] = bootstrap.rdm_spearman_draws(roi_rdms[roi], layer_rdm, weights)
         del feats, X_train, X_test, pred
     cka_table = {a: {b: cka(grams[a], grams[b]) for b in names} for a in names}
 
@@ -274,7 +279,13 @@ def analyze_layers(
         "cka": _rounded(cka_table),
         "best_layer": best,
         "best_layer_rsa": best_rsa,
-        **layer_intervals(enc_draws, best, names, len(test.image_ids)),
+        **layer_intervals(enc_draws, best, names),
+        **layer_intervals(rsa_draws, best_rsa, names, "rsa"),
+        "bootstrap": {"draws": bootstrap.DRAWS, "seed": bootstrap.SEED, "unit": "test image",
+                      "n": int(len(test.image_ids)), "method": (
+                          "percentile, the same resampled images for every ROI and layer; encoding: voxel r "
+                          "recomputed in each resampled set, mean over the ROI's voxels; rsa: pairs of distinct "
+                          "resampled images, full-set ranks (bootstrap.rdm_spearman_draws)")},
         "recommended": recommend(names, enc, cka_table, rec_cfg),
         "ridge": {**{k: v for k, v in asdict(enc_cfg).items() if k != "alphas"},
                   "alphas": [float(a) for a in enc_cfg.alphas], "median_alpha": alphas},

@@ -53,9 +53,11 @@ def percentile_ci(samples: np.ndarray, level: float = LEVEL) -> list[float]:
 
 
 def mean_draws(scores: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """(draws,) weighted means of per-image ``scores`` (n,) under bootstrap weights ``w``."""
+    """(draws,) weighted means of per-image ``scores`` (n,) under bootstrap weights ``w``; NaN scores
+    (images a metric leaves out) are left out of each draw's mean."""
     s = np.asarray(scores, np.float64)
-    return (w @ s) / w.sum(1)
+    present = ~np.isnan(s)
+    return (w @ np.where(present, s, 0.0)) / (w @ present)
 
 
 def no_fail_probability(others: np.ndarray, fails: np.ndarray, pool: int) -> np.ndarray:
@@ -124,3 +126,35 @@ def paired_difference(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
     d = np.asarray(a) - np.asarray(b)
     ci = percentile_ci(d)
     return {"ci95": ci, "p": float(np.mean(d <= 0)), "better": bool(ci[0] > 0)}
+
+
+
+def _pair_sums(w: np.ndarray, M: np.ndarray) -> np.ndarray:
+    """(draws,) sum over pairs i < j of ``w_i w_j M_ij`` for a symmetric (n, n) ``M`` with zero diagonal."""
+    return ((w @ M) * w).sum(1) / 2
+
+
+def rdm_spearman_draws(rdm_a: np.ndarray, rdm_b: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """(draws,) Spearman correlation of two condensed RDMs of the same ``n`` conditions in each
+    resampled set of conditions (weights ``w`` (draws, n)): pair (i, j) of distinct conditions counts
+    ``w_i * w_j`` times and pairs of copies of one condition are left out (rsatoolbox's bootstrap over
+    conditions does the same). The ranks are those of the full set (average ranks for ties), not
+    recomputed in each resample: a resample's ranks are a monotone map within O(1/sqrt(n)) of them,
+    and this keeps a draw at (n, n) matrix products (re-ranking costs a sort of n^2 / 2 pairs per draw)."""
+    from scipy.spatial.distance import squareform
+    from scipy.stats import rankdata
+
+    w = np.asarray(w, np.float64)
+    ranks = []
+    for values in (rdm_a, rdm_b):
+        r = rankdata(np.asarray(values, np.float64))
+        if r.shape != (w.shape[1] * (w.shape[1] - 1) // 2,):
+            raise ValueError(f"RDM of shape {r.shape} is not a condensed RDM of {w.shape[1]} conditions")
+        ranks.append(squareform(r - r.mean()))  # centred: no cancellation in the moments below
+    A, B = ranks
+    total = (w.sum(1) ** 2 - (w * w).sum(1)) / 2  # the number of pairs of distinct conditions
+    ma, mb = _pair_sums(w, A) / total, _pair_sums(w, B) / total
+    cov = _pair_sums(w, A * B) / total - ma * mb
+    var = (_pair_sums(w, A * A) / total - ma**2) * (_pair_sums(w, B * B) / total - mb**2)
+    den = np.sqrt(np.clip(var, 0, None))
+    return np.divide(cov, den, out=np.zeros_like(cov), where=den > 0)

@@ -1,7 +1,8 @@
 """Paired comparison of evaluated runs over the same test images (``python cli.py compare A B ...``).
 
 Every run after the first is compared with the first, metric by metric, from the ``per_image.npz``
-files ``evaluate`` wrote (:mod:`.intervals`):
+files ``evaluate`` wrote (``per_clip.npz`` of ``evaluate-video``: test clips instead of images;
+:mod:`.intervals`):
 
 - ``difference`` = B - A of the metric computed from the per-image scores (for retrieval: the
   expected top-1 over random pools of the protocol's size, so it can differ slightly from the
@@ -33,13 +34,24 @@ from . import bootstrap
 from .intervals import metric_draws, read_per_image
 
 PERMUTATIONS = 10000
+SCORE_FILES = ("per_image.npz", "per_clip.npz")
 
 
 def per_image_scores(detail: dict[str, Any]) -> np.ndarray:
-    """(n,) scores against the full test set (the mean is the metric)."""
+    """(n,) scores against the full test set (the mean is the metric; frame-level n-way: the mean
+    over frame positions)."""
     if "scores" in detail:
         return np.asarray(detail["scores"], np.float64)
-    return bootstrap.pool_scores(detail["fail"], int(detail["pool"]))
+    fail = np.asarray(detail["fail"])
+    return np.mean([bootstrap.pool_scores(f, int(detail["pool"])) for f in (fail if fail.ndim == 3 else fail[None])], 0)
+
+
+def scores_file(run: Path) -> Path:
+    """The per-item scores evaluate (``per_image.npz``) or evaluate-video (``per_clip.npz``) wrote in ``run``."""
+    for name in SCORE_FILES:
+        if (run / name).is_file():
+            return run / name
+    raise UserError(f"{run}: no {' or '.join(SCORE_FILES)}; run evaluate (or evaluate-video) on it first")
 
 
 def holm(p: Sequence[float]) -> list[float]:
@@ -83,7 +95,12 @@ def compare_runs(runs: Sequence[Path | str], *, draws: int = bootstrap.DRAWS, se
     paths = [Path(r) for r in runs]
     if len(paths) < 2:
         raise UserError("compare needs at least two run folders")
-    loaded = [read_per_image(p / "per_image.npz") for p in paths]
+    files = [scores_file(p) for p in paths]
+    if len({f.name for f in files}) > 1:
+        raise UserError(f"{files[0]} and {next(f for f in files if f.name != files[0].name)}: compare image runs "
+                        "with image runs and video runs with video runs")
+    loaded = [read_per_image(f) for f in files]
+    item = "test clip" if files[0].name == "per_clip.npz" else "test image"
     _check_paired(paths, [ids for ids, _ in loaded])
     ids0, base = loaded[0]
     weights = {key: bootstrap.resample_weights(len(ids), draws, seed) for key, ids in ids0.items()}
@@ -96,18 +113,20 @@ def compare_runs(runs: Sequence[Path | str], *, draws: int = bootstrap.DRAWS, se
             b = {k: per_image_scores(other[k][name]) for k in base}
             diff_draws = [metric_draws(other[k][name], weights[k]) - metric_draws(base[k][name], weights[k]) for k in base]
             together = diff_draws[0] if len(base) == 1 else bootstrap.subject_draws(diff_draws, seed)
+            diffs = [(b[k] - a[k])[~np.isnan(b[k] - a[k])] for k in base]  # NaN: an image the metric leaves out
             rows[name] = {
-                "a": float(np.mean([a[k].mean() for k in base])), "b": float(np.mean([b[k].mean() for k in base])),
-                "difference": float(np.mean([b[k].mean() - a[k].mean() for k in base])),
+                "a": float(np.mean([np.nanmean(a[k]) for k in base])),
+                "b": float(np.mean([np.nanmean(b[k]) for k in base])),
+                "difference": float(np.mean([np.nanmean(b[k]) - np.nanmean(a[k]) for k in base])),
                 "ci95": bootstrap.percentile_ci(together),
-                "p": sign_flip_p([b[k] - a[k] for k in base], permutations, seed),
+                "p": sign_flip_p(diffs, permutations, seed),
             }
         for name, p in zip(rows, holm([r["p"] for r in rows.values()])):
             rows[name]["p_holm"] = p
         comparisons.append({"a": str(paths[0]), "b": str(path), "metrics": rows})
     return {"comparisons": comparisons,
             "settings": {"draws": draws, "seed": seed, "permutations": permutations,
-                         "unit": "test image" if None in ids0 else "subject, then test image within subject",
+                         "unit": (item if None in ids0 else f"subject, then {item} within subject"),
                          "difference": "b - a", "correction": "Holm over the metrics of each comparison"}}
 
 

@@ -30,7 +30,7 @@ from ..store import atomic_file
 from . import bootstrap
 
 PerImage = dict[str, dict[str, Any]]
-"""metric name -> ``{"scores": (n,)}`` or ``{"fail": (n, n) bool, "pool": p}`` (``(positions, n, n)``:
+"""metric name -> ``{"scores": (n,)}`` (NaN: an image the metric leaves out, e.g. one without a COCO category) or ``{"fail": (n, n) bool, "pool": p}`` (``(positions, n, n)``:
 the mean of one pool statistic per position, e.g. frame-level n-way identification)."""
 
 UNIT_IMAGES = "test image (pool statistics recomputed in the resampled set)"
@@ -38,8 +38,10 @@ UNIT_SUBJECTS = "subject, then test image within subject"
 UNIT_CLIPS = "test clip (all its frames; pool statistics recomputed in the resampled set)"
 
 
-def metric_path(name: str) -> tuple[str, str]:
-    """Where a metric's point value sits in metrics.json."""
+def metric_path(name: str) -> tuple[str, ...]:
+    """Where a metric's point value sits in metrics.json (``brainclip/zero_shot/top1``: those keys)."""
+    if "/" in name:
+        return tuple(name.split("/"))
     if name.startswith("retrieval_"):
         return "retrieval", name.removeprefix("retrieval_")
     return "reconstruction", name
@@ -60,12 +62,15 @@ def group_draws(per_image: PerImage, n: int, draws: int, seed: int) -> dict[str,
     return {name: metric_draws(detail, w) for name, detail in per_image.items()}
 
 
-def nest(flat: Mapping[str, list[float]]) -> dict[str, dict[str, list[float]]]:
+def nest(flat: Mapping[str, list[float]]) -> dict[str, Any]:
     """Metric name -> value, arranged by the metrics.json sections (:func:`metric_path`)."""
-    out: dict[str, dict[str, list[float]]] = {}
+    out: dict[str, Any] = {}
     for name, ci in flat.items():
-        section, key = metric_path(name)
-        out.setdefault(section, {})[key] = ci
+        *sections, key = metric_path(name)
+        at = out
+        for section in sections:
+            at = at.setdefault(section, {})
+        at[key] = ci
     return out
 
 

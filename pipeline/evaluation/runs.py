@@ -143,7 +143,8 @@ def _evaluate_group(info: dict, preds: zarr.Group, test_ids: np.ndarray, recon: 
         results = metrics.evaluate(gt, rec, brain=brain, image=image, weights=weights, device=device,
                                    pool=min(pool, n), draws=draws, seed=seed, per_image=per_image)
     results.update({k: {"unavailable": v} for k, v in unavailable.items()})
-    brainclip = brainclip_tasks(preds, info, nsd, test_ids, device, pool=min(pool, n), draws=draws, seed=seed)
+    brainclip = brainclip_tasks(preds, info, nsd, test_ids, device, pool=min(pool, n), draws=draws, seed=seed,
+                                per_image=per_image)
     missing = {k: v["unavailable"] for k, v in {**results, **brainclip}.items() if isinstance(v, dict) and "unavailable" in v}
     for key in ("retrieval_image_to_brain", "retrieval_brain_to_image"):
         retrieval[key.removeprefix("retrieval_")] = results.pop(key)
@@ -179,11 +180,11 @@ def retrieval_space(clip: zarr.Group, target: str) -> dict[str, Any]:
 
 
 def brainclip_tasks(preds: zarr.Group, info: dict, nsd: NSD, test_ids: np.ndarray, device: str, *,
-                    pool: int, draws: int, seed: int) -> dict[str, Any]:
+                    pool: int, draws: int, seed: int, per_image: dict | None = None) -> dict[str, Any]:
     """Zero-shot category decoding (class-name prompts through the cache's own CLIP text tower)
     from predicted ``image_embeds`` (all test images and categories; and, when the run held
     categories out at fit time, BrainCLIP's held-out protocol), and fMRI->text retrieval from
-    predicted ``text_embeds``."""
+    predicted ``text_embeds``; ``per_image`` receives what the bootstrap resamples (``brainclip/...``)."""
     from .zeroshot import caption_targets, class_embeddings, coco_categories, zero_shot_accuracy
 
     out: dict[str, Any] = {}
@@ -200,7 +201,11 @@ def brainclip_tasks(preds: zarr.Group, info: dict, nsd: NSD, test_ids: np.ndarra
         else:
             classes = class_embeddings(loaded, names, device=device)
             pred = preds["test/image_embeds"][...]
-            out["zero_shot"] = zero_shot_accuracy(pred, classes, labels, topk=[k for k in (1, 5) if k <= len(names)])
+            hits: dict[str, np.ndarray] = {}
+            out["zero_shot"] = zero_shot_accuracy(pred, classes, labels, topk=[k for k in (1, 5) if k <= len(names)],
+                                                  hits=hits)
+            if per_image is not None:
+                per_image.update({f"brainclip/zero_shot/{k}": {"scores": v} for k, v in hits.items()})
             out["zero_shot"]["chance_top1"] = float(labels.sum(1).mean() / len(names))
             out["zero_shot"]["protocol"] = (
                 "COCO categories of the test images, ranked among all of them; categories seen in training"
@@ -217,6 +222,9 @@ def brainclip_tasks(preds: zarr.Group, info: dict, nsd: NSD, test_ids: np.ndarra
                 pred = caption_targets(pred)
             ret = metrics.retrieval_top1(pred, truth, pool=pool, draws=draws, seed=seed)
             out["fmri_to_text_top1"] = ret.brain_to_image
+            if per_image is not None:
+                per_image["brainclip/fmri_to_text_top1"] = {
+                    "fail": metrics.retrieval_failures(pred, truth).brain_to_image, "pool": pool}
     return out
 
 

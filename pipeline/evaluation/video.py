@@ -21,7 +21,9 @@ Protocol (MinD-Video / NeuroClips on cc2017; functions in :mod:`.video_metrics`)
   frames are resampled to the model's ``num_frames``); otherwise ``unavailable``.
 
 ``ci95`` gives each number's 95 % bootstrap interval over test clips (n-way statistics recomputed
-in the resampled set, as the exact expectation over distractor draws; :mod:`.intervals`).
+in the resampled set, as the exact expectation over distractor draws; :mod:`.intervals`); the
+per-clip scores behind them go to ``<run>/per_clip.npz`` (the format of ``per_image.npz``, byte-
+reproducible), which ``compare`` reads.
 
 A CLIP model that cannot be rebuilt from the cache's attrs (:func:`pipeline.features.cache.load_cache_model`:
 its config file or checkpoint moved, or its weights are not on this machine) makes the CLIP metrics
@@ -207,5 +209,6 @@ def evaluate_video_run(
         },
         "unavailable": unavailable,
     }
+    intervals.write_per_image(run / "per_clip.npz", intervals.flatten({None: per_clip}, {None: ids}))
     write_text(run / "metrics.json", json.dumps(out, indent=2))
     return out

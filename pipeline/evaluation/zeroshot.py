@@ -71,11 +71,12 @@ def class_embeddings(loaded: LoadedModel, names: Sequence[str], templates: Seque
 
 
 def zero_shot_accuracy(pred: np.ndarray, class_emb: np.ndarray, labels: np.ndarray,
-                       topk: Sequence[int] = (1, 5)) -> dict[str, float | int]:
+                       topk: Sequence[int] = (1, 5), hits: dict[str, np.ndarray] | None = None) -> dict[str, float | int]:
     """Top-k category accuracy of predicted image embeddings (n, D) against class embeddings (K, D).
 
     ``labels`` (n, K) is multi-hot; images without any category are left out and counted in
-    ``n_unlabelled``. Ties between categories go to the lower column.
+    ``n_unlabelled``. Ties between categories go to the lower column. ``hits``, when given, receives
+    ``topk`` -> (n,) per-image 1.0 / 0.0, NaN for the unlabelled images (for the bootstrap).
     """
     pred = np.asarray(pred, dtype=np.float64)
     class_emb = np.asarray(class_emb, dtype=np.float64)
@@ -93,8 +94,13 @@ def zero_shot_accuracy(pred: np.ndarray, class_emb: np.ndarray, labels: np.ndarr
     class_unit = class_emb / np.maximum(np.linalg.norm(class_emb, axis=1, keepdims=True), 1e-12)
     sim = pred[scored] @ class_unit.T  # ranking by cosine: the prediction's own norm does not matter
     order = np.argsort(-sim, axis=1, kind="stable")
-    hits = np.take_along_axis(labels[scored], order, 1)  # hits[i, r]: the r-th best guess is right
-    result: dict[str, float | int] = {f"top{k}": float(hits[:, :k].any(1).mean()) for k in topk}
+    ranked = np.take_along_axis(labels[scored], order, 1)  # ranked[i, r]: the r-th best guess is right
+    found = {f"top{k}": ranked[:, :k].any(1) for k in topk}
+    if hits is not None:
+        for key, value in found.items():
+            hits[key] = np.full(len(pred), np.nan)
+            hits[key][scored] = value
+    result: dict[str, float | int] = {key: float(value.mean()) for key, value in found.items()}
     result.update(n_scored=int(scored.sum()), n_unlabelled=int((~scored).sum()))
     return result
 
