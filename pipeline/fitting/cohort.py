@@ -18,7 +18,6 @@ import torch
 import zarr
 from torch.utils.data import Dataset
 
-from ..errors import UserError
 from .data import CacheDataset, TargetBank, _sha256, block_order
 
 
@@ -27,9 +26,9 @@ class MultiSubjectDataset(Dataset):
 
     def __init__(self, parts: Mapping[int, CacheDataset], bank: TargetBank):
         if not parts:
-            raise UserError("a multi-subject dataset needs at least one subject")
+            raise ValueError("a multi-subject dataset needs at least one subject")
         if any(p.bank is not bank for p in parts.values()):
-            raise UserError("every subject's dataset must share one target bank (bank=)")
+            raise ValueError("every subject's dataset must share one target bank (bank=)")
         self.parts = dict(parts)
         self.bank = bank
         self.targets = list(bank.targets)

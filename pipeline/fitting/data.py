@@ -169,7 +169,7 @@ class TargetBank:
         """Bank rows of 0-based image ids (all must be in the bank)."""
         rows = np.searchsorted(self.images, image_ids)
         if len(image_ids) and (rows.max() >= len(self.images) or (self.images[rows] != image_ids).any()):
-            raise UserError("image ids outside the target bank; build it with every image the rows show")
+            raise ValueError("image ids outside the target bank; build it with every image the rows show")
         return rows
 
     def gather(self, rows: np.ndarray) -> dict[str, torch.Tensor]:

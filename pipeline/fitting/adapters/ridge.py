@@ -448,4 +448,4 @@ class RidgeAdapter:
 
     def _check_fitted(self) -> None:
         if self.path_ is None:
-            raise UserError("ridge adapter: not fitted (call fit or load first)")
+            raise ValueError("ridge adapter: not fitted (call fit or load first)")

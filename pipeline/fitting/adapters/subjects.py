@@ -320,7 +320,7 @@ class SubjectAdapter(nn.Module):
     def loss(self, x: torch.Tensor, targets: Mapping[str, torch.Tensor], groups: torch.Tensor | None = None,
              subject: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if subject is None:
-            raise UserError("a multi-subject model needs the subject of every row (a MultiSubjectDataset)")
+            raise ValueError("a multi-subject model needs the subject of every row (a MultiSubjectDataset)")
         v = self.shared_input(x, subject)
         return self.trunk.loss(v, targets, groups, features=self._features(v, subject))
 
