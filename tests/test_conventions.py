@@ -1,12 +1,21 @@
-"""Project-wide conventions: one error type, one way to report a missing setting."""
+"""Project-wide conventions: one error type, one way to report a missing setting, docs that name
+modules that exist."""
 
 from __future__ import annotations
+
+import ast
+import importlib
+import re
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from cli import app
 from pipeline.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+DOTTED = re.compile(r"\bpipeline(?:\.[A-Za-z_]\w*)+")
 
 
 def test_user_error_is_a_value_error():
@@ -32,3 +41,46 @@ def test_missing_setting_is_one_line_and_exit_1(args, setting, tmp_path, monkeyp
     assert result.exit_code == 1, result.output
     assert result.stdout == ""
     assert result.stderr.splitlines() == [f"error: give --{setting.split('.')[1].replace('_', '-')} or set {setting} in params.yaml"]
+
+
+def docs() -> list[tuple[str, str]]:
+    """(where, text) of every docstring in the project's code, and of the README."""
+    found = []
+    for path in sorted([*ROOT.glob("pipeline/**/*.py"), *ROOT.glob("stages/*.py"), *ROOT.glob("benchmarks/*.py"),
+                        ROOT / "cli.py"]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                if doc := ast.get_docstring(node, clean=False):
+                    found.append((f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', 1)}", doc))
+    found.append(("README.md", (ROOT / "README.md").read_text()))
+    return found
+
+
+def resolves(dotted: str) -> bool:
+    """Whether ``a.b.c`` names a module, or an attribute reached from the longest importable module."""
+    parts = dotted.split(".")
+    for k in range(len(parts), 0, -1):
+        module = ".".join(parts[:k])
+        try:
+            obj = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and not module.startswith(exc.name):
+                raise  # a real module whose own import fails: not a stale name
+            continue
+        for attr in parts[k:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+def test_resolves_tells_moved_names_apart():
+    assert resolves("pipeline.fitting.adapters.ridge.RidgeAdapter") and resolves("pipeline.data.demo")
+    assert not resolves("pipeline.adapters.ridge") and not resolves("pipeline.store.no_such_helper")
+
+
+def test_docs_name_only_modules_and_helpers_that_exist():
+    stale = [f"{where}: {name}" for where, text in docs() for name in sorted(set(DOTTED.findall(text)))
+             if not resolves(name)]
+    assert not stale, "docstrings/README name moved or removed code:\n" + "\n".join(stale)

@@ -79,7 +79,7 @@ def fit_adapters(
     ``params``). ``rois``: ridge input voxels (labels > 0 in any of these ``voxels/<roi>``
     arrays; default every nsdgeneral voxel); the trained methods take ROIs from ``params``.
     ``params``: the method's settings (ridge: alphas, cv, alpha_per, rescale, ...; mclip/litemind:
-    fields of their config dataclass). ``train``: :class:`pipeline.train.TrainConfig` fields.
+    fields of their config dataclass). ``train``: :class:`pipeline.fitting.train.TrainConfig` fields.
     ``holdout_categories``: COCO category names (read from ``nsd_root``) no training image may show:
     those trials are left out of the fit, for BrainCLIP's held-out zero-shot protocol in evaluate.
     ``fmri`` as a list of stores, ``align`` (voxels | roi), ``experts``, ``init`` (a pre-trained
