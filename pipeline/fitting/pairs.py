@@ -68,12 +68,6 @@ class Pairs:
         """A lazy (N, ...) target array of the CLIP store; index rows with :meth:`image_ids`."""
         return self.clip[name]
 
-    def roi(self, name: str) -> np.ndarray:
-        rois = roi_names(self.fmri)
-        if name not in rois:
-            raise UserError(f"{self.fmri_path}: no ROI array 'voxels/{name}' (has {rois})")
-        return self.fmri[f"voxels/{name}"][...]
-
     @property
     def subject(self) -> int | None:
         return self.fmri.attrs.get("subject")

@@ -10,7 +10,6 @@ files (``voxels/ijk``, ``voxels/invalid_sessions``) is not an ROI.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -95,7 +94,3 @@ def true_targets(clip: Any, name: str, images: np.ndarray, shape: tuple[int, ...
         return rows
     present = np.abs(rows).sum(-1, keepdims=True) > 0
     return (rows * present).sum(1) / np.maximum(present.sum(1), 1)
-
-
-def load_info(run: Path) -> dict[str, Any]:
-    return json.loads((Path(run) / "run.json").read_text())
