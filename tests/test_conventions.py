@@ -84,3 +84,27 @@ def test_docs_name_only_modules_and_helpers_that_exist():
     stale = [f"{where}: {name}" for where, text in docs() for name in sorted(set(DOTTED.findall(text)))
              if not resolves(name)]
     assert not stale, "docstrings/README name moved or removed code:\n" + "\n".join(stale)
+
+
+def project_modules() -> list[Path]:
+    return sorted([*ROOT.glob("pipeline/**/*.py"), *ROOT.glob("stages/*.py"), ROOT / "cli.py"])
+
+
+def test_private_name_check_sees_relative_imports_and_module_attributes(tmp_path, monkeypatch):
+    import _imports
+
+    monkeypatch.setattr(_imports, "ROOT", tmp_path)
+    code = tmp_path / "pipeline" / "fitting" / "rerun.py"
+    code.parent.mkdir(parents=True)
+    code.write_text("from .adapters.subjects import _labels, subject_key\nfrom .. import store\nfrom ..store import atomic_dir\n"
+                    "store._zarr_rows\nstore.atomic_dir\n_labels\n")
+    assert _imports.private_names(code) == ["line 1: from pipeline.fitting.adapters.subjects import _labels",
+                                            "line 4: store._zarr_rows"]
+
+
+def test_modules_use_only_public_names_of_other_modules():
+    """A helper another module needs is public (or lives with its users): private names stay private."""
+    from _imports import private_names
+
+    found = [f"{path.relative_to(ROOT)} {hit}" for path in project_modules() for hit in private_names(path)]
+    assert not found, "modules take private names of other modules:\n" + "\n".join(found)

@@ -18,7 +18,7 @@ import torch
 import zarr
 from torch.utils.data import Dataset
 
-from .data import CacheDataset, TargetBank, _sha256, block_order
+from .data import CacheDataset, TargetBank, arrays_sha256, block_order
 
 
 class MultiSubjectDataset(Dataset):
@@ -77,7 +77,7 @@ class MultiSubjectDataset(Dataset):
 
     def fingerprint(self) -> dict[str, Any]:
         parts = {str(s): p.fingerprint()["betas"] for s, p in self.parts.items()}
-        return {"betas": parts, "rows": _sha256(self.subject, self.local, self.image_ids),
+        return {"betas": parts, "rows": arrays_sha256(self.subject, self.local, self.image_ids),
                 "targets": self.bank.fingerprint()}
 
     def order(self, seed: int | None) -> np.ndarray:
