@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .params import comma_list, device_option, resolve, user_errors
+from .params import comma_list, device_option, require, resolve, user_errors
 
 
 @user_errors
@@ -29,8 +29,7 @@ def command(
 
     p = resolve("analyze_layers", clip=clip, layers=layers, rois=rois, features=features, min_voxels=None,
                 encoding=None, recommend=None)
-    if "clip" not in p:
-        raise typer.BadParameter("give --clip or set analyze_layers.clip in params.yaml")
+    require(p, "analyze_layers", "clip")
     encoding = dict(p.get("encoding") or {})
     if device is not None:
         encoding["device"] = device

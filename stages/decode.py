@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .params import device_option, resolve, user_errors
+from .params import device_option, require, resolve, user_errors
 
 
 @user_errors
@@ -34,7 +34,6 @@ def command(
                 samples=samples, unclip_model=unclip_model, detail_target=detail_target, strength=strength,
                 steps=steps, guidance=guidance, noise_level=noise_level, seed=seed, device=device)
     p.pop("runs", None)
-    root = p.pop("nsd_root", None)
-    if root is None:
-        raise typer.BadParameter("give --nsd-root or set decode.nsd_root in params.yaml")
+    require(p, "decode", "nsd_root")
+    root = p.pop("nsd_root")
     typer.echo(f"wrote {decode_run(run, root, **p)}")

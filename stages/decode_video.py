@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .params import device_option, resolve, user_errors
+from .params import device_option, require, resolve, user_errors
 
 
 @user_errors
@@ -35,9 +35,7 @@ def command(
     p = resolve("decode_video", semantic=semantic, perception=perception, method=method, keyframes=keyframes,
                 size=size, unclip_model=unclip_model, video_model=video_model, motion_adapter=motion_adapter,
                 steps=steps, strength=strength, guidance=guidance, prompt=prompt, seed=seed, device=device)
-    runs = {k: p.pop(k, None) for k in ("semantic", "perception")}
-    for key, value in runs.items():
-        if value is None:
-            raise typer.BadParameter(f"give --{key} or set decode_video.{key} in params.yaml")
+    require(p, "decode_video", "semantic", "perception")
+    runs = {k: p.pop(k) for k in ("semantic", "perception")}
     target = out or Path("runs") / f"video_{p.get('method', 'interpolate')}"
     typer.echo(f"wrote {decode_video_run(runs['semantic'], runs['perception'], target, **p)}")

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .params import comma_list, device_option, resolve, user_errors
+from .params import comma_list, device_option, require, resolve, user_errors
 
 
 @user_errors
@@ -31,9 +31,8 @@ def command(
                 drop_rois=drop_rois, weights=None, pool=None, draws=None, seed=None)
     if "drop_rois" in p:
         p["drop_rois"] = comma_list(p["drop_rois"])
-    root = p.pop("nsd_root", None)
-    if root is None:
-        raise typer.BadParameter("give --nsd-root or set evaluate.nsd_root in params.yaml")
+    require(p, "evaluate", "nsd_root")
+    root = p.pop("nsd_root")
     weights = p.pop("weights", None) or None
     out = evaluate_run(run, root, weights=weights, **p)
     typer.echo(json.dumps(out["reconstruction"], indent=1))

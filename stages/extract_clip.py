@@ -12,7 +12,7 @@ import typer
 
 from pipeline.errors import UserError
 
-from .params import device_option, resolve, section, user_errors
+from .params import device_option, require, resolve, section, user_errors
 
 
 def default_out(model: str, pretrained: str) -> Path:
@@ -82,9 +82,8 @@ def command(
     if any(v is not None for v in (fps, keyframe, frame_size, vae)):
         raise UserError("--fps, --keyframe, --frame-size and --vae apply to --video")
     p = resolve("extract_clip", stimuli=stimuli, images=images, captions=captions, **common)
-    source = p.pop("stimuli", None)
-    if source is None:
-        raise typer.BadParameter("give --stimuli or set extract_clip.stimuli in params.yaml")
+    require(p, "extract_clip", "stimuli")
+    source = p.pop("stimuli")
     p.setdefault("model", "ViT-L-14")
     p.setdefault("pretrained", "openai")
     target = Path(p.pop("out", None) or default_out(p["model"], p["pretrained"]))

@@ -22,7 +22,7 @@ import typer
 
 from pipeline.errors import UserError
 
-from .params import comma_list, device_option, resolve, section, user_errors
+from .params import comma_list, device_option, require, resolve, section, user_errors
 
 
 def _several(fmri, *multi_options) -> bool:
@@ -73,9 +73,7 @@ def command(
         subjects["lora_rank"] = lora_rank
     if epochs is not None:
         train["epochs"] = epochs
-    for key in ("fmri", "clip"):
-        if key not in p:
-            raise UserError(f"give --{key} or set {params_section}.{key} in params.yaml")
+    require(p, params_section, "fmri", "clip")
     run = out or Path("runs") / (experiment or chosen)
     report = fit_adapters(
         p["fmri"], p["clip"], chosen, run,

@@ -45,6 +45,14 @@ def resolve(name: str, **options: Any) -> dict[str, Any]:
     return {k: v for k, v in merged.items() if v is not None}
 
 
+def require(params: dict[str, Any], name: str, *keys: str) -> None:
+    """Fail with one line (a :class:`UserError`, exit 1) when a setting ``resolve(name, ...)`` returned
+    has neither a command-line option nor a value in params.yaml section ``name``."""
+    for key in keys:
+        if params.get(key) is None:
+            raise UserError(f"give --{key.replace('_', '-')} or set {name}.{key} in params.yaml")
+
+
 def comma_list(value: Any) -> list[str] | None:
     """A list option given as ``"a,b"`` on the command line or as a YAML list/scalar; None when empty."""
     if value is None:

@@ -9,7 +9,7 @@ import typer
 
 from pipeline.errors import UserError
 
-from .params import resolve, user_errors
+from .params import require, resolve, user_errors
 
 
 @user_errors
@@ -45,9 +45,8 @@ def command(
     if train_sessions is not None:
         p["train_sessions"] = train_sessions
     p.pop("subjects", None)
-    root = p.pop("nsd_root", None)
-    if root is None:
-        raise typer.BadParameter("give --nsd-root or set prepare_fmri.nsd_root in params.yaml")
+    require(p, "prepare_fmri", "nsd_root")
+    root = p.pop("nsd_root")
     target = out or Path(f"cache/fmri/subj{subject:02d}.zarr")
     prepare_fmri(root, subject, target, **p)
     typer.echo(f"wrote {target}")

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .params import resolve, section, user_errors
+from .params import require, resolve, section, user_errors
 
 
 @user_errors
@@ -25,9 +25,8 @@ def command(
     from pipeline.data.video_fmri import prepare_video_fmri
 
     p = resolve("prepare_video_fmri", root=root, lag=lag, select=select, alpha=alpha)
-    source = p.pop("root", None)
-    if source is None:
-        raise typer.BadParameter("give --root or set prepare_video_fmri.root in params.yaml")
+    require(p, "prepare_video_fmri", "root")
+    source = p.pop("root")
     target = out or Path(f"cache/fmri/cc2017_subj{subject:02d}.zarr")
     prepare_video_fmri(source, subject, target, design=Design.from_params(section("cc2017_design")), **p)
     typer.echo(f"wrote {target}")

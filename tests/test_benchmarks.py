@@ -3,13 +3,13 @@ in the README can always be reproduced by its command (issue 21, section 7)."""
 
 from __future__ import annotations
 
-import ast
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _imports import private_names
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
@@ -43,35 +43,6 @@ SMOKE: dict[str, tuple[list[str], set[str], bool]] = {
 }
 OUT_FLAG = {"merge.py": "--json", "ridge.py": "--json", "subjects.py": None, "reads.py": None}  # default --out
 SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name not in HELPERS)
-
-
-def private_names(path: Path) -> list[str]:
-    """``pipeline`` names starting with ``_`` that a script imports or reads as a module attribute."""
-    tree = ast.parse(path.read_text(), str(path))
-    modules: set[str] = set()  # local names bound to pipeline modules or their members
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "pipeline":
-            for alias in node.names:
-                if alias.name.startswith("_"):
-                    found.append(f"line {node.lineno}: from {node.module} import {alias.name}")
-                modules.add(alias.asname or alias.name)
-            if any(part.startswith("_") for part in node.module.split(".")):
-                found.append(f"line {node.lineno}: from {node.module}")
-        elif isinstance(node, ast.Import):
-            for alias in node.names:
-                if alias.name.split(".")[0] == "pipeline":
-                    modules.add((alias.asname or alias.name).split(".")[0])
-                    if any(part.startswith("_") for part in alias.name.split(".")):
-                        found.append(f"line {node.lineno}: import {alias.name}")
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
-            base = node.value
-            while isinstance(base, ast.Attribute):
-                base = base.value
-            if isinstance(base, ast.Name) and base.id in modules:
-                found.append(f"line {node.lineno}: {ast.unparse(node)}")
-    return found
 
 
 def test_private_name_check_sees_both_forms(tmp_path: Path) -> None:

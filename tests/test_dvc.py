@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _imports import PACKAGES, absolute
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline", "stages")
 DATA_DEPS = {"pipeline/features/clip.py": "pipeline/model_configs"}
 """Files a module reads by path: a stage running the module lists the folder (or a file in it)."""
 
@@ -35,12 +35,6 @@ def module_path(name: str) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
-
-
-def module_name(path: Path) -> str:
-    rel = path.relative_to(ROOT).with_suffix("")
-    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
-    return ".".join(parts)
 
 
 def _statements(tree: ast.Module, lazy: bool):
@@ -62,16 +56,12 @@ def _statements(tree: ast.Module, lazy: bool):
 def imported(path: Path, lazy: bool) -> frozenset[Path]:
     """Project files that importing (and, with ``lazy``, running) ``path`` imports directly."""
     tree = ast.parse(path.read_text())
-    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
     names: set[str] = set()
     for node in _statements(tree, lazy):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
             continue
-        base = node.module or ""
-        if node.level:
-            anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-            base = ".".join([*anchor, base] if base else anchor)
+        base = absolute(node, path)
         names.add(base)
         names.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
     found = set()

@@ -1,7 +1,7 @@
 """Read the Natural Scenes Dataset from its on-disk layout (see shared/reference/nsd.md).
 
 Everything here reads; nothing writes. Paths, dtypes, index bases and axis orders follow the
-real release so the same code runs on NSD and on the demo look-alike (:mod:`pipeline.demo`):
+real release so the same code runs on NSD and on the demo look-alike (:mod:`pipeline.data.demo`):
 
 - ids in ``nsd_expdesign.mat`` and the stim-info rep columns are 1-based; this module returns
   0-based 73k image ids and 0-based global trial indices;
@@ -91,7 +91,8 @@ def _check_file(path: Path, what: str) -> Path:
 
 
 @contextmanager
-def _open_hdf5(path: Path) -> Iterator[h5py.File]:
+def open_hdf5(path: Path) -> Iterator[h5py.File]:
+    """``path`` opened read-only; a file h5py cannot open is a :class:`UserError` naming it."""
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
@@ -172,7 +173,7 @@ class NSD(NSDLayout):
     def stimuli(self) -> Iterator[h5py.Dataset]:
         """The ``imgBrick`` dataset (N, H, W, 3) uint8, opened lazily: index it in batches."""
         path = _check_file(self.stimuli_path, "stimulus file")
-        with _open_hdf5(path) as f:
+        with open_hdf5(path) as f:
             if "imgBrick" not in f:
                 raise UserError(f"{path}: no 'imgBrick' dataset (found {sorted(f.keys())})")
             yield f["imgBrick"]
@@ -258,7 +259,7 @@ class NSD(NSDLayout):
         path = self.betas_path(subject, session, fmt)
         if fmt == "nifti":
             return int(_load_nifti(path).shape[-1])
-        with _open_hdf5(path) as f:
+        with open_hdf5(path) as f:
             return int(_hdf5_betas(f, path).shape[0])
 
 
@@ -295,7 +296,7 @@ def _hdf5_betas(f: h5py.File, path: Path) -> h5py.Dataset:
 
 
 def _read_hdf5_betas(path: Path, mask: np.ndarray) -> np.ndarray:
-    with _open_hdf5(path) as f:
+    with open_hdf5(path) as f:
         ds = _hdf5_betas(f, path)
         if tuple(ds.shape[1:]) != mask.shape[::-1]:
             raise UserError(

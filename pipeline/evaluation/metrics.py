@@ -163,7 +163,7 @@ def _check_feats(gt: np.ndarray, rec: np.ndarray, min_n: int = 1) -> None:
         raise UserError(f"need at least {min_n} images, got {len(gt)}")
 
 
-def _flat(x: np.ndarray | torch.Tensor, what: str, dtype: type | None = None) -> np.ndarray:
+def feature_rows(x: np.ndarray | torch.Tensor, what: str, dtype: type | None = None) -> np.ndarray:
     """(n, ...) features as (n, d) rows (cast to ``dtype`` when given)."""
     arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     if arr.ndim < 2:
@@ -202,7 +202,7 @@ def two_way_failures(gt_feats: np.ndarray, rec_feats: np.ndarray) -> np.ndarray:
     """(n, n) bool: ``fail[i, j]`` = distractor GT i does not correlate less with rec j than GT j
     does (ties and NaN fail); diagonal False. The per-image form of :func:`two_way_identification`
     that :mod:`.bootstrap` resamples."""
-    g, r = _flat(gt_feats, "gt_feats"), _flat(rec_feats, "rec_feats")
+    g, r = feature_rows(gt_feats, "gt_feats"), feature_rows(rec_feats, "rec_feats")
     _check_feats(g, r, min_n=2)
     corr = cross_correlation(g, r)  # corr[i, j] = r(GT_i, rec_j); NaN for constant rows
     with np.errstate(invalid="ignore"):
@@ -218,7 +218,7 @@ def _two_way_value(fail: np.ndarray) -> float:
 
 def correlation_distance_each(gt_feats: np.ndarray, rec_feats: np.ndarray) -> np.ndarray:
     """Per-image ``1 - Pearson r`` (see :func:`correlation_distance`)."""
-    g, r = _flat(gt_feats, "gt_feats", np.float64), _flat(rec_feats, "rec_feats", np.float64)
+    g, r = feature_rows(gt_feats, "gt_feats", np.float64), feature_rows(rec_feats, "rec_feats", np.float64)
     _check_feats(g, r)
     return 1.0 - _rowwise_pearson(g, r)
 
@@ -259,7 +259,7 @@ def retrieval_top1(
 ) -> Retrieval:
     """ME2 retrieval: ``draws`` times pick ``pool`` samples without replacement (``np.random.seed(seed)``
     then ``np.random.choice``), flatten and L2-normalise, cosine similarity, top-1; mean over draws."""
-    b, i = _flat(brain, "brain", np.float64), _flat(image, "image", np.float64)
+    b, i = feature_rows(brain, "brain", np.float64), feature_rows(image, "image", np.float64)
     if len(b) != len(i):
         raise UserError(f"brain ({len(b)}) and image ({len(i)}) embeddings must have one row per test sample each")
     if b.shape[1] != i.shape[1]:
@@ -283,8 +283,8 @@ def retrieval_failures(brain: np.ndarray, image: np.ndarray) -> Retrieval:
     """(n, n) bool failure matrices of both retrieval directions over the whole test set:
     ``fail[i, j]`` = candidate i scores at least as high as item j's own match (diagonal False);
     :mod:`.bootstrap` turns them into per-image expected top-1 accuracies for any pool size."""
-    b = _unit_rows(_flat(brain, "brain", np.float64))
-    i = _unit_rows(_flat(image, "image", np.float64))
+    b = _unit_rows(feature_rows(brain, "brain", np.float64))
+    i = _unit_rows(feature_rows(image, "image", np.float64))
     sim = i @ b.T  # rows = images, columns = brain
     diag = np.diag(sim)
     fwd, bwd = (sim >= diag[:, None]).T, sim >= diag[None, :]

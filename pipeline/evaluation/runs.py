@@ -97,7 +97,8 @@ def evaluate_run(
 def _score_without(run: Path, info: dict, groups, drop: dict) -> dict[str, Any]:
     """Per-target scores of the run's model on each subject's test set with ``drop`` voxels removed."""
     from ..fitting.fit import target_report
-    from ..fitting.rerun import predict_without, true_targets
+    from ..fitting.pairs import true_targets
+    from ..fitting.rerun import predict_without
 
     clip = open_cache(Path(info["clip"]))
     per = {}

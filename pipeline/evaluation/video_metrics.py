@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import UserError
-from .metrics import _flat, cross_correlation, float_pairs
+from .metrics import cross_correlation, feature_rows, float_pairs
 
 
 def psnr_each(gt: np.ndarray, rec: np.ndarray) -> np.ndarray:
@@ -51,7 +51,7 @@ def n_way_identification(gt_feats: np.ndarray, rec_feats: np.ndarray, n: int, tr
                          seed: int = 0) -> float:
     """Fraction of (item, trial) pairs whose reconstruction correlates best with its own ground truth
     among it and n - 1 random other ground truths (see the module docstring)."""
-    g, r = _flat(gt_feats, "gt_feats", np.float64), _flat(rec_feats, "rec_feats", np.float64)
+    g, r = feature_rows(gt_feats, "gt_feats", np.float64), feature_rows(rec_feats, "rec_feats", np.float64)
     if g.shape != r.shape:
         raise UserError(f"features differ in shape: ground truth {g.shape}, reconstructions {r.shape}")
     m = len(g)

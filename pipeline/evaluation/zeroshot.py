@@ -9,7 +9,7 @@ retrieval.
 - :func:`zero_shot_accuracy` ranks the categories by cosine similarity to each predicted image
   embedding; a top-k guess is correct if any of the k best is one of the image's categories.
 - :func:`caption_targets` averages an image's caption embeddings (the cache's ``text_embeds``) into
-  one text target, for fMRI->text retrieval with :func:`pipeline.metrics.retrieval_top1`
+  one text target, for fMRI->text retrieval with :func:`pipeline.evaluation.metrics.retrieval_top1`
   (fMRI->image retrieval uses the cached ``image_embeds`` the same way).
 """
 

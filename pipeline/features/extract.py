@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import torch
 
-from ..data.nsd import NSD, NSDLayout, _open_hdf5
+from ..data.nsd import NSD, NSDLayout, open_hdf5
 from ..errors import UserError
 from . import clip
 from .cache import CAPTIONS_PER_IMAGE, SHARD_ROWS, store_layout
@@ -48,7 +48,7 @@ def describe_source(path: Path, n_samples: int = 64) -> dict:
     The fingerprint is part of the settings a store is resumed with: a regenerated or different
     image file is refused instead of silently mixed in, without hashing 40 GB.
     """
-    with _open_hdf5(path) as f:
+    with open_hdf5(path) as f:
         if "imgBrick" not in f:
             raise UserError(f"{path}: no 'imgBrick' dataset (found {sorted(f.keys())})")
         images = f["imgBrick"]

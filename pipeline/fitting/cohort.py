@@ -18,8 +18,7 @@ import torch
 import zarr
 from torch.utils.data import Dataset
 
-from ..errors import UserError
-from .data import CacheDataset, TargetBank, _sha256, block_order
+from .data import CacheDataset, TargetBank, arrays_sha256, block_order
 
 
 class MultiSubjectDataset(Dataset):
@@ -27,9 +26,9 @@ class MultiSubjectDataset(Dataset):
 
     def __init__(self, parts: Mapping[int, CacheDataset], bank: TargetBank):
         if not parts:
-            raise UserError("a multi-subject dataset needs at least one subject")
+            raise ValueError("a multi-subject dataset needs at least one subject")
         if any(p.bank is not bank for p in parts.values()):
-            raise UserError("every subject's dataset must share one target bank (bank=)")
+            raise ValueError("every subject's dataset must share one target bank (bank=)")
         self.parts = dict(parts)
         self.bank = bank
         self.targets = list(bank.targets)
@@ -78,7 +77,7 @@ class MultiSubjectDataset(Dataset):
 
     def fingerprint(self) -> dict[str, Any]:
         parts = {str(s): p.fingerprint()["betas"] for s, p in self.parts.items()}
-        return {"betas": parts, "rows": _sha256(self.subject, self.local, self.image_ids),
+        return {"betas": parts, "rows": arrays_sha256(self.subject, self.local, self.image_ids),
                 "targets": self.bank.fingerprint()}
 
     def order(self, seed: int | None) -> np.ndarray:

@@ -73,7 +73,8 @@ def memory_budget(memory: int | None) -> int:
     return int(memory)
 
 
-def _sha256(*arrays: np.ndarray) -> str:
+def arrays_sha256(*arrays: np.ndarray) -> str:
+    """SHA-256 of the arrays' dtypes, shapes and bytes: a fingerprint of what a dataset holds."""
     h = hashlib.sha256()
     for a in arrays:
         a = np.ascontiguousarray(a)
@@ -164,7 +165,7 @@ class TargetBank:
         """Bank rows of 0-based image ids (all must be in the bank)."""
         rows = np.searchsorted(self.images, image_ids)
         if len(image_ids) and (rows.max() >= len(self.images) or (self.images[rows] != image_ids).any()):
-            raise UserError("image ids outside the target bank; build it with every image the rows show")
+            raise ValueError("image ids outside the target bank; build it with every image the rows show")
         return rows
 
     def gather(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
@@ -225,13 +226,13 @@ class TargetBank:
         settings and the array's metadata (reading them whole would defeat streaming)."""
         if self._fingerprint is None:
             settings = self.clip.attrs.get("settings") if isinstance(self.clip, zarr.Group) else None
-            out: dict[str, Any] = {"images": _sha256(self.images), "streamed": sorted(self.streamed)}
+            out: dict[str, Any] = {"images": arrays_sha256(self.images), "streamed": sorted(self.streamed)}
             for name in self.targets:
                 if name in self.tables:
-                    out[name] = _sha256(self.tables[name].cpu().numpy())
+                    out[name] = arrays_sha256(self.tables[name].cpu().numpy())
                 else:
                     meta = self.streamed[name].metadata.to_dict() if isinstance(self.streamed[name], zarr.Array) else {}
-                    out[name] = _sha256(np.frombuffer(json.dumps([settings, meta], sort_keys=True, default=str).encode(), np.uint8))
+                    out[name] = arrays_sha256(np.frombuffer(json.dumps([settings, meta], sort_keys=True, default=str).encode(), np.uint8))
             self._fingerprint = out
         return self._fingerprint
 
@@ -361,7 +362,7 @@ class CacheDataset(Dataset):
 
     def fingerprint(self) -> dict[str, Any]:
         """Identity of the data for checkpoints: a hash of the betas, rows and image ids, and the bank's."""
-        return {"betas": _sha256(self.betas.cpu().numpy(), self.rows, self.image_ids), "targets": self.bank.fingerprint()}
+        return {"betas": arrays_sha256(self.betas.cpu().numpy(), self.rows, self.image_ids), "targets": self.bank.fingerprint()}
 
     def order(self, seed: int | None) -> np.ndarray:
         return block_order(self.bank, self.bank_rows, seed)

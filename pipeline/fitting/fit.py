@@ -42,9 +42,9 @@ from .. import __version__
 from ..device import resolve_device
 from ..errors import UserError
 from ..evaluation import metrics
-from ..store import atomic_dir, compressor, take_rows, write_timings
+from ..store import atomic_dir, compressor, write_timings
 from .adapters.base import make_config, roi_indices
-from .pairs import Pairs, open_pairs
+from .pairs import Pairs, open_pairs, true_targets
 
 METHODS = ("ridge", "mclip", "litemind", "perception")
 RIDGE_KEYS = ("alphas", "cv", "alpha_per", "rescale", "n_targets_batch", "backend", "coef_dtype")
@@ -79,7 +79,7 @@ def fit_adapters(
     ``params``). ``rois``: ridge input voxels (labels > 0 in any of these ``voxels/<roi>``
     arrays; default every nsdgeneral voxel); the trained methods take ROIs from ``params``.
     ``params``: the method's settings (ridge: alphas, cv, alpha_per, rescale, ...; mclip/litemind:
-    fields of their config dataclass). ``train``: :class:`pipeline.train.TrainConfig` fields.
+    fields of their config dataclass). ``train``: :class:`pipeline.fitting.train.TrainConfig` fields.
     ``holdout_categories``: COCO category names (read from ``nsd_root``) no training image may show:
     those trials are left out of the fit, for BrainCLIP's held-out zero-shot protocol in evaluate.
     ``fmri`` as a list of stores, ``align`` (voxels | roi), ``experts``, ``init`` (a pre-trained
@@ -286,15 +286,6 @@ def per_image(image_ids: np.ndarray, predictions: Mapping[str, np.ndarray]) -> t
     return images, counts, {k: mean(v) for k, v in predictions.items()}
 
 
-def _true_targets(pairs: Pairs, name: str, images: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Target rows of ``images``, reduced like the prediction (captions -> mean of present captions)."""
-    rows = take_rows(pairs.target(name), images).astype(np.float32)
-    if rows.shape[1:] == shape:
-        return rows
-    present = np.abs(rows).sum(-1, keepdims=True) > 0
-    return (rows * present).sum(1) / np.maximum(present.sum(1), 1)
-
-
 def _write_outputs(run: Path, pairs: Pairs, method: str, predictions: dict[str, np.ndarray], info: dict, params) -> dict:
     test_ids, n_repeats, predictions = per_image(pairs.image_ids("test"), predictions)
     root = zarr.open_group(run / "predictions.zarr", mode="w", zarr_format=3)
@@ -304,7 +295,7 @@ def _write_outputs(run: Path, pairs: Pairs, method: str, predictions: dict[str, 
         root.create_array(f"test/{name}", data=pred, chunks=(max(1, min(len(pred), 256)), *pred.shape[1:]),
                           compressors=[compressor()])
         if len(pred) >= 2:
-            report["targets"][name] = target_report(pred, _true_targets(pairs, name, test_ids, pred.shape[1:]))
+            report["targets"][name] = target_report(pred, true_targets(pairs.clip, name, test_ids, pred.shape[1:]))
     root.create_array(f"test/{pairs.row_key}", data=test_ids)
     root.create_array("test/n_repeats", data=n_repeats)
     root.attrs.update({"method": method, "fmri": str(pairs.fmri_path), "clip": str(pairs.clip_path)})

@@ -33,7 +33,7 @@ from ..store import compressor, write_timings
 from .adapters.base import make_config
 from .adapters.finetune import MODES, apply_finetune, set_trainable
 from .adapters.subjects import SubjectAdapter, SubjectConfig, subject_key
-from .pairs import Pairs, clip_identity, open_cohort, store_settings
+from .pairs import Pairs, clip_identity, open_cohort, store_settings, true_targets
 
 
 def load_init(init: Path | str, method: str, pairs: Pairs, targets: list[str]) -> tuple[SubjectAdapter, dict]:
@@ -163,7 +163,7 @@ def _fields(cfg: Any) -> dict[str, Any]:
 def write_subject_outputs(run: Path, cohort: Sequence[Pairs], method: str, predictions: Mapping[int, dict],
                           info: dict, params: Mapping[str, Any]) -> dict:
     """``predictions.zarr`` (one group per subject), ``fit_report.json`` (per subject and mean), ``run.json``."""
-    from .fit import _true_targets, per_image, target_report
+    from .fit import per_image, target_report
 
     root = zarr.open_group(run / "predictions.zarr", mode="w", zarr_format=3)
     per_subject = {}
@@ -175,7 +175,7 @@ def write_subject_outputs(run: Path, cohort: Sequence[Pairs], method: str, predi
             root.create_array(f"{key}/test/{name}", data=pred, chunks=(max(1, min(len(pred), 256)), *pred.shape[1:]),
                               compressors=[compressor()])
             if len(pred) >= 2:
-                report["targets"][name] = target_report(pred, _true_targets(pairs, name, test_ids, pred.shape[1:]))
+                report["targets"][name] = target_report(pred, true_targets(pairs.clip, name, test_ids, pred.shape[1:]))
         root.create_array(f"{key}/test/image_ids", data=test_ids)
         root.create_array(f"{key}/test/n_repeats", data=n_repeats)
         root[key].attrs.update({"subject": pairs.subject, "fmri": str(pairs.fmri_path)})

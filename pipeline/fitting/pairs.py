@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
@@ -19,7 +20,7 @@ import zarr
 from ..errors import UserError
 from ..features.cache import require_rows
 from ..features.clip import SIZES_SUFFIX
-from ..store import open_existing
+from ..store import open_existing, take_rows
 
 SPLITS = ("train", "test")
 ROW_KEYS = ("image_ids", "clip_ids")
@@ -67,12 +68,6 @@ class Pairs:
     def target(self, name: str) -> zarr.Array:
         """A lazy (N, ...) target array of the CLIP store; index rows with :meth:`image_ids`."""
         return self.clip[name]
-
-    def roi(self, name: str) -> np.ndarray:
-        rois = roi_names(self.fmri)
-        if name not in rois:
-            raise UserError(f"{self.fmri_path}: no ROI array 'voxels/{name}' (has {rois})")
-        return self.fmri[f"voxels/{name}"][...]
 
     @property
     def subject(self) -> int | None:
@@ -188,3 +183,13 @@ def clip_identity(clip: zarr.Group) -> str:
 
     settings = clip.attrs.get("settings") or {k: clip.attrs.get(k) for k in ("model", "pretrained", "layers", "tokens")}
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def true_targets(clip: Any, name: str, images: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Rows ``images`` of the CLIP-cache target ``name``, reduced like a prediction of ``shape``
+    (several caption embeddings per image -> the mean of those present): what a fit is scored against."""
+    rows = take_rows(clip[name], images).astype(np.float32)
+    if rows.shape[1:] == shape:
+        return rows
+    present = np.abs(rows).sum(-1, keepdims=True) > 0
+    return (rows * present).sum(1) / np.maximum(present.sum(1), 1)

@@ -10,7 +10,6 @@ files (``voxels/ijk``, ``voxels/invalid_sessions``) is not an ROI.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from ..store import open_existing, take_rows
+from ..store import open_existing
 from .adapters.base import FLOC
-from .adapters.subjects import _labels, subject_key
+from .adapters.subjects import label_values, subject_key
 from .pairs import roi_names
 
 ALIASES = {"floc": FLOC}
@@ -40,7 +39,7 @@ def _select(voxels: Any, rois: Sequence[str], name: str) -> np.ndarray | None:
     if not present:
         return None
     if label:
-        value = _labels(voxels[file]).get(label)
+        value = label_values(voxels[file]).get(label)
         return None if value is None else np.asarray(voxels[file][...]) == value
     return np.any([np.asarray(voxels[f][...]) > 0 for f in present], axis=0)
 
@@ -87,15 +86,3 @@ def predict_without(run: Path, info: Mapping[str, Any], key: str | None, drop: n
         subject = int(key[4:]) if key else None
         preds = predict(model, betas, subject=subject, keep=~drop)
     return per_image(ids, preds)[2]
-
-
-def true_targets(clip: Any, name: str, images: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    rows = take_rows(clip[name], images).astype(np.float32)
-    if rows.shape[1:] == shape:
-        return rows
-    present = np.abs(rows).sum(-1, keepdims=True) > 0
-    return (rows * present).sum(1) / np.maximum(present.sum(1), 1)
-
-
-def load_info(run: Path) -> dict[str, Any]:
-    return json.loads((Path(run) / "run.json").read_text())

@@ -98,7 +98,7 @@ class Standardizer(nn.Module):
         return z.float() * self.std + self.mean
 
 
-def _key(name: str) -> str:
+def module_key(name: str) -> str:
     """A module name for a target name (``layers/11-20_mean`` -> ``layers|11-20_mean``)."""
     return name.replace("/", "|").replace(".", ",")
 
@@ -122,7 +122,7 @@ class Adapter(nn.Module):
         self.n_voxels = int(n_voxels)
         self.target_shapes = {name: tuple(int(s) for s in shape) for name, shape in targets.items()}
         self.scalers = nn.ModuleDict(
-            {_key(n): Standardizer(prediction_shape(n, s)) for n, s in self.target_shapes.items()}
+            {module_key(n): Standardizer(prediction_shape(n, s)) for n, s in self.target_shapes.items()}
         )
         self.group_sizes = {}
         for group, idx in voxel_groups.items():
@@ -164,7 +164,7 @@ class Adapter(nn.Module):
         return x[:, getattr(self, f"voxels_{group}")]
 
     def scaler(self, name: str) -> Standardizer:
-        return self.scalers[_key(name)]
+        return self.scalers[module_key(name)]
 
     def standardized_target(self, name: str, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Raw cache rows -> standardised target, and the mask of usable rows (captions only)."""

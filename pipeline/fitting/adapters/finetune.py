@@ -82,7 +82,7 @@ def apply_finetune(model, mode: str, rank: int, subject: str) -> None:
 def set_trainable(model, stage: str, subject: str | None = None) -> dict[str, int]:
     """Freeze everything, then unfreeze what ``stage`` trains; returns {trainable, total} parameters."""
     if stage not in STAGES:
-        raise UserError(f"unknown training stage {stage!r} (known: {', '.join(STAGES)})")
+        raise ValueError(f"unknown training stage {stage!r} (known: {', '.join(STAGES)})")
     experts = getattr(model, "experts", None)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -1,4 +1,4 @@
-"""Alignment losses shared by the trained adapters (the retrieval metric lives in :mod:`pipeline.metrics`).
+"""Alignment losses shared by the trained adapters (the retrieval metric lives in :mod:`pipeline.evaluation.metrics`).
 
 Every function takes batched torch tensors ``(B, ...)`` and flattens what it needs; none keeps state.
 Losses are computed in float32 whatever the autocast dtype of the forward pass: each runs with

@@ -6,7 +6,7 @@ One estimator, :class:`RidgeAdapter`, fits every requested target array of the C
 
 Usage (what the ``fit-adapters --method ridge`` stage does)::
 
-    from pipeline.adapters.ridge import RidgeAdapter
+    from pipeline.fitting.adapters.ridge import RidgeAdapter
 
     adapter = RidgeAdapter(alphas=np.logspace(1, 7, 13), cv=5, alpha_per="target")
     adapter.fit(X, {"image_embeds": clip["image_embeds"], "layers/24": clip["layers/24"]},
@@ -448,4 +448,4 @@ class RidgeAdapter:
 
     def _check_fitted(self) -> None:
         if self.path_ is None:
-            raise UserError("ridge adapter: not fitted (call fit or load first)")
+            raise ValueError("ridge adapter: not fitted (call fit or load first)")

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import UserError
-from .base import FLOC, Adapter, _key, make_config
+from .base import FLOC, Adapter, make_config, module_key
 
 ALIGNS = ("voxels", "roi")
 REST = "rest"
@@ -100,7 +100,7 @@ class Unit:
     group: str
 
 
-def _labels(array: Any) -> dict[str, int]:
+def label_values(array: Any) -> dict[str, int]:
     """Label name -> value of a ``voxels/<file>`` array (its ``labels`` attribute; values as names without)."""
     table = dict(getattr(array, "attrs", {}).get("labels") or {})
     if table:
@@ -124,7 +124,7 @@ def plan_units(cfg: SubjectConfig, group_rois: Mapping[str, tuple[str, ...] | No
         names: dict[str, int] = {}
         for voxels in stores:
             if voxels is not None and file in voxels:
-                for name, value in _labels(voxels[file]).items():
+                for name, value in label_values(voxels[file]).items():
                     names.setdefault(name, value)
         units += [Unit(f"{file}/{n}", cfg.roi_width, (file,), n, file) for n in sorted(names, key=names.get)]
     if not units:
@@ -149,7 +149,7 @@ def unit_voxels(unit: Unit, voxels: Mapping[str, Any] | None, n_voxels: int, roi
             raise UserError(f"ROI labels voxels/{f} must have one entry per voxel ({n_voxels})")
     if unit.label is None:
         return np.flatnonzero(np.any([np.asarray(voxels[f][...]) > 0 for f in present], axis=0))
-    value = _labels(voxels[present[0]]).get(unit.label)
+    value = label_values(voxels[present[0]]).get(unit.label)
     return np.zeros(0, np.int64) if value is None else np.flatnonzero(np.asarray(voxels[present[0]][...]) == value)
 
 
@@ -168,22 +168,22 @@ class SubjectLayer(nn.Module):
             if n == 0:
                 continue
             index = torch.zeros(n, dtype=torch.long) if isinstance(idx, int) else torch.as_tensor(idx, dtype=torch.long)
-            self.register_buffer(f"voxels_{_key(unit.name)}", index)
-            self.maps[_key(unit.name)] = nn.Linear(n, unit.width)
+            self.register_buffer(f"voxels_{module_key(unit.name)}", index)
+            self.maps[module_key(unit.name)] = nn.Linear(n, unit.width)
             self.sizes[unit.name] = n
 
     def forward(self, x: torch.Tensor, unit: Unit, keep: torch.Tensor | None) -> torch.Tensor | None:
         """(b, V) -> (b, width) for ``unit``, or None when this subject (with ``keep``, the kept voxels) lacks it."""
         if unit.name not in self.sizes:
             return None
-        idx = getattr(self, f"voxels_{_key(unit.name)}")
+        idx = getattr(self, f"voxels_{module_key(unit.name)}")
         v = x[:, idx]
         if keep is not None:
             kept = keep[idx]
             if not kept.any():
                 return None
             v = v * kept.to(v.dtype)
-        return self.maps[_key(unit.name)](v)
+        return self.maps[module_key(unit.name)](v)
 
 
 class BrainExperts(nn.Module):
@@ -232,7 +232,7 @@ class SubjectAdapter(nn.Module):
         self.config, self.units, self.trunk = cfg, list(units), trunk
         self.method = trunk.method
         self.inputs = nn.ModuleDict()
-        self.missing = nn.ParameterDict({_key(u.name): nn.Parameter(torch.zeros(u.width)) for u in self.units})
+        self.missing = nn.ParameterDict({module_key(u.name): nn.Parameter(torch.zeros(u.width)) for u in self.units})
         self.drop_groups = list(dict.fromkeys(u.group for u in self.units))
         self.finetune: dict[str, Any] | None = None
         for key, (n, sizes) in subjects.items():
@@ -282,7 +282,7 @@ class SubjectAdapter(nn.Module):
             cols = []
             for unit in self.units:
                 out = layer(xs, unit, None if keep is None else keep.get(k))
-                cols.append(self.missing[_key(unit.name)].expand(len(rows), -1) if out is None else out)
+                cols.append(self.missing[module_key(unit.name)].expand(len(rows), -1) if out is None else out)
             parts.append(torch.cat(cols, 1))
             order.append(rows)
         v = torch.cat(parts)[torch.argsort(torch.cat(order))]
@@ -296,7 +296,7 @@ class SubjectAdapter(nn.Module):
         for unit in self.units:
             part = v[:, start : start + unit.width]
             hit = dropped[:, self.drop_groups.index(unit.group), None]
-            cols.append(torch.where(hit, self.missing[_key(unit.name)].expand_as(part), part))
+            cols.append(torch.where(hit, self.missing[module_key(unit.name)].expand_as(part), part))
             start += unit.width
         return torch.cat(cols, 1)
 
@@ -320,7 +320,7 @@ class SubjectAdapter(nn.Module):
     def loss(self, x: torch.Tensor, targets: Mapping[str, torch.Tensor], groups: torch.Tensor | None = None,
              subject: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if subject is None:
-            raise UserError("a multi-subject model needs the subject of every row (a MultiSubjectDataset)")
+            raise ValueError("a multi-subject model needs the subject of every row (a MultiSubjectDataset)")
         v = self.shared_input(x, subject)
         return self.trunk.loss(v, targets, groups, features=self._features(v, subject))
 
