@@ -16,7 +16,10 @@ alpha grid and the same grouped folds:
   ``ours_array`` vs ``sklearn`` (``RidgeCV(cv=folds)``: one alpha for all columns).
 
 Printed JSON: wall time and peak RSS per solver, test R^2 (equal accuracy), and agreement of the
-chosen alphas and of the test predictions between each pair.
+chosen alphas and of the test predictions between each pair. For ours, ``matmul_gflop`` (the solver's
+matrix products, counted from the shapes), the float32 matrix-product rate measured in the same process
+(``gemm_gflops_per_s``) and the fraction of that rate the fit reached (``fraction_of_gemm_rate``, a lower
+bound: eigendecompositions and data handling are in the fit time but not in the count).
 """
 
 from __future__ import annotations
@@ -209,6 +212,11 @@ def worker(args: argparse.Namespace) -> dict:
             chosen = np.full(Y.shape[1], model.alpha_)
             predict = model.predict
         result["fit_s"] = time.perf_counter() - start
+        if args.worker.startswith("ours"):  # what bounds the fit: its products' rate against the machine's
+            flops = solver_flops(len(X), X.shape[1], Y.shape[1], [len(v) for v in vals], len(alphas))
+            result["matmul_gflop"] = flops / 1e9
+            result["gemm_gflops_per_s"] = gemm_flops_per_s("cuda" if "cuda" in args.backend else "cpu") / 1e9
+            result["fraction_of_gemm_rate"] = flops / result["fit_s"] / 1e9 / result["gemm_gflops_per_s"]
         start = time.perf_counter()
         P = np.asarray(predict(X_test), np.float32).reshape(len(X_test), -1)
         result["predict_s"] = time.perf_counter() - start
@@ -218,6 +226,37 @@ def worker(args: argparse.Namespace) -> dict:
     result["peak_rss_mb"] = peak_rss_mb()
     result["fit_rss_increase_mb"] = result["peak_rss_mb"] - result["rss_before_fit_mb"]
     return result
+
+
+def solver_flops(n: int, voxels: int, columns: int, val_sizes: list[int], n_alphas: int) -> float:
+    """Floating-point operations of the matrix products of :mod:`pipeline.fitting.adapters.ridge_solvers`
+    (eigendecompositions not counted): per fold the Gram matrix, ``M``/``B`` and ``A``, then ``M^T Y``
+    and one ``A (d Q)`` per alpha; the refit on all rows adds its Gram, ``M``/``B``, ``M^T Y`` and ``B (f Q)``."""
+    total = 0.0
+    for n_val in val_sizes:
+        n_tr = n - n_val
+        r = min(n_tr, voxels)
+        total += 2 * n_tr * voxels * r * 2 + 2 * n_val * voxels * r  # Gram, M or B, A
+        total += 2 * r * n_tr * columns + n_alphas * 2 * n_val * r * columns  # M^T Y, the alphas' A (d Q)
+    r = min(n, voxels)
+    return total + 2 * n * voxels * r * 2 + 2 * r * n * columns + 2 * voxels * r * columns
+
+
+def gemm_flops_per_s(device: str = "cpu", size: int = 2048, repeats: int = 5) -> float:
+    """The float32 matrix-product rate of ``device`` here (torch, best of ``repeats``): the ceiling of a
+    solver made of matrix products."""
+    import torch
+
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    sync = torch.cuda.synchronize if a.is_cuda else (lambda: None)
+    best = min(_timed(lambda: (a @ b, sync())) for _ in range(repeats + 1))
+    return 2 * size**3 / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def run_worker(args: argparse.Namespace, name: str, work: Path) -> dict:
