@@ -308,12 +308,14 @@ def slow(write):  # process 0's report takes long; record whether any collective
 
 fit._write_outputs = slow(fit._write_outputs)
 fit_subjects.write_subject_outputs = slow(fit_subjects.write_subject_outputs)
-stores, clip, out = sys.argv[1].split(","), sys.argv[2], sys.argv[3]
+stores, clip, out, mode = sys.argv[1].split(","), sys.argv[2], sys.argv[3], sys.argv[4]
 kw = dict(targets={targets}, params={params}, train={train}, progress=False)
-fit.fit_adapters(stores[0], clip, "mclip", out + "/single", **kw)
-fit.fit_adapters(stores, clip, "mclip", out + "/multi", subjects={subjects}, align="voxels", **kw)
+if mode == "single":
+    fit.fit_adapters(stores[0], clip, "mclip", out + "/single", **kw)
+else:
+    fit.fit_adapters(stores, clip, "mclip", out + "/multi", subjects={subjects}, align="voxels", **kw)
 log["exit"] = time.time()
-open(f"{{out}}/rank{{rank}}.json", "w").write(json.dumps(log))
+open(f"{{out}}/{{mode}}_rank{{rank}}.json", "w").write(json.dumps(log))
 """
 
 
@@ -324,13 +326,13 @@ def test_torchrun_others_leave_while_process_0_writes_the_report(stores, tmp_pat
     script = tmp_path / "fit.py"
     script.write_text(SLOW_REPORT_SCRIPT.format(targets=TARGETS, params=MCLIP, train=train, subjects=SUBJ))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29519",
-                    str(script), f"{stores[1]},{stores[2]}", str(stores["clip"]), str(tmp_path)],
-                   cwd=ROOT, env=env, check=True, timeout=300)
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert r0["in_group"] == [False, False] and "in_group" not in r1
-    assert r1["exit"] < r0["report_done"][-1]  # process 1 was done before process 0's second report
-    for run in ("single", "multi"):
+    for port, run in ((29519, "single"), (29521, "multi")):  # one fit per launch, as fit-adapters runs
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        str(port), str(script), f"{stores[1]},{stores[2]}", str(stores["clip"]), str(tmp_path), run],
+                       cwd=ROOT, env=env, check=True, timeout=300)
+        r0, r1 = (json.loads((tmp_path / f"{run}_rank{r}.json").read_text()) for r in (0, 1))
+        assert r0["in_group"] == [False] and "in_group" not in r1
+        assert r1["exit"] < r0["report_done"][-1]  # process 1 was done before process 0's report
         assert (tmp_path / run / "run.json").is_file() and not list(tmp_path.glob(f"{run}.*"))
 
 
