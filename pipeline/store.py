@@ -24,7 +24,7 @@ from zarr.codecs.sharding import MAX_UINT_64, ShardingCodecIndexLocation
 from zarr.abc.store import ByteRequest, RangeByteRequest, Store, SuffixByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.core.sync import sync
-from zarr.storage import WrapperStore
+from zarr.storage import LocalStore, StorePath, WrapperStore
 
 from .errors import UserError
 
@@ -353,9 +353,7 @@ def _read_direct(array: zarr.Array, dtype: np.dtype, shard: int, rows: np.ndarra
         new = np.r_[True, starts[1:] != ends[:-1]][:len(starts)]  # adjacent chunks are read together
         first = np.flatnonzero(new)
         last = np.r_[first[1:], len(starts)][:len(first)] - 1
-        reads = sync(_gather(path.get(byte_range=RangeByteRequest(int(starts[f]), int(ends[k])))
-                                  for f, k in zip(first, last)))
-        reads = [r.as_numpy_array() for r in reads]
+        reads = _read_ranges(path, list(zip(starts[first].tolist(), ends[last].tolist())))
         if [len(r) for r in reads] != (ends[last] - starts[first]).tolist():
             raise ValueError("shard file shorter than its index says")
         shape = (per_chunk, *array.shape[1:])
@@ -368,6 +366,16 @@ def _read_direct(array: zarr.Array, dtype: np.dtype, shard: int, rows: np.ndarra
     out[:] = block[where, rows % per_chunk]
     if stats is not None:
         stats.add(len(chunks) * per_chunk * row_bytes(array))
+
+
+def _read_ranges(path: StorePath, spans: list[tuple[int, int]]) -> list[np.ndarray]:
+    """Byte ranges ``[start, end)`` of one stored file: ``os.pread`` on the file opened once for a local
+    store (zarr's ranged ``get`` costs ~0.1 ms of event-loop and thread hops each), else ranged gets."""
+    local = path.store._store if isinstance(path.store, _IndexCache) else path.store
+    if isinstance(local, LocalStore):
+        with open(local.root / path.path, "rb") as f:
+            return [np.frombuffer(os.pread(f.fileno(), b - a, a), np.uint8) for a, b in spans]
+    return [r.as_numpy_array() for r in sync(_gather(path.get(byte_range=RangeByteRequest(a, b)) for a, b in spans))]
 
 
 async def _gather(coroutines: Iterator) -> list:

@@ -12,6 +12,7 @@ import pytest
 import zarr
 
 from zarr.codecs import BytesCodec, ZstdCodec
+from zarr.storage import LocalStore, WrapperStore
 
 from pipeline import store
 from pipeline.features.cache import ArraySpec, create_store
@@ -188,14 +189,16 @@ def test_direct_reads_equal_zarrs_own_reads_and_numpy(tmp_path, monkeypatch, dty
     index = np.frombuffer((tmp_path / "a.zarr" / "c" / "0" / "0" / "0").read_bytes()[-(16 * 8 + 4):-4], "<u8")
     assert index[10] == 2**64 - 1  # chunk 5's offset: the empty marker
     assert store._direct_dtype(z) is not None
+    wrapped = zarr.open_array(WrapperStore(LocalStore(tmp_path / "a.zarr")), mode="r")
     for rows in (rng.integers(0, 100, 30), np.arange(5 * chunk_rows - 2, 7 * chunk_rows + 3), np.arange(100)):
         direct, generic = store.ReadStats(), store.ReadStats()
         got = store.take_rows(z, rows, direct)
         with monkeypatch.context() as m:
             m.setattr(store, "_direct_dtype", lambda array: None)
             want = store.take_rows(z, rows, generic)
-        np.testing.assert_array_equal(got, data[rows])
+        np.testing.assert_array_equal(got, data[rows])  # os.pread of the shard file (a LocalStore)
         np.testing.assert_array_equal(want, data[rows])
+        np.testing.assert_array_equal(store.take_rows(wrapped, rows), data[rows])  # the store's ranged gets
         assert direct.summary() == generic.summary()
 
 
