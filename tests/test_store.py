@@ -11,7 +11,11 @@ import numpy as np
 import pytest
 import zarr
 
+from zarr.codecs import BytesCodec, ZstdCodec
+from zarr.storage import LocalStore, WrapperStore
+
 from pipeline import store
+from pipeline.features.cache import ArraySpec, create_store
 
 
 @pytest.fixture
@@ -159,6 +163,9 @@ def test_sharded_store_reads_match_numpy_and_count_what_blosc_decodes(tmp_path, 
         return out
 
     monkeypatch.setattr(type(store.compressor()), "_decode_sync", counted)
+    real_direct = store.numcodecs.blosc.decompress  # the direct path (extract-clip's layout) decodes here
+    monkeypatch.setattr(store.numcodecs.blosc, "decompress",
+                        lambda data: decoded.append(len(out := real_direct(data))) or out)
     z = zarr.open_array(tmp_path / "a.zarr", mode="r")
     for rows in (rng.integers(0, 300, 40), np.arange(290, 300), rng.permutation(300)[:120], np.array([], int)):
         stats, before = store.ReadStats(), len(decoded)
@@ -166,6 +173,46 @@ def test_sharded_store_reads_match_numpy_and_count_what_blosc_decodes(tmp_path, 
         assert stats.decoded == sum(decoded[before:])  # counted = what blosc decoded
         touched = len(np.unique(np.asarray(rows) // 2))
         assert stats.decoded == touched * 2 * 5 * 4 * 2 and stats.needed == len(np.unique(rows)) * 5 * 4 * 2
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "uint8"])
+@pytest.mark.parametrize("chunk_rows", [1, 3])
+def test_direct_reads_equal_zarrs_own_reads_and_numpy(tmp_path, monkeypatch, dtype, chunk_rows):
+    rng = np.random.default_rng(2)
+    data = (rng.standard_normal((100, 5, 4)) * 40).astype(dtype)
+    data[chunk_rows * 5:chunk_rows * 6] = 0  # one all-fill chunk, not written: its index entry is "empty"
+    z = zarr.create_array(tmp_path / "a.zarr", shape=data.shape, dtype=dtype, chunks=(chunk_rows, 5, 4),
+                          shards=(8 * chunk_rows, 5, 4), compressors=[store.compressor()], fill_value=0,
+                          config={"write_empty_chunks": False},
+                          serializer=BytesCodec(endian="big") if dtype == "float32" else "auto")  # stored >f4
+    z[:] = data
+    index = np.frombuffer((tmp_path / "a.zarr" / "c" / "0" / "0" / "0").read_bytes()[-(16 * 8 + 4):-4], "<u8")
+    assert index[10] == 2**64 - 1  # chunk 5's offset: the empty marker
+    assert store._direct_dtype(z) is not None
+    wrapped = zarr.open_array(WrapperStore(LocalStore(tmp_path / "a.zarr")), mode="r")
+    for rows in (rng.integers(0, 100, 30), np.arange(5 * chunk_rows - 2, 7 * chunk_rows + 3), np.arange(100)):
+        direct, generic = store.ReadStats(), store.ReadStats()
+        got = store.take_rows(z, rows, direct)
+        with monkeypatch.context() as m:
+            m.setattr(store, "_direct_dtype", lambda array: None)
+            want = store.take_rows(z, rows, generic)
+        np.testing.assert_array_equal(got, data[rows])  # os.pread of the shard file (a LocalStore)
+        np.testing.assert_array_equal(want, data[rows])
+        np.testing.assert_array_equal(store.take_rows(wrapped, rows), data[rows])  # the store's ranged gets
+        assert direct.summary() == generic.summary()
+
+
+def test_the_direct_path_is_taken_for_extract_clips_layout_only(tmp_path):
+    create_store(tmp_path / "clip.zarr", {"layers/x": ArraySpec((40, 5, 8), "float16", 1, 16)}, {})
+    assert store._direct_dtype(zarr.open_group(tmp_path / "clip.zarr", mode="r")["layers/x"]) == np.float16
+    others = {"unsharded": dict(chunks=(1, 5, 8), compressors=[store.compressor()]),
+              "no compressor": dict(chunks=(1, 5, 8), shards=(16, 5, 8), compressors=None),
+              "zstd": dict(chunks=(1, 5, 8), shards=(16, 5, 8), compressors=[ZstdCodec()]),
+              "split row": dict(chunks=(1, 5, 4), shards=(16, 5, 8), compressors=[store.compressor()]),
+              "zarr v2": dict(chunks=(1, 5, 8), zarr_format=2)}
+    for name, kw in others.items():
+        assert store._direct_dtype(zarr.create_array(tmp_path / f"{name}.zarr", shape=(40, 5, 8), dtype="float16",
+                                                     **kw)) is None, name
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
