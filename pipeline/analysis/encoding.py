@@ -8,7 +8,8 @@ ridge_solvers`, the pure solvers under ``RidgeAdapter``) run in the other direct
 more "validation fold" of the decomposition of all training rows, so test predictions are
 ``A diag(1/(lam+alpha_v)) M^T Y`` and the (voxels x features) coefficients are never formed
 (a flattened ViT-L/14 layer has 263k features). Voxels are processed in column blocks on the
-backend (torch on CUDA when present).
+backend (torch on CUDA when present). :func:`encode_gram` is the same ridge from the images'
+Gram matrix alone, for features too wide to hold (``--features flatten``).
 
 Noise ceiling (:func:`ncsnr`, :func:`noise_ceiling`): NSD's formula (Allen et al. 2022, "A
 massive 7T fMRI dataset...", Methods "Noise ceiling"; the NSD data manual):
