@@ -14,9 +14,11 @@ from scipy.stats import ortho_group
 from typer.testing import CliRunner
 
 from cli import app
+from pipeline.analysis import inputs
 from pipeline.analysis.alignment import RecommendConfig, analyze_layers, recommend
-from pipeline.analysis.encoding import EncodingConfig, encode, ncsnr, noise_ceiling, pearson_columns, repeat_noise
-from pipeline.analysis.rsa import centered_gram, cka, linear_cka, rdm, rsa
+from pipeline.analysis.encoding import (EncodingConfig, encode, encode_gram, ncsnr, noise_ceiling, pearson_columns,
+                                       repeat_noise, standardize)
+from pipeline.analysis.rsa import center_gram, centered_gram, cka, linear_cka, rdm, rdm_from_gram, rsa
 from pipeline.data.fmri import prepare_fmri
 from pipeline.features.extract import extract_clip
 from pipeline.fitting.adapters.ridge_solvers import grouped_folds
@@ -84,6 +86,47 @@ def test_encode_equals_sklearn_ridge_with_grouped_cv_alphas(n_features):
     np.testing.assert_array_equal(chosen, expected)
     ref = np.stack([Ridge(alpha=a).fit(X, Y[:, v]).predict(Xt) for v, a in enumerate(expected)], axis=1)
     np.testing.assert_allclose(pred, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_flatten_grams_give_the_direct_encoding_rdm_and_cka(tmp_path, monkeypatch):
+    """--features flatten from column-blocked Gram matrices equals the direct computation on the
+    (images x tokens*channels) matrix (float32 tolerance), over several token blocks and
+    standardisation chunks, on a one-row-chunk layer with a large common offset (as ViT layers have)."""
+    rng = np.random.default_rng(7)
+    n_rows, T, C, V = 60, 5, 6, 9
+    latent = rng.normal(size=(n_rows, 3))
+    layer = (latent @ rng.normal(size=(3, T * C)) + 0.5 * rng.normal(size=(n_rows, T * C)) + 20).reshape(n_rows, T, C)
+    layer[:, :, 0] = 3.0  # constant columns: z-scored to 0 in both paths
+    clip = zarr.open_group(tmp_path / "clip.zarr", mode="w")
+    clip.create_array("layers/1", data=layer.astype(np.float16), chunks=(1, T, C))
+    rows = np.sort(rng.choice(n_rows, 50, replace=False))
+    test = np.zeros(len(rows), bool)
+    test[rng.choice(len(rows), 12, replace=False)] = True
+    pos_train, pos_test = np.flatnonzero(~test), np.flatnonzero(test)
+    Y = latent[rows[pos_train]] @ rng.normal(size=(3, V)) + rng.normal(size=(len(pos_train), V))
+    cfg = EncodingConfig(alphas=[1.0, 100.0, 1e4], cv=3, backend="numpy")
+    monkeypatch.setattr(inputs, "STATS_COLUMNS", 4)  # standardisation chunks that split tokens
+    flat = inputs.flatten_grams(clip, "1", rows, pos_train, pos_test, block_bytes=2 * len(rows) * C * 4)  # 3 blocks
+    pred, chosen = encode_gram(flat.gram, pos_train, pos_test, Y, rows[pos_train], cfg)
+
+    feats = inputs.layer_features(clip, "1", rows, "flatten", "all")
+    X_train, X_test = standardize(feats[pos_train], feats[pos_test])
+    ref_pred, ref_chosen = encode(X_train, Y, X_test, rows[pos_train], cfg)
+    np.testing.assert_array_equal(chosen, ref_chosen)
+    np.testing.assert_allclose(pred, ref_pred, rtol=1e-4, atol=1e-4 * np.abs(ref_pred).max())
+    assert flat.n_features == T * C
+    np.testing.assert_allclose(rdm_from_gram(flat.test_gram, flat.test_sums, flat.n_features), rdm(feats[pos_test]),
+                               atol=1e-9)
+    np.testing.assert_allclose(center_gram(flat.test_gram), centered_gram(feats[pos_test]),
+                               atol=1e-8 * np.abs(centered_gram(feats[pos_test])).max())
+    flat_one = inputs.flatten_grams(clip, "1", rows, pos_train, pos_test)  # one block: the same Gram
+    np.testing.assert_allclose(flat_one.gram, flat.gram, rtol=1e-5, atol=1e-5 * np.abs(flat.gram).max())
+
+
+def test_rdm_from_gram_treats_a_constant_row_as_uncorrelated():
+    X = np.random.default_rng(8).normal(size=(6, 10)) + 100
+    X[2] = 101.0
+    np.testing.assert_allclose(rdm_from_gram(X @ X.T, X.sum(1), X.shape[1]), rdm(X), atol=1e-9)
 
 
 def test_pearson_columns():

@@ -97,3 +97,11 @@ def test_benchmark_smoke(script: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("script", [s for s in SMOKE if SMOKE[s][2]])
 def test_benchmark_smoke_slow(script: str, tmp_path: Path) -> None:
     _smoke(script, tmp_path)
+
+
+def test_analyze_layers_benchmark_flatten_with_its_direct_baseline(tmp_path: Path) -> None:
+    args = SMOKE["analyze_layers.py"][0] + ["--features", "flatten", "--tokens", "3", "--baseline"]
+    stdout = _run("analyze_layers.py", args)
+    printed = json.loads(stdout[stdout.index("{"):])
+    assert printed["sizes"]["features"].startswith("flatten") and printed["sizes"]["tokens"] == 3
+    assert printed["measured"]["peak_rss_gb"] > 0 and printed["direct_baseline"]["peak_rss_gb"] > 0

@@ -28,6 +28,9 @@ store's test images (the shared images, betas averaged per image):
 
 Layers are streamed one at a time (read, reduced to (images, features), fitted, dropped); only
 the per-layer (test x test) Gram matrices and RDMs are kept. Encoding runs on CUDA when present.
+``--features flatten`` never forms a layer's (images x tokens*channels) matrix: its column blocks
+are streamed into the (images x images) Gram matrices (:func:`.inputs.flatten_grams`), and the
+ridge (:func:`.encoding.encode_gram`), RDM and CKA are computed from those.
 """
 
 from __future__ import annotations
@@ -48,8 +51,8 @@ from ..fitting.adapters.base import make_config
 from ..fitting.backend import get_backend
 from ..store import atomic_folder
 from . import inputs, plots
-from .encoding import EncodingConfig, encode, ncsnr, noise_ceiling, pearson_columns, repeat_noise, standardize
-from .rsa import centered_gram, cka, rdm, rsa
+from .encoding import EncodingConfig, encode, encode_gram, ncsnr, noise_ceiling, pearson_columns, repeat_noise, standardize
+from .rsa import center_gram, centered_gram, cka, rdm, rdm_from_gram, rsa
 
 MIN_TEST_IMAGES = 3
 NC_METHOD = (
@@ -237,20 +240,28 @@ def analyze_layers(
     rsa_draws: dict[str, dict[str, np.ndarray]] = {roi: {} for roi in sets}
     grams, alphas = {}, {}
     for name in tqdm(names, desc="analyze-layers", unit="layer", disable=not progress):
-        feats = inputs.layer_features(cache, name, rows, features, tokens)
-        X_train, X_test = standardize(feats[pos_train], feats[pos_test])
-        pred, chosen = encode(X_train, Y_train, X_test, train.image_ids, enc_cfg, xp)
+        if features == "flatten":  # (images x 263k) at ViT-L/14: only Gram matrices are formed
+            flat = inputs.flatten_grams(cache, name, rows, pos_train, pos_test)
+            pred, chosen = encode_gram(flat.gram, pos_train, pos_test, Y_train, train.image_ids, enc_cfg, xp)
+            layer_rdm = rdm_from_gram(flat.test_gram, flat.test_sums, flat.n_features)
+            grams[name] = center_gram(flat.test_gram)
+            del flat
+        else:
+            feats = inputs.layer_features(cache, name, rows, features, tokens)
+            X_train, X_test = standardize(feats[pos_train], feats[pos_test])
+            pred, chosen = encode(X_train, Y_train, X_test, train.image_ids, enc_cfg, xp)
+            layer_rdm = rdm(feats[pos_test])
+            grams[name] = centered_gram(feats[pos_test])
+            del feats, X_train, X_test
         r = pearson_columns(pred, Y_test)
         r_draws = bootstrap.pearson_draws(pred, Y_test, weights)
-        layer_rdm = rdm(feats[pos_test])
-        grams[name] = centered_gram(feats[pos_test])
         alphas[name] = float(np.median(chosen))
         for roi, idx in local.items():
             enc[roi][name] = float(r[idx].mean())
             enc_draws[roi][name] = r_draws[:, idx].mean(1)
             rsa_table[roi][name] = rsa(roi_rdms[roi], layer_rdm)
             rsa_draws[roi][name] = bootstrap.rdm_spearman_draws(roi_rdms[roi], layer_rdm, weights)
-        del feats, X_train, X_test, pred
+        del pred
     cka_table = {a: {b: cka(grams[a], grams[b]) for b in names} for a in names}
 
     nc = nc_r = normalized = None

@@ -8,7 +8,8 @@ ridge_solvers`, the pure solvers under ``RidgeAdapter``) run in the other direct
 more "validation fold" of the decomposition of all training rows, so test predictions are
 ``A diag(1/(lam+alpha_v)) M^T Y`` and the (voxels x features) coefficients are never formed
 (a flattened ViT-L/14 layer has 263k features). Voxels are processed in column blocks on the
-backend (torch on CUDA when present).
+backend (torch on CUDA when present). :func:`encode_gram` is the same ridge from the images'
+Gram matrix alone, for features too wide to hold (``--features flatten``).
 
 Noise ceiling (:func:`ncsnr`, :func:`noise_ceiling`): NSD's formula (Allen et al. 2022, "A
 massive 7T fMRI dataset...", Methods "Noise ceiling"; the NSD data manual):
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UserError
-from ..fitting.adapters.ridge_solvers import cv_r2, decompose, grouped_folds, select_alphas, shrinkage
+from ..fitting.adapters.ridge_solvers import Decomposition, cv_r2, decompose, grouped_folds, select_alphas, shrinkage
 from ..fitting.backend import Backend, get_backend
 
 DEFAULT_ALPHAS = tuple(10.0 ** np.arange(-1, 8))
@@ -56,12 +57,19 @@ def average_by_image(betas: np.ndarray, image_ids: np.ndarray) -> tuple[np.ndarr
     return ids, (sums / counts[:, None]).astype(np.float32), counts
 
 
-def standardize(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Z-score features with the training rows' mean and std (constant features become 0)."""
+def standardizer(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Float32 (mean, 1/std) of the training rows' columns, in float64 arithmetic (constant columns scale by 0).
+
+    Statistics are per column, so a layer can be standardised one column block at a time."""
     mean = train.mean(0, dtype=np.float64)
     std = train.std(0, dtype=np.float64)
     scale = np.where(std > 0, 1 / np.where(std > 0, std, 1), 0).astype(np.float32)
-    mean = mean.astype(np.float32)
+    return mean.astype(np.float32), scale
+
+
+def standardize(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Z-score features with the training rows' mean and std (constant features become 0)."""
+    mean, scale = standardizer(train)
     return (train - mean) * scale, (test - mean) * scale
 
 
@@ -87,6 +95,13 @@ class EncodingConfig:
     seed: int = 0
 
 
+def _grid(cfg: EncodingConfig) -> np.ndarray:
+    grid = np.unique(np.asarray(cfg.alphas, np.float64))
+    if grid.size == 0 or grid[0] <= 0:
+        raise UserError(f"analyze-layers alphas: need positive penalties, got {list(cfg.alphas)}")
+    return grid
+
+
 def encode(
     X_train: np.ndarray, Y_train: np.ndarray, X_test: np.ndarray, groups: np.ndarray, cfg: EncodingConfig,
     xp: Backend | None = None,
@@ -97,18 +112,63 @@ def encode(
     labels that never straddle folds (the image ids).
     """
     xp = xp or get_backend(cfg.backend, cfg.device)
-    grid = np.unique(np.asarray(cfg.alphas, np.float64))
-    if grid.size == 0 or grid[0] <= 0:
-        raise UserError(f"analyze-layers alphas: need positive penalties, got {list(cfg.alphas)}")
+    grid = _grid(cfg)
     n_train = len(X_train)
     X = xp.asarray(np.concatenate([X_train, X_test]), cfg.dtype)
     rows = np.arange(n_train)
     folds = [decompose(xp, X, rows[tr], rows[va], True) for tr, va in grouped_folds(groups, cfg.cv, cfg.seed)]
     test = decompose(xp, X, rows, np.arange(n_train, len(X)), True)
     del X
+    return _predict(xp, folds, test, Y_train, len(X_test), grid, cfg)
+
+
+def decompose_gram(xp: Backend, K: np.ndarray, train_k: np.ndarray, val_k: np.ndarray, train: np.ndarray,
+                   val: np.ndarray, dtype: str) -> Decomposition:
+    """:func:`decompose`'s dual form from the Gram matrix ``K = X X^T`` alone (X never formed).
+
+    ``train_k`` / ``val_k`` index ``K``; ``train`` / ``val`` index the targets. With ``mu`` the mean
+    of ``X[train_k]``, ``(x_a - mu).(x_b - mu) = K_ab - mean_j K_aj - mean_j K_jb + mean_ij K_ij``
+    (j over training rows): the centred training Gram is eigendecomposed (``M = U``) and the
+    validation rows see it through ``A = Kc[val, train] U``, exactly the dual ``(X[val] - mu) Xc^T U``.
+    """
+    Ktt = xp.asarray(K[np.ix_(train_k, train_k)], dtype)
+    r = Ktt.mean(0)
+    s = r.mean()
+    Ktt -= r[None, :]
+    Ktt -= r[:, None]
+    Ktt += s
+    lam, M = xp.eigh(Ktt)
+    del Ktt
+    Kvt = xp.asarray(K[np.ix_(val_k, train_k)], dtype)
+    Kvt -= Kvt.mean(1)[:, None]
+    Kvt -= r[None, :]
+    Kvt += s
+    return Decomposition(xp.asarray(train, None), M, lam * (lam > 0), None, val=xp.asarray(val, None), A=Kvt @ M)
+
+
+def encode_gram(
+    K: np.ndarray, train_k: np.ndarray, test_k: np.ndarray, Y_train: np.ndarray, groups: np.ndarray,
+    cfg: EncodingConfig, xp: Backend | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`encode` from the Gram matrix ``K`` of the (standardised) features of every image:
+    rows ``train_k`` of ``K`` are ``Y_train``'s rows, ``test_k`` the test images. The same numbers
+    as :func:`encode` on those features (its dual form), in O(n^2) memory whatever their width.
+    """
+    xp = xp or get_backend(cfg.backend, cfg.device)
+    grid = _grid(cfg)
+    rows = np.arange(len(train_k))
+    folds = [decompose_gram(xp, K, train_k[tr], train_k[va], tr, va, cfg.dtype)
+             for tr, va in grouped_folds(groups, cfg.cv, cfg.seed)]
+    test = decompose_gram(xp, K, train_k, test_k, rows, np.arange(len(test_k)), cfg.dtype)
+    return _predict(xp, folds, test, Y_train, len(test_k), grid, cfg)
+
+
+def _predict(xp: Backend, folds: list[Decomposition], test: Decomposition, Y_train: np.ndarray, n_test: int,
+             grid: np.ndarray, cfg: EncodingConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per voxel block: CV scores of every alpha, the best one, and the test predictions with it."""
     alphas = xp.asarray(grid, cfg.dtype)
     factors = shrinkage(test.lam, alphas).T  # (r, n_alphas)
-    pred = np.empty((len(X_test), Y_train.shape[1]), np.float32)
+    pred = np.empty((n_test, Y_train.shape[1]), np.float32)
     chosen = np.empty(Y_train.shape[1], np.float64)
     for start in range(0, Y_train.shape[1], cfg.voxels_batch):
         cols = slice(start, start + cfg.voxels_batch)

@@ -21,8 +21,8 @@ import zarr
 from ..errors import UserError
 from ..features.cache import open_cache
 from ..fitting.pairs import roi_names
-from ..store import open_existing, take_rows
-from .encoding import average_by_image
+from ..store import open_existing, row_bytes, take_rows
+from .encoding import average_by_image, standardizer
 
 SPLITS = ("train", "test")
 SIZES_SUFFIX = "__sizes"
@@ -31,6 +31,11 @@ FEATURES = ("mean", "cls", "flatten")
 FLOC_PREFIX = "floc-"
 SLAB_BYTES = 256 << 20
 """Rows of a layer read at once: bounds memory for all-token caches (ViT-L/14: ~500 rows)."""
+GRAM_BLOCK_BYTES = 2 << 30
+"""``--features flatten``: float32 bytes of one column block (every image, a run of tokens) held at
+once; each block is one more read of the layer (subj01, ViT-L/14: 49 tokens, 6 reads)."""
+STATS_COLUMNS = 4096
+"""Columns standardised at a time (bounds the float64 temporaries of their mean and std)."""
 
 
 # ---- fMRI ------------------------------------------------------------------------------------------
@@ -253,3 +258,50 @@ def layer_features(clip: zarr.Group, name: str, rows: np.ndarray, features: str,
         block = take_rows(arr, part)
         parts.append(_reduce(block, None if sizes is None else take_rows(sizes, part), features, tokens))
     return np.concatenate(parts)
+
+
+@dataclass
+class FlatGrams:
+    """What analyze-layers needs of a flattened layer, without its (images x tokens*channels) matrix."""
+
+    gram: np.ndarray  # (n, n) float32: Z Z^T of the features z-scored with the training rows' statistics
+    test_gram: np.ndarray  # (n_test, n_test) float64: X X^T of the raw test features (RDM, CKA)
+    test_sums: np.ndarray  # (n_test,) float64: each raw test row's sum (the RDM's row means)
+    n_features: int
+
+
+def flatten_grams(clip: zarr.Group, name: str, rows: np.ndarray, pos_train: np.ndarray, pos_test: np.ndarray,
+                  block_bytes: int = GRAM_BLOCK_BYTES) -> FlatGrams:
+    """:class:`FlatGrams` of one layer for ``rows`` (sorted unique ids; ``pos_*`` index them).
+
+    The flattened features are never held whole: column blocks spanning whole tokens (every
+    image, ``block_bytes`` of float32) are read in row slabs, standardised per column (statistics
+    are per column, so a block needs only itself) and added into the Gram matrices, the big one in
+    float32 and the test one in float64, as the direct RDM and CKA compute.
+    """
+    arr = clip[f"layers/{name}"]
+    n_tokens = int(arr.shape[1]) if arr.ndim > 2 else 1
+    channels = int(np.prod(arr.shape[1:])) // n_tokens
+    per_token = len(rows) * channels * 4
+    step = max(1, min(n_tokens, block_bytes // per_token))
+    row_step = max(1, SLAB_BYTES // row_bytes(arr))
+    gram = np.zeros((len(rows), len(rows)), np.float32)
+    test_gram = np.zeros((len(pos_test), len(pos_test)))
+    test_sums = np.zeros(len(pos_test))
+    for t0 in range(0, n_tokens, step):
+        tokens = slice(t0, min(n_tokens, t0 + step))
+        block = np.empty((len(rows), (tokens.stop - t0) * channels), np.float32)
+        for start in range(0, len(rows), row_step):
+            part = take_rows(arr, rows[start : start + row_step]).reshape(-1, n_tokens, channels)
+            block[start : start + len(part)] = part[:, tokens].reshape(len(part), -1)
+        for c0 in range(0, block.shape[1], STATS_COLUMNS):
+            cols = block[:, c0 : c0 + STATS_COLUMNS]  # a view: standardised in place
+            test = cols[pos_test].astype(np.float64)
+            test_gram += test @ test.T
+            test_sums += test.sum(1)
+            mean, scale = standardizer(cols[pos_train])
+            cols -= mean
+            cols *= scale
+        gram += block @ block.T  # numpy runs X X^T as one symmetric rank-k update
+        del block
+    return FlatGrams(gram, test_gram, test_sums, n_tokens * channels)

@@ -7,6 +7,8 @@
 - :func:`rsa`: the Spearman correlation between two RDMs (rsatoolbox's ``compare(...,
   method="spearman")``; ties get average ranks): condition-rich RSA as in the NSD literature
   (e.g. Allen et al. 2022, Conwell et al.).
+- :func:`rdm_from_gram` / :func:`center_gram`: the same from the n x n Gram matrix ``X X^T`` alone
+  (``analyze-layers --features flatten`` accumulates it over column blocks).
 - :func:`centered_gram` / :func:`cka`: linear CKA (Kornblith et al. 2019),
   ``CKA(X, Y) = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)``, computed from the n x n
   centred Gram matrices ``<Kc, Lc>_F / (||Kc||_F ||Lc||_F)`` (the same number), so a layer is
@@ -42,9 +44,27 @@ def correlation_matrix(X: np.ndarray) -> np.ndarray:
 
 def rdm(X: np.ndarray) -> np.ndarray:
     """Condensed RDM (n(n-1)/2,) of the rows of ``X``: 1 - Pearson r of every pair i < j."""
-    R = correlation_matrix(X)
+    return _condensed(correlation_matrix(X))
+
+
+def _condensed(R: np.ndarray) -> np.ndarray:
     i, j = np.triu_indices(len(R), 1)
     return 1 - R[i, j]
+
+
+def rdm_from_gram(G: np.ndarray, row_sums: np.ndarray, n_features: int) -> np.ndarray:
+    """:func:`rdm` of rows ``X`` (n, F) given only ``G = X X^T``, ``X.sum(1)`` and F (float64).
+
+    Centring each row on its own mean turns ``G_ij`` into ``G_ij - s_i s_j / F``; a row whose
+    centred norm is within float64 rounding of 0 (a constant row) correlates 0 with all, as in
+    :func:`correlation_matrix`."""
+    G = np.asarray(G, np.float64)
+    s = np.asarray(row_sums, np.float64)
+    C = G - np.outer(s, s) / n_features
+    d = np.diag(C).copy()
+    ok = d > 1e-12 * np.maximum(np.diag(G), np.finfo(np.float64).tiny)
+    inv = np.where(ok, 1 / np.sqrt(np.where(ok, d, 1)), 0)
+    return _condensed(C * inv[:, None] * inv[None, :])
 
 
 def rsa(rdm_a: np.ndarray, rdm_b: np.ndarray) -> float:
@@ -62,6 +82,14 @@ def centered_gram(X: np.ndarray) -> np.ndarray:
     X = _check_rows(X, "features")
     Xc = X - X.mean(0)
     return Xc @ Xc.T
+
+
+def center_gram(G: np.ndarray) -> np.ndarray:
+    """:func:`centered_gram` from the plain Gram matrix ``X X^T`` (float64): ``H G H`` with the
+    centring matrix ``H = I - 11^T/n`` (double centring), i.e. columns of ``X`` centred."""
+    G = np.asarray(G, np.float64)
+    r = G.mean(0)
+    return G - r[None, :] - r[:, None] + r.mean()
 
 
 def cka(K: np.ndarray, L: np.ndarray) -> float:
