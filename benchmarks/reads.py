@@ -134,6 +134,8 @@ def timed(read, array: zarr.Array, ids: np.ndarray, counted: zarr.Array, counter
 def run(rows: int = 73000, wanted: int = 9000, tokens: int = 257, channels: int = 16, shard_rows: int = 1024,
         seed: int = 0, folder: str | None = None, *, baseline_rows: int = 16) -> dict:
     """Write the store (in ``folder``, or a temporary one, removed after), time the reads, return the figures."""
+    if folder is not None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="reads-", dir=folder))
     try:
         path = work / "layer.zarr"
