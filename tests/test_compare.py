@@ -14,28 +14,19 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from _builders import decoded_ridge_run
 from cli import app
-from pipeline.data.fmri import prepare_fmri
-from pipeline.decoding.run import decode_run
 from pipeline.evaluation.compare import compare_runs, holm
 from pipeline.evaluation.intervals import add_intervals, flatten, read_per_image, write_per_image
 from pipeline.evaluation.runs import evaluate_run
-from pipeline.features.extract import extract_clip
-from pipeline.fitting.fit import fit_adapters
 
 
 @pytest.fixture(scope="module")
 def evaluated(demo_root, tmp_path_factory) -> Path:
     """A decoded and evaluated ridge run (image_embeds) of the demo's subject 1."""
-    base = tmp_path_factory.mktemp("comparerun")
-    fmri = prepare_fmri(demo_root, 1, base / "subj01.zarr", progress=False)
-    clip = extract_clip(demo_root, base / "clip.zarr", model="nsd-tiny-vit", layers="2",
-                        pretrained=str(demo_root / "demo/nsd-tiny-vit.safetensors"), progress=False)
-    fit_adapters(fmri, clip, "ridge", base / "run", targets=["image_embeds"],
-                 params={"alphas": [10.0, 1000.0], "cv": 2}, progress=False)
-    decode_run(base / "run", demo_root)
-    evaluate_run(base / "run", demo_root)
-    return base / "run"
+    run = decoded_ridge_run(demo_root, tmp_path_factory.mktemp("comparerun"), ["image_embeds"])
+    evaluate_run(run, demo_root)
+    return run
 
 
 def _derived(run: Path, dest: Path, edit) -> Path:

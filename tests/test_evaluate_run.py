@@ -11,14 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _builders import decoded_ridge_run
 
-from pipeline.data.fmri import prepare_fmri
 from pipeline.decoding import decode
 from pipeline.decoding.run import decode_run
 from pipeline.evaluation import metrics as M
 from pipeline.evaluation.runs import evaluate_run
-from pipeline.features.extract import extract_clip
-from pipeline.fitting.fit import fit_adapters
 from pipeline.store import LazyRows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,14 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def run(demo_root, tmp_path_factory) -> Path:
     """A decoded ridge run (image_embeds) of the demo's subject 1."""
-    base = tmp_path_factory.mktemp("evalrun")
-    fmri = prepare_fmri(demo_root, 1, base / "subj01.zarr", progress=False)
-    clip = extract_clip(demo_root, base / "clip.zarr", model="nsd-tiny-vit", layers="2",
-                        pretrained=str(demo_root / "demo/nsd-tiny-vit.safetensors"), progress=False)
-    fit_adapters(fmri, clip, "ridge", base / "run", targets=["image_embeds", "text_embeds"],
-                 params={"alphas": [10.0, 1000.0], "cv": 2}, progress=False)
-    decode_run(base / "run", demo_root)
-    return base / "run"
+    return decoded_ridge_run(demo_root, tmp_path_factory.mktemp("evalrun"), ["image_embeds", "text_embeds"])
 
 
 def _copy(run: Path, dest: Path) -> Path:
