@@ -404,7 +404,8 @@ class _IndexCache(WrapperStore):
 
 def _where(array: zarr.Array) -> str:
     """The array's location for an error line: ``/path/store.zarr/layers/x`` for a local store."""
-    return str(getattr(array, "store_path", "")).removeprefix("file://") or f"array {getattr(array, 'name', '')}"
+    where = str(getattr(array, "store_path", "")).removeprefix("wrapping-")  # through :class:`_IndexCache`
+    return where.removeprefix("file://") or f"array {getattr(array, 'name', '')}"
 
 
 def _require_shard(array: zarr.Array, shard: int) -> None:

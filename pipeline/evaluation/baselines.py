@@ -31,7 +31,7 @@ from ..decoding import decode
 from ..errors import UserError
 from ..features.cache import open_cache
 from ..fitting.pairs import row_ids
-from ..store import open_existing
+from ..store import LazyRows, open_existing
 from . import bootstrap, intervals, metrics
 
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
@@ -69,7 +69,7 @@ def overlap(test: np.ndarray, train: np.ndarray) -> dict[str, Any]:
 def score_lookup(gt, found: np.ndarray, brick, clip, test_ids: np.ndarray, retrieval_target: str,
                  **protocol: Any) -> dict[str, Any]:
     """The run's protocol on the stimuli of training rows ``found`` (one per test image), with intervals."""
-    rec = decode.take_rows(brick, found)
+    rec = LazyRows(lambda ids: decode.take_rows(brick, ids), found)  # batches, as evaluate reads them
     per_image: intervals.PerImage = {}
     brain = image = None
     if retrieval_target in clip:
@@ -97,7 +97,7 @@ def group_baselines(preds, test_ids: np.ndarray, train_ids: np.ndarray, clip, ns
     out: dict[str, Any] = {"target": target, "n_train": int(len(train_ids))}
     protocol["pool"] = min(protocol.get("pool", 300), len(test_ids))
     with nsd.stimuli() as brick:
-        gt = decode.take_rows(brick, test_ids)
+        gt = LazyRows(lambda ids: decode.take_rows(brick, ids), test_ids)
         for name, found in (("nearest_training_image", near), ("category_prior", prior)):
             out[name] = score_lookup(gt, found, brick, clip, test_ids, retrieval_target, **protocol)
     out["category_prior"]["image_id"] = int(prior[0])
