@@ -42,7 +42,7 @@ class GODDemoConfig:
     subjects: tuple[int, ...] = (1,)
     n_train_classes: int = 40
     images_per_class: int = 3
-    n_test_classes: int = 10
+    n_test_classes: int = 20
     test_reps: int = 4
     imagery_reps: int = 2
     train_runs: int = 4
@@ -51,7 +51,7 @@ class GODDemoConfig:
     embed_dim: int = 32
     image_spread: float = 0.3
     imagery_gain: float = 0.5
-    noise: float = 0.5
+    noise: float = 1.5
     image_size: int = 32
     label_key: str = "stimulus_id"
     seed: int = 0
