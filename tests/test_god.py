@@ -9,6 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from PIL import Image
 
 from pipeline.data.demo_god import GODDemoConfig, make_god_demo
 from pipeline.data.god import GOD, ROIS, load_class_table, read_bdata, stimulus_id
@@ -164,3 +165,17 @@ def test_bad_input_is_one_line(demo, tmp_path):
     with pytest.raises(UserError) as exc:
         god_zeroshot(np.zeros((20, 4)), stimuli, np.ones((19, 4)), [s[:9] for s in stimuli[1:]])
     assert "no class embedding" in _one_line_error(exc)
+
+
+def test_image_brick_for_extract_clip(demo, tmp_path):
+    god = GOD(demo / "fmri", demo / "images")
+    stimuli = god.split(1, "test").stimuli
+    out = god.write_image_brick(stimuli, tmp_path / "god_stimuli.hdf5", size=24)
+    with h5py.File(out) as f:
+        brick, ids = f["imgBrick"][()], [s.decode() for s in f["stimulus_ids"][()]]
+    assert brick.shape == (20, 24, 24, 3) and brick.dtype == np.uint8 and ids == list(stimuli)
+    with Image.open(demo / "images" / f"{stimuli[4]}.JPEG") as img:  # the look-alike's images are square
+        np.testing.assert_array_equal(brick[4], np.asarray(img.convert("RGB").resize((24, 24), Image.BICUBIC)))
+    with pytest.raises(UserError):
+        god.write_image_brick([*stimuli, "n01443537_1"], tmp_path / "partial.hdf5")
+    assert not list(tmp_path.glob("partial*"))

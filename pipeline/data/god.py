@@ -37,8 +37,10 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from PIL import Image
 
 from ..errors import UserError
+from ..store import atomic_file
 
 ROIS = ("V1", "V2", "V3", "V4", "LOC", "FFA", "PPA", "LVC", "HVC", "VC")
 SPLITS = {"train": 1, "test": 2, "imagery": 3}
@@ -49,6 +51,8 @@ REQUIRED_KEYS = ("VoxelData", "DataType", "Run")
 NORMALIZE = ("train", "run", "none")
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 CLASS_TABLE = Path(__file__).with_name("god_classes.tsv")
+IMAGE_SIZE = 500
+"""Side of the square RGB images in the image brick (the release's test images are 500 px or less)."""
 
 
 @dataclass(frozen=True)
@@ -260,3 +264,28 @@ class GOD:
             raise UserError(f"{len(missing)} of {len(stimuli)} GOD images not found under {self.images_dir} "
                             f"(named <stimulus id>.JPEG): {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
         return [self._image_index[s] for s in stimuli]
+
+    def load_images(self, stimuli: Sequence[str], size: int = IMAGE_SIZE) -> np.ndarray:
+        """(n, size, size, 3) uint8: each image centre-cropped to a square and resized (as CLIP's
+        transform would crop it), so the images stack like NSD's ``imgBrick``."""
+        out = np.empty((len(stimuli), size, size, 3), np.uint8)
+        for i, path in enumerate(self.image_paths(stimuli)):
+            try:
+                with Image.open(path) as img:
+                    img = img.convert("RGB")
+            except OSError as exc:
+                raise UserError(f"GOD image not readable: {path} ({exc})") from None
+            w, h = img.size
+            side = min(w, h)
+            box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+            out[i] = np.asarray(img.resize((size, size), Image.BICUBIC, box=box))
+        return out
+
+    def write_image_brick(self, stimuli: Sequence[str], out: Path, size: int = IMAGE_SIZE) -> Path:
+        """An HDF5 file like ``nsd_stimuli.hdf5`` (``imgBrick`` (n, size, size, 3) uint8) plus the
+        ``stimulus_ids`` of its rows, written atomically; extract-clip reads it unchanged."""
+        images = self.load_images(stimuli, size)
+        with atomic_file(Path(out)) as tmp, h5py.File(tmp, "w") as f:
+            f.create_dataset("imgBrick", data=images, chunks=(1, size, size, 3))
+            f.create_dataset("stimulus_ids", data=[s.encode() for s in stimuli])
+        return Path(out)
