@@ -76,8 +76,11 @@ def test_averaging_and_normalisation(demo):
     np.testing.assert_allclose(train.betas.mean(0), 0, atol=1e-5)
     np.testing.assert_allclose(train.betas.std(0, ddof=1), 1, atol=1e-4)
     per_run = god.split(1, "train", normalize="run")
-    for r in np.unique(per_run.runs):
-        np.testing.assert_allclose(per_run.betas[per_run.runs == r].mean(0), 0, atol=1e-5)
+    test_runs = god.split(1, "test", normalize="run", average=False)
+    for split in (per_run, test_runs):
+        for r in np.unique(split.runs):
+            np.testing.assert_allclose(split.betas[split.runs == r].mean(0), 0, atol=1e-5)
+            np.testing.assert_allclose(split.betas[split.runs == r].std(0), 1, atol=1e-4)
 
 
 def test_held_out_categories_never_in_training(demo):

@@ -17,7 +17,7 @@ older files spell the groups ``dataSet`` / ``metaData``, as bdpy's own reader ac
 Normalisation (``normalize=``): ``"train"`` (default) is what the dataset's own decoders do
 (code/python/analysis_FeaturePrediction.py and the MATLAB demo): z-score each voxel with the mean
 and standard deviation (ddof=1) of the training samples, applied to every split. ``"run"`` z-scores
-each voxel within each run instead (per-run baseline drifts removed); ``"none"`` keeps the release's
+each voxel within each run (a (DataType, Run) pair) instead (per-run baseline drifts removed); ``"none"`` keeps the release's
 values. Test perception trials (each test image shown many times) are averaged per image and imagery
 trials per category, as the papers do.
 
@@ -233,8 +233,10 @@ class GOD:
             x = _zscore(x, train.mean(0), train.std(0, ddof=1))
         elif normalize == "run":
             x = x.copy()
-            for r in np.unique(runs):
-                rows = runs == r
+            # a run is (DataType, Run): nothing in the release promises run numbers unique across splits
+            _, run_of = np.unique(np.stack([kind, runs], 1), axis=0, return_inverse=True)
+            for r in np.unique(run_of):
+                rows = run_of.ravel() == r
                 x[rows] = _zscore(x[rows], x[rows].mean(0), x[rows].std(0))
         rows = kind == SPLITS[split]
         if not rows.any():
