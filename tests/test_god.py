@@ -145,6 +145,10 @@ def test_bad_input_is_one_line(demo, tmp_path):
     with pytest.raises(UserError) as exc:
         GOD(tmp_path / "fmri").split(3, "train")
     assert "not a BData file" in _one_line_error(exc)
+    _drop_key(demo / "fmri" / "Subject1.h5", tmp_path / "fmri" / "Subject4.h5", "voxel_y")
+    with pytest.raises(UserError) as exc:
+        GOD(tmp_path / "fmri").voxel_xyz(4)
+    assert "voxel_y" in _one_line_error(exc)
     with pytest.raises(UserError) as exc:
         GOD(demo / "fmri").split(1, "train", rois=("V9",))
     assert "V9" in _one_line_error(exc)

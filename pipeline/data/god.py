@@ -75,10 +75,11 @@ class BData:
         """(n, columns) data of the columns that ``key`` marks."""
         return self.dataset[:, self.columns(key)]
 
-    def metadata(self, key: str, where: str) -> np.ndarray:
-        """Metadata ``key``'s values on the columns ``where`` marks (bdpy's ``get_metadata(key, where=)``)."""
+    def metadata(self, key: str, where: str | np.ndarray) -> np.ndarray:
+        """Metadata ``key``'s values on the columns that key ``where`` marks (bdpy's
+        ``get_metadata(key, where=)``) or that a bool column mask ``where`` selects."""
         self.columns(key)
-        return self.values[self.keys.index(key), self.columns(where)]
+        return self.values[self.keys.index(key), self.columns(where) if isinstance(where, str) else where]
 
 
 def _text(x: bytes | str) -> str:
@@ -211,7 +212,7 @@ class GOD:
     def voxel_xyz(self, subject: int, rois: Sequence[str] = ("VC",)) -> np.ndarray:
         """(voxels, 3) coordinates of the ROI voxels, in the order of :meth:`split`'s columns."""
         data, mask = self.bdata(subject), self.voxels(subject, rois)
-        return np.stack([data.values[data.keys.index(f"voxel_{a}"), mask] for a in "xyz"], 1)
+        return np.stack([data.metadata(f"voxel_{a}", mask) for a in "xyz"], 1)
 
     def split(self, subject: int, split: str, rois: Sequence[str] = ("VC",), normalize: str = "train",
               average: bool = True) -> GODSplit:
