@@ -4,6 +4,7 @@ corrupted file only, dry run, the terms flag, an unreachable endpoint and a full
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -203,3 +204,38 @@ def test_full_disk_is_one_line_and_nothing_complete(bucket, tmp_path, monkeypatc
     line = one_error_line(run(url, out, "--accept-nsd-terms"))
     assert "free" in line
     assert {p.name for p in out.rglob("*") if p.is_file()} <= {fetch.TERMS_FILE}
+
+
+@pytest.mark.parametrize("failure, code, line", [
+    (OSError(errno.ENOSPC, "No space left on device"), 1, "error: disk full while writing"),
+    (KeyboardInterrupt(), 130, "interrupted"),
+])
+def test_failure_mid_transfer_leaves_nothing_complete(bucket, tmp_path, monkeypatch, failure, code, line):
+    """A write that fails (a full disk) or Ctrl-C in the middle of a file: one line, a non-zero exit,
+    the bytes so far in a .part file only, and the manifest without that file."""
+    url, root = bucket
+    out = tmp_path / "nsd"
+    key = "nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5"
+    make = fetch.make_client
+
+    def failing(endpoint_url: str | None, threads: int):
+        client = make(endpoint_url, threads)
+
+        def fail_after_a_chunk(parsed, **_):
+            body = parsed["Body"]
+
+            def chunks(n: int) -> Iterator[bytes]:
+                yield body.read(n)
+                raise failure
+            parsed["Body"] = type("Failing", (), {"iter_chunks": lambda _self, n: chunks(n)})()
+
+        client.meta.events.register("after-call.s3.GetObject", fail_after_a_chunk)
+        return client
+
+    monkeypatch.setattr(fetch, "make_client", failing)
+    monkeypatch.setattr(fetch, "CHUNK", 4096)
+    result = run(url, out, "--accept-nsd-terms", "--what", "stimuli")
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output and result.output.splitlines()[-1] == line
+    assert not (out / key).exists() and len(list(out.rglob("*.part-*"))) == 1
+    assert not (out / fetch.MANIFEST).exists()

@@ -321,7 +321,7 @@ def fetch_nsd(out: Path, subjects: list[int], parts: list[str], endpoint_url: st
               echo: Callable[[str], None] = print, client: Any = None) -> list[Remote]:
     """List the NSD files this pipeline reads for ``subjects`` and ``parts`` (printed with their total
     size), then, unless ``dry_run``, fetch into ``out`` those not already complete. Returns the list."""
-    out = Path(out)
+    out, subjects = Path(out), sorted(set(subjects))
     if not subjects or any(not 1 <= s <= 8 for s in subjects):
         raise UserError(f"--subjects takes NSD subject numbers 1..8; got {subjects}")
     if not dry_run and not (accept_terms or terms_accepted(out)):
