@@ -198,7 +198,7 @@ class Fetcher:
             return False
         return dest.stat().st_size == remote.size and sha256_file(dest) == entry.get("sha256")
 
-    def _pool(self, func: Callable[[Remote], Any], items: list[Remote], **bar_args: Any) -> list[Any]:
+    def _pool(self, func: Callable[[Remote], Any], items: list[Remote]) -> list[Any]:
         """``func`` over ``items`` in threads; the first failure (or Ctrl-C) stops the others."""
         results: dict[str, Any] = {}
         pool = ThreadPoolExecutor(self.threads)
@@ -230,7 +230,7 @@ class Fetcher:
             self.dest(r).unlink(missing_ok=True)
             self.manifest.pop(r.key, None)
         with bar(self.progress, total=sum(r.size for r in remotes), desc="fetching", unit="B",
-                 unit_scale=True, unit_divisor=1024) as progress:
+                 unit_scale=True) as progress:
             def advance(n: int) -> None:
                 with self._lock:
                     progress.update(n)
