@@ -14,7 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
+import numpy as np
 import pytest
+import zarr
 from botocore.response import StreamingBody
 from moto import server as moto_server
 from typer.testing import CliRunner
@@ -23,6 +25,7 @@ from cli import app
 from pipeline.data import fetch
 from pipeline.data.demo import DemoConfig, make_demo
 from pipeline.data.demo_tower import TowerTraining
+from pipeline.data.fmri import prepare_fmri
 
 SUBJECTS = (1, 2)
 
@@ -110,6 +113,14 @@ def test_fetch_resume_and_refetch(bucket, requests, tmp_path):
     manifest = json.loads((out / fetch.MANIFEST).read_text())["files"]
     assert {k: v["sha256"] for k, v in manifest.items()} == {k: _sha(root / k) for k in wanted}
     assert sorted(k for k, _ in requests) == sorted(wanted)
+    # and it is all prepare-fmri needs: the same store as from the full tree
+    stores = [zarr.open_group(prepare_fmri(r, 1, tmp_path / f"{i}.zarr", progress=False), mode="r")
+              for i, r in enumerate((root, out))]
+    arrays = [dict(g.members(max_depth=None)) for g in stores]
+    assert arrays[0].keys() == arrays[1].keys() and "betas" in str(arrays[0].keys())
+    for name, a in arrays[0].items():
+        if isinstance(a, zarr.Array):
+            np.testing.assert_array_equal(a[...], arrays[1][name][...], err_msg=name)
 
     # a rerun without the flag (recorded) verifies and fetches nothing
     requests.clear()
