@@ -250,3 +250,17 @@ def test_failure_mid_transfer_leaves_nothing_complete(bucket, tmp_path, monkeypa
     assert "Traceback" not in result.output and result.output.splitlines()[-1] == line
     assert not (out / key).exists() and len(list(out.rglob("*.part-*"))) == 1
     assert not (out / fetch.MANIFEST).exists()
+
+
+def test_partial_of_another_object_version_is_not_resumed(bucket, requests, tmp_path):
+    """Bytes gathered under an older ETag are dropped: the file is fetched whole, not resumed onto them."""
+    url, root = bucket
+    out = tmp_path / "nsd"
+    key = "nsddata/experiments/nsd/nsd_expdesign.mat"
+    stale = fetch.partial_path(out / key, "0123abcd-2")
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"x" * 100)
+    result = run(url, out, "--accept-nsd-terms", "--what", "design")
+    assert result.exit_code == 0, result.output
+    assert (key, None) in requests and all(r is None for _, r in requests)
+    assert (out / key).read_bytes() == (root / key).read_bytes() and not stale.exists()
