@@ -15,8 +15,8 @@ from .params import comma_list, user_errors
 def command(
     subjects: str = typer.Option(..., help="NSD subject numbers, comma-separated, e.g. 1,2,5,7."),
     out: Path = typer.Option(..., help="Output folder: an NSD root (the bucket's relative paths)."),
-    what: Optional[str] = typer.Option(None, help="Comma-separated parts: betas,rois,stimuli,design [default: all]."),
-    endpoint_url: Optional[str] = typer.Option(None, help="An S3-compatible mirror of the bucket [default: AWS S3]."),
+    what: Optional[str] = typer.Option(None, help="Comma-separated parts: betas,rois,stimuli,design (default: all)."),
+    endpoint_url: Optional[str] = typer.Option(None, help="An S3-compatible mirror of the bucket (default: AWS S3)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the files and their total size; write nothing."),
     accept_nsd_terms: bool = typer.Option(
         False, "--accept-nsd-terms", help="You accepted the NSD Terms and Conditions (naturalscenesdataset.org); "
