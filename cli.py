@@ -10,6 +10,7 @@ from stages import (
     evaluate,
     evaluate_video,
     extract_clip,
+    fetch_nsd,
     fit_adapters,
     make_demo,
     make_demo_video,
@@ -36,6 +37,7 @@ app.command("prepare-video-fmri")(prepare_video_fmri.command)
 app.command("decode-video")(decode_video.command)
 app.command("evaluate-video")(evaluate_video.command)
 app.command("compare")(compare.command)
+app.command("fetch-nsd")(fetch_nsd.command)
 
 if __name__ == "__main__":
     app()
