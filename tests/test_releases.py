@@ -1,0 +1,198 @@
+"""MindEye2 / MindEye1 / Brain-Diffuser releases: look-alikes derived from the demo's raw NSD tree give
+the same stores as raw NSD (after each release's normalisation), their stimuli the same pixels, and
+bad releases one-line errors with nothing written."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import zarr
+
+from pipeline.data.demo_releases import make_brain_diffuser, make_mindeye1, make_mindeye2, old_sessions
+from pipeline.data.fmri import prepare_fmri
+from pipeline.data.nsd import NSD
+from pipeline.data.releases import prepare_release
+from pipeline.data.releases.mindeye2 import betas_path, wds_dir
+from pipeline.errors import UserError
+
+SUBJECT = 1
+
+
+@pytest.fixture(scope="module")
+def releases(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("releases")
+    return {
+        "mindeye2": make_mindeye2(demo_root, base / "mindeyev2", subjects=(SUBJECT,)),
+        "mindeye1": make_mindeye1(demo_root, base / "webdataset_avg_split", subjects=(SUBJECT,)),
+        "brain-diffuser": make_brain_diffuser(demo_root, base / "bd_data", subjects=(SUBJECT,)),
+    }
+
+
+@pytest.fixture(scope="module")
+def n_old(demo_root: Path) -> int:
+    return old_sessions(len(NSD(demo_root).sessions(SUBJECT)))
+
+
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    root = zarr.open_group(str(path), mode="r")
+    return {f"{s}/{k}": root[s][k][...] for s in ("train", "test") for k in root[s].array_keys()}
+
+
+def _assert_same(release: Path, raw: Path) -> None:
+    a, b = _arrays(release), _arrays(raw)
+    assert sorted(a) == sorted(b)
+    for key in a:
+        if key.endswith("betas"):
+            np.testing.assert_allclose(a[key], b[key], atol=2e-4, rtol=1e-4, err_msg=key)
+        else:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+# MindEye2's betas: z-scored per voxel with the statistics of every training trial (all sessions)
+@pytest.mark.parametrize("repeats", ["mean", "train-trials", "trials"])
+def test_mindeye2_equals_raw_zscore_train(releases, demo_root, tmp_path, repeats):
+    raw = prepare_fmri(demo_root, SUBJECT, tmp_path / "raw.zarr", zscore="train", repeats=repeats, progress=False)
+    got = prepare_release("mindeye2", releases["mindeye2"], SUBJECT, tmp_path / "me2.zarr", repeats=repeats)
+    _assert_same(got, raw)
+    attrs = zarr.open_group(str(got), mode="r").attrs
+    assert (attrs["zscore"], attrs["zscore_upstream"], attrs["test_set"]) == ("train", True, "new")
+    assert attrs["sessions"] == zarr.open_group(str(raw), mode="r").attrs["sessions"]
+    assert attrs["trials_per_session"] == zarr.open_group(str(raw), mode="r").attrs["trials_per_session"]
+
+
+def test_mindeye2_old_test_set_and_sessions(releases, demo_root, tmp_path, n_old):
+    nsd = NSD(demo_root)
+    n_trials = sum(nsd.n_trials(SUBJECT, s) for s in range(1, n_old + 1))
+    _, shared = nsd.expdesign.trials(SUBJECT, n_trials)
+    old = prepare_release("mindeye2", releases["mindeye2"], SUBJECT, tmp_path / "old.zarr", test_set="old",
+                          repeats="trials")
+    assert zarr.open_group(str(old), mode="r")["test/trial_ids"].shape[0] == shared.sum()
+    # --sessions K keeps sessions 1..K of train and test; upstream statistics stay those of all sessions
+    few = prepare_release("mindeye2", releases["mindeye2"], SUBJECT, tmp_path / "few.zarr", sessions=n_old,
+                          repeats="trials")
+    trial_ids = np.concatenate([zarr.open_group(str(few), mode="r")[f"{s}/trial_ids"][...] for s in ("train", "test")])
+    assert trial_ids.max() < n_trials and len(trial_ids) == n_trials
+
+
+@pytest.mark.parametrize("repeats", ["mean", "train-trials"])
+def test_mindeye1_equals_raw_session_zscore(releases, demo_root, tmp_path, n_old, repeats):
+    raw = prepare_fmri(demo_root, SUBJECT, tmp_path / "raw.zarr", sessions=n_old, zscore="session",
+                       repeats=repeats, progress=False)
+    got = prepare_release("mindeye1", releases["mindeye1"], SUBJECT, tmp_path / "me1.zarr", repeats=repeats)
+    _assert_same(got, raw)  # per-trial rows: the num_uniques real repetitions, never the padding
+
+
+def test_brain_diffuser_equals_raw_psc(releases, demo_root, tmp_path, n_old):
+    raw = prepare_fmri(demo_root, SUBJECT, tmp_path / "raw.zarr", sessions=n_old, zscore="none", progress=False)
+    got = prepare_release("brain-diffuser", releases["brain-diffuser"], SUBJECT, tmp_path / "bd.zarr")
+    _assert_same(got, raw)
+    assert zarr.open_group(str(got), mode="r").attrs["sessions"] == list(range(1, n_old + 1))
+
+
+def test_rois_from_restores_labels_and_ijk(releases, demo_root, tmp_path):
+    raw = zarr.open_group(str(prepare_fmri(demo_root, SUBJECT, tmp_path / "raw.zarr", zscore="train",
+                                           progress=False)), mode="r")
+    bare = zarr.open_group(str(prepare_release("mindeye2", releases["mindeye2"], SUBJECT, tmp_path / "a.zarr")),
+                           mode="r")
+    assert "voxels" not in bare and bare.attrs["rois"] == []
+    got = zarr.open_group(str(prepare_release("mindeye2", releases["mindeye2"], SUBJECT, tmp_path / "b.zarr",
+                                              rois_from=demo_root)), mode="r")
+    assert got.attrs["rois"] == raw.attrs["rois"]
+    for name in [*raw.attrs["rois"], "ijk"]:
+        np.testing.assert_array_equal(got[f"voxels/{name}"][...], raw[f"voxels/{name}"][...])
+    assert dict(got["voxels/prf-visualrois"].attrs) == dict(raw["voxels/prf-visualrois"].attrs)
+
+
+@pytest.fixture(scope="module")
+def clip_cache(demo_root, tmp_path_factory) -> Path:
+    from pipeline.features.extract import extract_clip
+
+    return extract_clip(demo_root, tmp_path_factory.mktemp("clip") / "clip.zarr", model="nsd-tiny-vit", layers="6",
+                        pretrained=str(demo_root / "demo/nsd-tiny-vit.safetensors"), progress=False)
+
+
+@pytest.mark.parametrize("source", ["mindeye2", "mindeye1", "brain-diffuser"])
+def test_fit_adapters_runs_on_each_source(releases, clip_cache, tmp_path, source):
+    from pipeline.fitting.fit import fit_adapters
+
+    store = prepare_release(source, releases[source], SUBJECT, tmp_path / "fmri.zarr")
+    report = fit_adapters(store, clip_cache, "ridge", tmp_path / "run", progress=False)
+    assert report
+    with pytest.raises(UserError) as err:  # no ROI labels without --rois-from: one line
+        fit_adapters(store, clip_cache, "ridge", tmp_path / "run_roi", rois=["prf-visualrois"], progress=False)
+    assert "\n" not in str(err.value) and not (tmp_path / "run_roi").exists()
+
+
+# ---- bad input: one line, nothing written -----------------------------------------------------------
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _fails(tmp_path: Path, root: Path, match: str, **kw) -> None:
+    out = tmp_path / "out.zarr"
+    with pytest.raises(UserError, match=match) as err:
+        prepare_release("mindeye2", root, SUBJECT, out, **kw)
+    assert "\n" not in str(err.value)
+    assert not out.exists() and not list(tmp_path.glob("*.zarr*"))
+
+
+def test_mindeye2_missing_files(releases, tmp_path):
+    root = _copy(releases["mindeye2"], tmp_path / "r1")
+    betas_path(root, SUBJECT).unlink()
+    _fails(tmp_path, root, "MindEye2 betas of subject 1 not found")
+    root = _copy(releases["mindeye2"], tmp_path / "r2")
+    shutil.rmtree(wds_dir(root, SUBJECT) / "new_test")
+    _fails(tmp_path, root, "new_test tar not found")
+    shutil.rmtree(wds_dir(root, SUBJECT))
+    _fails(tmp_path, root, "webdatasets of subject 1 not found")
+
+
+def _rewrite_first_sample(tar: Path, behav: np.ndarray) -> None:
+    import io
+    import tarfile
+
+    with tarfile.open(tar) as t:
+        members = [(m, t.extractfile(m).read()) for m in t if m.isfile()]
+    buf = io.BytesIO()
+    np.save(buf, behav)
+    members[0] = (members[0][0], buf.getvalue())
+    with tarfile.open(tar, "w") as t:
+        for m, data in members:
+            m.size = len(data)
+            t.addfile(m, io.BytesIO(data))
+
+
+def test_mindeye2_bad_behav_width_and_trial_past_rows(releases, tmp_path):
+    root = _copy(releases["mindeye2"], tmp_path / "r1")
+    _rewrite_first_sample(wds_dir(root, SUBJECT) / "train/0.tar", np.zeros((1, 16)))
+    _fails(tmp_path, root, "behav.npy has 16 values, expected 17")
+    root = _copy(releases["mindeye2"], tmp_path / "r2")
+    with h5py.File(betas_path(root, SUBJECT), "r") as f:
+        n_rows = f["betas"].shape[0]
+    behav = np.zeros((1, 17))
+    behav[0, 5] = n_rows
+    _rewrite_first_sample(wds_dir(root, SUBJECT) / "train/0.tar", behav)
+    _fails(tmp_path, root, f"global trial {n_rows} is past the betas file's {n_rows} rows")
+
+
+def test_mindeye2_voxels_disagree_with_rois(releases, demo_root, tmp_path):
+    root = _copy(releases["mindeye2"], tmp_path / "r1")
+    with h5py.File(betas_path(root, SUBJECT), "r+") as f:
+        betas = f["betas"][:, :-1]
+        del f["betas"]
+        f["betas"] = betas
+    _fails(tmp_path, root, "nsdgeneral voxels but the release's betas have", rois_from=demo_root)
+
+
+def test_release_rejects_other_normalisations(releases, tmp_path):
+    for source, zscore in (("mindeye2", "session"), ("mindeye1", "train"), ("brain-diffuser", "session")):
+        with pytest.raises(UserError, match="this release supports"):
+            prepare_release(source, releases[source], SUBJECT, tmp_path / "x.zarr", zscore=zscore)
+    with pytest.raises(UserError, match="per-image averages only"):
+        prepare_release("brain-diffuser", releases["brain-diffuser"], SUBJECT, tmp_path / "x.zarr", repeats="trials")
+    assert not (tmp_path / "x.zarr").exists()
