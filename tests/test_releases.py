@@ -196,3 +196,64 @@ def test_release_rejects_other_normalisations(releases, tmp_path):
     with pytest.raises(UserError, match="per-image averages only"):
         prepare_release("brain-diffuser", releases["brain-diffuser"], SUBJECT, tmp_path / "x.zarr", repeats="trials")
     assert not (tmp_path / "x.zarr").exists()
+
+
+# ---- stimuli -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_model(demo_root):
+    from pipeline.features import clip
+
+    return clip.load_model("nsd-tiny-vit", str(demo_root / "demo/nsd-tiny-vit.safetensors"))
+
+
+def _embeds(loaded, pixels) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return loaded.model.encode_image(pixels).numpy()
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_model_size_release_images_are_only_normalised(releases, demo_root, tiny_model):
+    """MindEye2's float16 images at the model's input size skip the transform (no second resize) and
+    give the raw stimuli path's features within the resize tolerance."""
+    from pipeline.data.releases.stimuli import input_size, open_stimuli, to_pixels
+    from pipeline.features.clip import preprocess_batch
+
+    ids = np.arange(0, 64, 4)
+    stim = open_stimuli("mindeye2", releases["mindeye2"])
+    images = stim.read(ids)
+    assert images.shape == (len(ids), input_size(tiny_model), input_size(tiny_model), 3)
+    assert images.dtype == np.float32 and 0 <= images.min() and images.max() <= 1
+    mean = np.array(tiny_model.preprocess.transforms[-1].mean, np.float32)
+    std = np.array(tiny_model.preprocess.transforms[-1].std, np.float32)
+    np.testing.assert_allclose(to_pixels(tiny_model, images).numpy(),
+                               ((images - mean) / std).transpose(0, 3, 1, 2), rtol=1e-6, atol=1e-6)
+    with NSD(demo_root).stimuli() as brick:
+        raw = brick[np.sort(ids)]
+    cos = _cosine(_embeds(tiny_model, to_pixels(tiny_model, images)), _embeds(tiny_model, preprocess_batch(tiny_model, raw)))
+    assert cos.min() > 0.98, cos
+
+
+def test_other_sizes_go_through_the_model_transform(releases, demo_root, tiny_model, tmp_path):
+    from pipeline.data.releases.stimuli import open_stimuli, to_pixels
+    from pipeline.features.clip import preprocess_batch
+
+    me1 = open_stimuli("mindeye1", releases["mindeye1"], SUBJECT)
+    bd = open_stimuli("brain-diffuser", releases["brain-diffuser"], SUBJECT)
+    store = zarr.open_group(str(prepare_release("brain-diffuser", releases["brain-diffuser"], SUBJECT,
+                                                tmp_path / "bd.zarr")), mode="r")
+    np.testing.assert_array_equal(bd.ids, np.sort(np.r_[store["train/image_ids"][...], store["test/image_ids"][...]]))
+    ids = me1.ids[:12]
+    with NSD(demo_root).stimuli() as brick:
+        raw = brick[np.sort(ids)]
+    np.testing.assert_array_equal(bd.read(ids), raw)  # Brain-Diffuser's arrays hold the native pixels
+    jpgs = me1.read(ids)
+    assert jpgs.shape == (len(ids), 256, 256, 3) and jpgs.dtype == np.uint8
+    cos = _cosine(_embeds(tiny_model, to_pixels(tiny_model, jpgs)), _embeds(tiny_model, preprocess_batch(tiny_model, raw)))
+    assert cos.min() > 0.98, cos
+    with pytest.raises(UserError, match="no image for 73k id"):
+        me1.read([int(np.setdiff1d(np.arange(600), me1.ids)[0])])
