@@ -193,7 +193,7 @@ def test_release_rejects_other_normalisations(releases, tmp_path):
     for source, zscore in (("mindeye2", "session"), ("mindeye1", "train"), ("brain-diffuser", "session")):
         with pytest.raises(UserError, match="this release supports"):
             prepare_release(source, releases[source], SUBJECT, tmp_path / "x.zarr", zscore=zscore)
-    with pytest.raises(UserError, match="per-image averages only"):
+    with pytest.raises(UserError, match="no per-trial rows"):
         prepare_release("brain-diffuser", releases["brain-diffuser"], SUBJECT, tmp_path / "x.zarr", repeats="trials")
     assert not (tmp_path / "x.zarr").exists()
 

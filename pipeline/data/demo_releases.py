@@ -148,8 +148,9 @@ def make_mindeye1(nsd_root: Path | str, out: Path | str, subjects: tuple[int, ..
 
 def make_brain_diffuser(nsd_root: Path | str, out: Path | str, subjects: tuple[int, ...] | None = None) -> Path:
     """Brain-Diffuser's ``data/``: ``nsddata/experiments/nsd/nsd_expdesign.mat`` as downloaded, and per
-    subject its recipe over the older-era sessions: betas x 300 (float32) averaged per image in order
-    of first appearance, stimuli float64 at their native size, five captions per image."""
+    subject its recipe over the older-era sessions: betas x 300 (float32 trials, their mean stored in
+    float64 arrays) averaged per image in order of first appearance, stimuli float64 at their native
+    size, five captions per image."""
     nsd, out = NSD(nsd_root), Path(out)
     design = NSDLayout(out).expdesign_path
     design.parent.mkdir(parents=True, exist_ok=True)
@@ -167,8 +168,9 @@ def make_brain_diffuser(nsd_root: Path | str, out: Path | str, subjects: tuple[i
             keys = list(order)
             folder = brain_diffuser.array_path(out, s, split, "stim").parent
             folder.mkdir(parents=True, exist_ok=True)
-            np.save(brain_diffuser.array_path(out, s, split, "fmriavg_nsdgeneral"),
-                    np.stack([raw[order[k]].mean(0) for k in keys]))
+            fmri = np.zeros((len(keys), raw.shape[1]))  # float64, as its np.zeros buffer
+            fmri[:] = [raw[order[k]].mean(0) for k in keys]
+            np.save(brain_diffuser.array_path(out, s, split, "fmriavg_nsdgeneral"), fmri)
             stim = np.zeros((len(keys), *images.shape[1:]))
             stim[:] = images[keys]
             np.save(brain_diffuser.array_path(out, s, split, "stim"), stim)

@@ -86,7 +86,7 @@ def _select_sessions(nsd: NSD, subject: int, sessions: int | None) -> list[int]:
     return present[:sessions]
 
 
-def _voxel_labels(nsd: NSD, subject: int, rois: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def voxel_labels(nsd: NSD, subject: int, rois: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The nsdgeneral mask and every ROI volume, checked to share one (X, Y, Z) shape."""
     general = nsd.read_roi(subject, "nsdgeneral")
     mask = general == 1
@@ -131,7 +131,7 @@ def prepare_fmri(
     nsd.expdesign.trials(subject, 0)  # validates the subject number early
     used = _select_sessions(nsd, subject, sessions)
     rois = nsd.available_rois(subject)
-    mask, labels = _voxel_labels(nsd, subject, rois)
+    mask, labels = voxel_labels(nsd, subject, rois)
     trials = _trial_table(nsd, subject, used, beta_format)
     n_vox = int(mask.sum())
 

@@ -80,10 +80,10 @@ def prepare_brain_diffuser(
     if arrays["train"].shape[1] != arrays["test"].shape[1]:
         raise UserError(f"{root}: train and test arrays of subject {subject} differ in voxel count")
     n_sessions, found = recipe(root, subject, len(arrays["train"]), len(arrays["test"]))
-    ids = np.concatenate([found["train"][0], found["test"][0]])
-    trials = Trials(ids.astype(np.int64), np.r_[np.zeros(len(found["train"][0]), bool), np.ones(len(found["test"][0]), bool)],
-                    np.full(len(ids), -1, np.int64), np.concatenate([found["train"][1], found["test"][1]]).astype(np.int64))
+    ids = np.concatenate([found["train"][0], found["test"][0]]).astype(np.int64)
     n_train = len(found["train"][0])
+    trials = Trials(ids, np.arange(len(ids)) >= n_train, np.full(len(ids), -1, np.int64),
+                    np.concatenate([found["train"][1], found["test"][1]]).astype(np.int64))
 
     def read_rows(rows: np.ndarray) -> np.ndarray:
         out_rows = np.empty((len(rows), arrays["train"].shape[1]), np.float32)

@@ -20,7 +20,7 @@ import numpy as np
 from ... import __version__
 from ...errors import UserError
 from ...store import atomic_store
-from ..fmri import REPEATS, SPLIT_RECIPE, ZSCORE_MODES, row_array
+from ..fmri import REPEATS, SPLIT_RECIPE, ZSCORE_MODES, row_array, voxel_labels
 from ..nsd import NSD
 
 ReadRows = Callable[[np.ndarray], np.ndarray]
@@ -96,14 +96,14 @@ def require(path: Path, what: str) -> Path:
     return path
 
 
-def roi_labels(rois_from: Path | str, subject: int, n_vox: int) -> tuple[np.ndarray, dict[str, np.ndarray], NSD, list[str]]:
+def roi_labels(
+    rois_from: Path | str, subject: int, n_vox: int
+) -> tuple[np.ndarray, dict[str, np.ndarray], NSD, list[str]]:
     """nsdgeneral mask, per-voxel ROI labels, reader and ROI names of raw NSD's ROI files, checked to
     describe the release's ``n_vox`` columns (nsdgeneral voxels in C order)."""
-    from ..fmri import _voxel_labels  # the raw reader's own labelling, so both stores agree
-
     nsd = NSD(rois_from)
     rois = nsd.available_rois(subject)
-    mask, labels = _voxel_labels(nsd, subject, rois)
+    mask, labels = voxel_labels(nsd, subject, rois)
     if int(mask.sum()) != n_vox:
         raise UserError(
             f"{nsd.roi_path(subject, 'nsdgeneral')}: {int(mask.sum())} nsdgeneral voxels but the release's "
@@ -148,7 +148,7 @@ def write_store(
     if repeats not in REPEATS:
         raise UserError(f"--repeats must be one of {', '.join(REPEATS)}, not {repeats!r}")
     if repeats != "mean" and not trials.per_trial:
-        raise UserError(f"--repeats {repeats}: this release holds per-image averages only; use --repeats mean")
+        raise UserError(f"--repeats {repeats}: this release has no per-trial rows with trial indices; use --repeats mean")
     averaged = {"train": repeats == "mean", "test": repeats in ("mean", "train-trials")}
     splits = {"train": ~trials.is_test, "test": trials.is_test}
     for split, sel in splits.items():

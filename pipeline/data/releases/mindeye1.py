@@ -3,7 +3,8 @@
 Root = the ``webdataset_avg_split/`` folder: ``train/train_subj0X_*.tar``, ``val/val_subj0X_*.tar``,
 ``test/test_subj0X_*.tar``. One sample per image: ``nsdgeneral.npy`` (3 x V, the session-wise
 z-scored repetitions, padded to three rows), ``num_uniques.npy`` (the real repetitions), ``coco73k.npy``
-(0-based 73k id), ``trial.npy`` (the global trials of the repetitions, padded like the betas) and a
+(0-based 73k id), ``trial.npy`` (the global trials of the repetitions, padded like the betas;
+unverified for the hosted tars: without one per repetition only ``--repeats mean`` is possible) and a
 256-px ``jpg``. Train = train + val; per-trial rows are the first ``num_uniques`` rows only, never the
 padding; averaged rows are their mean.
 """
@@ -37,9 +38,12 @@ def read_samples(tar: Path) -> list[tuple[int, np.ndarray, np.ndarray]]:
         n = int(load_npy(sample["num_uniques.npy"], f"{where}.num_uniques.npy").reshape(-1)[0])
         trial = load_npy(sample["trial.npy"], f"{where}.trial.npy").reshape(-1)
         image = int(load_npy(sample["coco73k.npy"], f"{where}.coco73k.npy").reshape(-1)[0])
-        if not 1 <= n <= min(len(betas), len(trial)):
-            raise UserError(f"{where}: num_uniques {n} but {len(betas)} betas rows and {len(trial)} trials")
-        out.append((image, trial[:n].astype(np.int64), betas[:n].astype(np.float32)))
+        if not 1 <= n <= len(betas):
+            raise UserError(f"{where}: num_uniques {n} but {len(betas)} betas rows")
+        # trial.npy's layout in the hosted tars is unverified: without one index per repetition the
+        # trials are unknown (-1), and only --repeats mean can be written
+        trials = trial[:n].astype(np.int64) if trial.size >= n else np.full(n, -1, np.int64)
+        out.append((image, trials, betas[:n].astype(np.float32)))
     return out
 
 
@@ -72,7 +76,8 @@ def prepare_mindeye1(
         raise UserError(f"{root}: samples of subject {subject} disagree on the voxel count ({sorted(widths)})")
     betas = np.concatenate(rows)
     trial_ids = np.concatenate(trial_ids)
-    if len(np.unique(trial_ids)) != len(trial_ids):
+    known = trial_ids[trial_ids >= 0]
+    if len(np.unique(known)) != len(known):
         raise UserError(f"{root}: a trial of subject {subject} appears in two samples")
     trials = Trials(np.concatenate(ids).astype(np.int64), np.concatenate(tests), trial_ids,
                     np.ones(len(trial_ids), np.int64))
