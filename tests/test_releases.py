@@ -4,7 +4,9 @@ bad releases one-line errors with nothing written."""
 
 from __future__ import annotations
 
+import io
 import shutil
+import tarfile
 from pathlib import Path
 
 import h5py
@@ -152,19 +154,25 @@ def test_mindeye2_missing_files(releases, tmp_path):
     _fails(tmp_path, root, "webdatasets of subject 1 not found")
 
 
-def _rewrite_first_sample(tar: Path, behav: np.ndarray) -> None:
-    import io
-    import tarfile
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
 
+
+def _rewrite_tar(tar: Path, change) -> None:
+    """Rewrite ``tar`` with each member's bytes replaced by ``change(index, name, data)``."""
     with tarfile.open(tar) as t:
         members = [(m, t.extractfile(m).read()) for m in t if m.isfile()]
-    buf = io.BytesIO()
-    np.save(buf, behav)
-    members[0] = (members[0][0], buf.getvalue())
     with tarfile.open(tar, "w") as t:
-        for m, data in members:
+        for k, (m, data) in enumerate(members):
+            data = change(k, m.name, data)
             m.size = len(data)
             t.addfile(m, io.BytesIO(data))
+
+
+def _rewrite_first_sample(tar: Path, behav: np.ndarray) -> None:
+    _rewrite_tar(tar, lambda k, name, data: _npy_bytes(behav) if k == 0 else data)
 
 
 def test_mindeye2_bad_behav_width_and_trial_past_rows(releases, tmp_path):
@@ -257,3 +265,26 @@ def test_other_sizes_go_through_the_model_transform(releases, demo_root, tiny_mo
     assert cos.min() > 0.98, cos
     with pytest.raises(UserError, match="no image for 73k id"):
         me1.read([int(np.setdiff1d(np.arange(600), me1.ids)[0])])
+
+
+def test_zscore_train_uses_the_training_trials_of_the_sessions_used(demo_root, tmp_path):
+    store = zarr.open_group(str(prepare_fmri(demo_root, SUBJECT, tmp_path / "z.zarr", sessions=2, zscore="train",
+                                             repeats="trials", progress=False)), mode="r")
+    train = store["train/betas"][...].astype(np.float64)
+    live = train.std(0) > 0
+    np.testing.assert_allclose(train.mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(train.std(0)[live], 1, atol=1e-4)
+    assert store.attrs["zscore"] == "train" and store["test/betas"][...].std() > 0.5
+
+
+def test_mindeye1_without_per_repetition_trials_gives_means_only(releases, demo_root, tmp_path, n_old):
+    """Should the hosted tars' trial.npy hold one index per sample, averages still come out right."""
+    root = _copy(releases["mindeye1"], tmp_path / "me1")
+    for tar in root.glob("*/*.tar"):
+        _rewrite_tar(tar, lambda k, name, data: _npy_bytes(np.load(io.BytesIO(data))[:1])
+                     if name.endswith(".trial.npy") else data)
+    raw = prepare_fmri(demo_root, SUBJECT, tmp_path / "raw.zarr", sessions=n_old, progress=False)
+    _assert_same(prepare_release("mindeye1", root, SUBJECT, tmp_path / "mean.zarr"), raw)
+    with pytest.raises(UserError, match="no per-trial rows with trial indices"):
+        prepare_release("mindeye1", root, SUBJECT, tmp_path / "trials.zarr", repeats="trials")
+    assert not (tmp_path / "trials.zarr").exists()
