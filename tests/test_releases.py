@@ -243,7 +243,7 @@ def test_model_size_release_images_are_only_normalised(releases, demo_root, tiny
     with NSD(demo_root).stimuli() as brick:
         raw = brick[np.sort(ids)]
     cos = _cosine(_embeds(tiny_model, to_pixels(tiny_model, images)), _embeds(tiny_model, preprocess_batch(tiny_model, raw)))
-    assert cos.min() > 0.98, cos
+    assert cos.min() > 0.999, cos
 
 
 def test_other_sizes_go_through_the_model_transform(releases, demo_root, tiny_model, tmp_path):
@@ -262,7 +262,7 @@ def test_other_sizes_go_through_the_model_transform(releases, demo_root, tiny_mo
     jpgs = me1.read(ids)
     assert jpgs.shape == (len(ids), 256, 256, 3) and jpgs.dtype == np.uint8
     cos = _cosine(_embeds(tiny_model, to_pixels(tiny_model, jpgs)), _embeds(tiny_model, preprocess_batch(tiny_model, raw)))
-    assert cos.min() > 0.98, cos
+    assert cos.min() > 0.99, cos  # 256-px JPEG q95 of the raw image
     with pytest.raises(UserError, match="no image for 73k id"):
         me1.read([int(np.setdiff1d(np.arange(600), me1.ids)[0])])
 
