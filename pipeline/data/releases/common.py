@@ -141,7 +141,7 @@ def write_store(
 
     Everything is checked before the store is opened, which is written atomically: a failure leaves
     no store behind. Without ``rois_from`` the store has no ``voxels/`` labels or ``ijk`` (the release
-    has none); ``voxels/invalid_sessions`` is then absent too.
+    has none); ``voxels/invalid_sessions`` is never written (the releases do not reveal it).
     """
     if zscore not in ZSCORE_MODES:
         raise UserError(f"--zscore must be one of {ZSCORE_MODES}, not {zscore!r}")
