@@ -17,7 +17,15 @@ from ..errors import UserError
 from ..store import atomic_store, compressor
 from .nsd import NSD
 
-ZSCORE_MODES = ("session", "none")
+ZSCORE_MODES = ("session", "train", "none")
+"""``--zscore`` modes: per session over all its trials (MindEye1), per voxel with the statistics of the
+training trials used (MindEye2's published betas), or none (percent signal change)."""
+ZSCORE_DETAIL = {
+    "session": "per session, per voxel, over all trials of the session, population std",
+    "train": "per voxel, with the mean and population std of the training trials used (after --sessions / "
+    "--train-sessions), applied to train and test",
+    "none": "none (percent signal change)",
+}
 REPEATS = {
     "mean": "train and test: one row per image, the mean of its trials, sorted by image id",
     "trials": "train and test: one row per trial, in chronological order",
@@ -78,7 +86,7 @@ def _select_sessions(nsd: NSD, subject: int, sessions: int | None) -> list[int]:
     return present[:sessions]
 
 
-def _voxel_labels(nsd: NSD, subject: int, rois: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def voxel_labels(nsd: NSD, subject: int, rois: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The nsdgeneral mask and every ROI volume, checked to share one (X, Y, Z) shape."""
     general = nsd.read_roi(subject, "nsdgeneral")
     mask = general == 1
@@ -123,7 +131,7 @@ def prepare_fmri(
     nsd.expdesign.trials(subject, 0)  # validates the subject number early
     used = _select_sessions(nsd, subject, sessions)
     rois = nsd.available_rois(subject)
-    mask, labels = _voxel_labels(nsd, subject, rois)
+    mask, labels = voxel_labels(nsd, subject, rois)
     trials = _trial_table(nsd, subject, used, beta_format)
     n_vox = int(mask.sum())
 
@@ -139,6 +147,7 @@ def prepare_fmri(
     sums = {k: np.zeros((len(r), n_vox), np.float64) for k, r in rows.items() if averaged[k]}
     counts = {k: np.zeros(len(r), np.int64) for k, r in rows.items() if averaged[k]}
     invalid_sessions = np.zeros(n_vox, np.int32)
+    train_moments = np.zeros((3, n_vox), np.float64)  # count, sum, sum of squares of the training trials
     sources = []
 
     out = Path(out)
@@ -160,6 +169,11 @@ def prepare_fmri(
                 betas, invalid = zscore_session(betas)
             else:
                 invalid = ~np.any(betas != 0, axis=0)
+                if zscore == "train":
+                    used_train = betas[splits["train"][start:stop]].astype(np.float64)
+                    train_moments[0] += len(used_train)
+                    train_moments[1] += used_train.sum(0)
+                    train_moments[2] += np.square(used_train).sum(0)
             invalid_sessions += invalid
             ids = trials.image_ids[start:stop]
             for split, sel in (("train", splits["train"][start:stop]), ("test", splits["test"][start:stop])):
@@ -172,9 +186,11 @@ def prepare_fmri(
                     first = row_of_trial[split][int(local[0])]
                     betas_out[split][first : first + len(local)] = betas[sel]
 
+        standardise = train_standardiser(*train_moments) if zscore == "train" else None
         for split in ("train", "test"):
             if averaged[split]:
-                mean = (sums[split] / counts[split][:, None]).astype(np.float32)
+                mean = sums[split] / counts[split][:, None]
+                mean = (standardise(mean) if standardise else mean).astype(np.float32)
                 row_array(root, f"{split}/betas", mean.shape, np.float32)[...] = mean
                 row_array(root, f"{split}/image_ids", (len(rows[split]),), np.int64)[...] = rows[split]
                 row_array(root, f"{split}/n_repeats", counts[split].shape, np.int64)[...] = counts[split]
@@ -183,6 +199,10 @@ def prepare_fmri(
                     trials.image_ids[rows[split]]
                 )
                 row_array(root, f"{split}/trial_ids", (len(rows[split]),), np.int64)[...] = rows[split]
+                if standardise:
+                    arr = betas_out[split]
+                    for lo in range(0, arr.shape[0], arr.chunks[0]):
+                        arr[lo : lo + arr.chunks[0]] = standardise(arr[lo : lo + arr.chunks[0]]).astype(np.float32)
 
         for name, lab in labels.items():
             arr = row_array(root, f"voxels/{name}", (n_vox,), np.int32)
@@ -198,8 +218,7 @@ def prepare_fmri(
                 "train_sessions": used[:train_sessions] if train_sessions else used,
                 "trials_per_session": [b - a for a, b in trials.session_bounds],
                 "zscore": zscore,
-                "zscore_detail": "per session, per voxel, over all trials of the session, population std"
-                if zscore == "session" else "none (percent signal change)",
+                "zscore_detail": ZSCORE_DETAIL[zscore],
                 "repeats": repeats,
                 "repeats_detail": REPEATS[repeats],
                 "split": SPLIT_RECIPE,
@@ -218,6 +237,21 @@ def prepare_fmri(
             }
         )
     return out
+
+
+def train_standardiser(n: np.ndarray, total: np.ndarray, squares: np.ndarray):
+    """``x -> (x - mean) / std`` per voxel from training-trial moments (population std); voxels with
+    zero variance (or no training trial) map to 0, so the result is always finite."""
+    count = np.maximum(n, 1)
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+    ok = std > 0
+    scale = np.where(ok, 1.0 / np.where(ok, std, 1.0), 0.0)
+
+    def standardise(x: np.ndarray) -> np.ndarray:
+        return (np.asarray(x, np.float64) - mean) * scale
+
+    return standardise
 
 
 def beta_chunk_rows(shape: tuple[int, ...], dtype: type) -> int:
