@@ -15,7 +15,14 @@ KINDS = ("cpu", "cuda", "mps")
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto``/None -> ``cuda`` when a GPU is visible, else ``cpu``; anything else must exist here."""
+    """``auto``/None -> ``cuda`` when a GPU is visible, else ``cpu``; anything else must exist here.
+
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    >>> resolve_device("tpu")
+    Traceback (most recent call last):
+    pipeline.errors.UserError: --device must be auto, cpu, cuda, cuda:K or mps, not 'tpu'
+    """
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

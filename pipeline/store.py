@@ -215,6 +215,16 @@ def take_rows(array, rows, stats: ReadStats | None = None) -> np.ndarray:
     Lazy stores are read once per distinct row, in sorted order (h5py needs that); rows outside
     the array are one clear error, and so is a zarr store whose files are missing or damaged.
     ``stats`` (optional) accumulates the bytes decoded and needed (:class:`ReadStats`).
+
+    >>> bank = zarr.create_array(zarr.storage.MemoryStore(), shape=(6, 2), chunks=(2, 2), dtype="int64")
+    >>> bank[:] = np.arange(12).reshape(6, 2)
+    >>> take_rows(bank, [4, 0, 4])
+    array([[8, 9],
+           [0, 1],
+           [8, 9]])
+    >>> take_rows(bank, [6])
+    Traceback (most recent call last):
+    pipeline.errors.UserError: image ids must be in 0..5, got 6..6
     """
     rows = np.asarray(rows, dtype=np.int64)
     if rows.size and (rows.min() < 0 or rows.max() >= array.shape[0]):
@@ -424,6 +434,10 @@ class LazyRows:
 
     Lets a consumer that works in batches (the image metrics) take 1000 full-size images without
     holding them all, e.g. ``LazyRows(lambda ids: take_rows(brick, ids), test_ids)``.
+
+    >>> rows = LazyRows(lambda ids: ids * 10, [3, 1, 2])
+    >>> len(rows), rows[1:]
+    (3, array([10, 20]))
     """
 
     def __init__(self, read: Callable[[np.ndarray], np.ndarray], ids: Sequence[int] | np.ndarray) -> None:
@@ -439,6 +453,11 @@ class LazyRows:
 
 
 def human_bytes(n: float) -> str:
+    """A size for people, in powers of 1000.
+
+    >>> human_bytes(999), human_bytes(1_500_000), human_bytes(2.5e12)
+    ('999.0 B', '1.5 MB', '2.5 TB')
+    """
     unit = "B"
     for unit in ("B", "kB", "MB", "GB", "TB"):
         if n < 1000:

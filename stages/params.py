@@ -54,7 +54,11 @@ def require(params: dict[str, Any], name: str, *keys: str) -> None:
 
 
 def comma_list(value: Any) -> list[str] | None:
-    """A list option given as ``"a,b"`` on the command line or as a YAML list/scalar; None when empty."""
+    """A list option given as ``"a,b"`` on the command line or as a YAML list/scalar; None when empty.
+
+    >>> comma_list("floc, prf-visualrois,"), comma_list(["image_embeds"]), comma_list(3), comma_list("")
+    (['floc', 'prf-visualrois'], ['image_embeds'], ['3'], None)
+    """
     if value is None:
         return None
     items = value if isinstance(value, list) else str(value).split(",")

@@ -1,8 +1,10 @@
-"""Shared fixtures: a session-wide demo NSD root, and an environment that cannot reach the network
-or the user's home cache (nilearn-style)."""
+"""Shared fixtures: a session-wide demo NSD root and the demo's fMRI and CLIP caches (each built once
+per session on first use, read-only to tests: a test that changes a cache copies it first), and an
+environment that cannot reach the network or the user's home cache (nilearn-style)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,49 @@ def _one_torch_thread() -> None:
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default demo look-alike, written once per test session. Treat it as read-only."""
     return make_demo(tmp_path_factory.mktemp("demo") / "nsd", DemoConfig())
+
+
+def _built_once(build: Callable[..., Path], base: Path, **defaults) -> Callable[..., Path]:
+    """``build(out, **settings)`` memoised on its settings (``defaults`` filled in): one store per
+    distinct settings per session, each in its own folder under ``base``."""
+    made: dict[tuple, Path] = {}
+
+    def get(**settings) -> Path:
+        settings = {**defaults, **settings}
+        key = tuple(sorted(settings.items()))
+        if key not in made:
+            made[key] = build(base / f"{len(made)}.zarr", **settings)
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def demo_fmri(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``demo_fmri(subject=1, **prepare_fmri settings)``: the demo's fMRI cache, built once. Read-only."""
+    from pipeline.data.fmri import prepare_fmri
+
+    def build(out: Path, subject: int, **settings) -> Path:
+        return prepare_fmri(demo_root, subject, out, progress=False, **settings)
+
+    return _built_once(build, tmp_path_factory.mktemp("demo_fmri"), subject=1)
+
+
+DEMO_LAYERS = "2-4:mean,6"  # the detail target (holds the demo's planted block 3) and the last block
+
+
+@pytest.fixture(scope="session")
+def demo_clip(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``demo_clip(**extract_clip settings)``: the demo's CLIP cache of the tiny ViT (default layers
+    ``2-4:mean,6``, all tokens, captions), built once per distinct settings. Read-only."""
+    from pipeline.features.extract import extract_clip
+
+    weights = str(demo_root / "demo/nsd-tiny-vit.safetensors")
+
+    def build(out: Path, **settings) -> Path:
+        return extract_clip(demo_root, out, model="nsd-tiny-vit", pretrained=weights, progress=False, **settings)
+
+    return _built_once(build, tmp_path_factory.mktemp("demo_clip"), layers=DEMO_LAYERS)
 
 
 @pytest.fixture(scope="session")

@@ -19,8 +19,6 @@ from pipeline.analysis.alignment import RecommendConfig, analyze_layers, recomme
 from pipeline.analysis.encoding import (EncodingConfig, encode, encode_gram, ncsnr, noise_ceiling, pearson_columns,
                                        repeat_noise, standardize)
 from pipeline.analysis.rsa import center_gram, centered_gram, cka, linear_cka, rdm, rdm_from_gram, rsa
-from pipeline.data.fmri import prepare_fmri
-from pipeline.features.extract import extract_clip
 from pipeline.fitting.adapters.ridge_solvers import grouped_folds
 
 BLOCKS = [str(b) for b in range(1, 7)]
@@ -178,14 +176,9 @@ def test_recommend_rule():
 
 # ---- the demo's planted hierarchy ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def demo_stores(demo_root, tmp_path_factory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("analysis")
-    return {
-        "fmri": prepare_fmri(demo_root, 1, base / "subj01.zarr", progress=False),
-        "trials": prepare_fmri(demo_root, 1, base / "subj01_trials.zarr", repeats="trials", progress=False),
-        "clip": extract_clip(demo_root, base / "clip.zarr", model="nsd-tiny-vit", layers="1,2,3,4,5,6",
-                             pretrained=str(demo_root / "demo/nsd-tiny-vit.safetensors"), progress=False),
-    }
+def demo_stores(demo_fmri, demo_clip) -> dict[str, Path]:
+    """Every block of the tiny ViT (analyze-layers scores all cached layers by default)."""
+    return {"fmri": demo_fmri(), "trials": demo_fmri(repeats="trials"), "clip": demo_clip(layers="1,2,3,4,5,6")}
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ import torch
 import zarr
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from test_extract import hooked_forward, images_of
 from typer.testing import CliRunner
 
+from _builders import hooked_forward, images_of
 from cli import app
 from pipeline.data.demo import DemoConfig
 from pipeline.data.nsd import NSD

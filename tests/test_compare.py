@@ -22,9 +22,10 @@ from pipeline.evaluation.runs import evaluate_run
 
 
 @pytest.fixture(scope="module")
-def evaluated(demo_root, tmp_path_factory) -> Path:
+def evaluated(demo_root, demo_fmri, demo_clip, tmp_path_factory) -> Path:
     """A decoded and evaluated ridge run (image_embeds) of the demo's subject 1."""
-    run = decoded_ridge_run(demo_root, tmp_path_factory.mktemp("comparerun"), ["image_embeds"])
+    run = decoded_ridge_run(demo_fmri(), demo_clip(), demo_root, tmp_path_factory.mktemp("comparerun") / "run",
+                            ["image_embeds"])
     evaluate_run(run, demo_root)
     return run
 

@@ -10,8 +10,6 @@ import torch
 import zarr
 
 import pipeline.fitting.data as data_module
-from pipeline.data.fmri import prepare_fmri
-from pipeline.features.extract import extract_clip
 from pipeline.fitting.data import CacheDataset, iter_batches, target_statistics
 
 DETAIL, SEMANTIC, TEXT = "layers/2-4_mean", "image_embeds", "text_embeds"
@@ -19,14 +17,10 @@ TARGETS = [DETAIL, SEMANTIC, TEXT]
 
 
 @pytest.fixture(scope="module")
-def stores(demo_root, tmp_path_factory) -> tuple[zarr.Group, zarr.Group]:
+def stores(demo_fmri, demo_clip) -> tuple[zarr.Group, zarr.Group]:
     """Subject 1 per trial, and a CLIP cache in 16-row layer chunks (4 per 64-row shard)."""
-    base = tmp_path_factory.mktemp("data")
-    fmri = prepare_fmri(demo_root, 1, base / "trials.zarr", repeats="trials", progress=False)
-    clip = extract_clip(demo_root, base / "clip.zarr", model="nsd-tiny-vit", layers="2-4:mean",
-                        pretrained=str(demo_root / "demo/nsd-tiny-vit.safetensors"), shard_rows=64,
-                        chunk_rows=16, progress=False)
-    return zarr.open_group(fmri, mode="r"), zarr.open_group(clip, mode="r")
+    clip = demo_clip(layers="2-4:mean", shard_rows=64, chunk_rows=16)
+    return zarr.open_group(demo_fmri(repeats="trials"), mode="r"), zarr.open_group(clip, mode="r")
 
 
 def _chunk_bytes(array: zarr.Array, rows: np.ndarray) -> int:

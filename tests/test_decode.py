@@ -3,7 +3,6 @@ zero-shot category decoding on the demo's planted classes."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 import zarr
 from PIL import Image
 
+from _builders import D, tiny_text_tower, tiny_unclip
 from pipeline.data.demo import SHAPES, DemoConfig
 from pipeline.data.nsd import NSD
 from pipeline.decoding import decode
@@ -22,7 +22,6 @@ from pipeline.errors import UserError
 from pipeline.evaluation import zeroshot
 from pipeline.features import clip
 
-D = 32  # tiny CLIP embedding size (the demo's nsd-tiny-vit has embed_dim 32 too)
 N = DemoConfig().n_images
 
 
@@ -99,20 +98,19 @@ def test_take_rows_reads_h5py_in_any_order(tmp_path: Path):
 
 
 @pytest.fixture(scope="module")
-def demo_clip(demo_root: Path) -> dict:
-    """A small CLIP cache of the demo made with pipeline.features.clip (image_embeds, captions) and its model."""
-    loaded = clip.load_model("nsd-tiny-vit", str(demo_root / "demo/nsd-tiny-vit.safetensors"))
+def demo(demo_root: Path, demo_clip) -> dict:
+    """The demo's images and image_embeds (conftest's CLIP cache), and the tiny ViT that made them."""
     nsd = NSD(demo_root)
     with nsd.stimuli() as stim:
         images = stim[...]
-    layer = clip.parse_layers("3", loaded.n_blocks)
-    _, embeds = clip.encode_layers(loaded, clip.preprocess_batch(loaded, images), layer, clip.TokenMode("cls"))
+    embeds = zarr.open_group(demo_clip(), mode="r")["image_embeds"][...]
+    loaded = clip.load_model("nsd-tiny-vit", str(demo_root / "demo/nsd-tiny-vit.safetensors"))
     test_ids = np.sort(nsd.expdesign.sharedix - 1)
-    return {"loaded": loaded, "nsd": nsd, "images": images, "image_embeds": embeds.numpy(), "test_ids": test_ids}
+    return {"loaded": loaded, "nsd": nsd, "images": images, "image_embeds": embeds, "test_ids": test_ids}
 
 
-def test_retrieval_decode_on_the_demo(demo_clip: dict):
-    emb, images, test_ids = demo_clip["image_embeds"], demo_clip["images"], demo_clip["test_ids"]
+def test_retrieval_decode_on_the_demo(demo: dict):
+    emb, images, test_ids = demo["image_embeds"], demo["images"], demo["test_ids"]
     pred = emb[test_ids] + np.random.default_rng(2).normal(scale=1e-3, size=(len(test_ids), emb.shape[1]))
     recon, ids = decode.retrieval_decode(pred, emb, images)  # the test images themselves are allowed
     np.testing.assert_array_equal(ids[:, 0], test_ids)
@@ -127,19 +125,19 @@ def test_retrieval_decode_on_the_demo(demo_clip: dict):
 
 
 # ---- zero-shot and text targets --------------------------------------------------------------------------
-def test_coco_categories_are_the_planted_classes(demo_clip: dict):
+def test_coco_categories_are_the_planted_classes(demo: dict):
     ids = np.array([0, 9, 13, 200, N - 1])
-    names, labels = zeroshot.coco_categories(demo_clip["nsd"], ids)
+    names, labels = zeroshot.coco_categories(demo["nsd"], ids)
     assert names == list(SHAPES)
     expected = np.zeros((5, len(SHAPES)), bool)
     expected[np.arange(5), ids % len(SHAPES)] = True  # the demo draws shape i % 8 for image i
     np.testing.assert_array_equal(labels, expected)
     with pytest.raises(UserError, match=rf"image ids \[{N}\] are not in .*nsd_stim_info_merged.csv"):
-        zeroshot.coco_categories(demo_clip["nsd"], [3, N])
+        zeroshot.coco_categories(demo["nsd"], [3, N])
 
 
-def test_class_embeddings_use_the_clip_text_tower(demo_clip: dict):
-    loaded = demo_clip["loaded"]
+def test_class_embeddings_use_the_clip_text_tower(demo: dict):
+    loaded = demo["loaded"]
     emb = zeroshot.class_embeddings(loaded, ["circle", "ring"], templates=("a photo of a {}.", "a {} shape"))
     tok = open_clip.get_tokenizer("nsd-tiny-vit")
     with torch.no_grad():
@@ -183,64 +181,6 @@ def test_caption_targets_average_present_captions():
 
 
 # ---- Stable unCLIP with tiny offline components ----------------------------------------------------------
-def tiny_text_tower(folder: Path):
-    """A real CLIPTokenizer over a 4-token vocabulary written here, and a tiny random CLIPTextModel."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    (folder / "vocab.json").write_text(json.dumps({"<|startoftext|>": 0, "<|endoftext|>": 1, "a": 2, "a</w>": 3}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=6)
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=4, hidden_size=D, intermediate_size=37, num_attention_heads=2, num_hidden_layers=1,
-        max_position_embeddings=6, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=D,
-    )).eval()
-    return tokenizer, text_encoder
-
-
-def tiny_unclip(with_image_encoder: bool = False, text_tower: tuple | None = None):
-    """diffusers-style dummy components: tiny UNet and VAE, DDIM + DDPM, no tokenizer/text encoder
-    unless ``text_tower`` is given."""
-    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableUnCLIPImg2ImgPipeline, UNet2DConditionModel
-    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(8, 16), attention_head_dim=(2, 4), cross_attention_dim=D,
-        class_embed_type="projection", projection_class_embeddings_input_dim=2 * D,
-        upcast_attention=True, use_linear_projection=True,
-    )
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, norm_num_groups=8,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, sample_size=32,
-    )
-    torch.manual_seed(0)
-    normalizer = StableUnCLIPImageNormalizer(embedding_dim=D)
-    normalizer.mean.data.normal_()
-    normalizer.std.data.uniform_(0.5, 2.0)
-    encoder = None
-    if with_image_encoder:  # only pipe.__call__ needs it (for its parameters' dtype)
-        encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-            hidden_size=D, projection_dim=D, num_hidden_layers=1, num_attention_heads=2, image_size=32,
-            intermediate_size=37, patch_size=8,
-        )).eval()
-    pipe = StableUnCLIPImg2ImgPipeline(
-        feature_extractor=None, image_encoder=encoder, image_normalizer=normalizer.eval(),
-        image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
-        tokenizer=text_tower[0] if text_tower else None, text_encoder=text_tower[1] if text_tower else None,
-        unet=unet.eval(),
-        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                prediction_type="v_prediction", set_alpha_to_one=False, steps_offset=1),
-        vae=vae.eval(),
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture(scope="module")
 def unclip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("unclip") / "tiny-unclip"

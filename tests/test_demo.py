@@ -9,7 +9,6 @@ import zarr
 
 from pipeline.data.demo import DemoConfig, make_demo
 from pipeline.data.demo_tower import TowerTraining
-from pipeline.data.fmri import prepare_fmri
 from pipeline.data.nsd import NSD
 
 
@@ -40,10 +39,8 @@ def _repeat_reliability(store: zarr.Group) -> np.ndarray:
     return (a * b).mean(0)
 
 
-def test_planted_voxels_are_reliable_and_others_are_noise(demo_root, tmp_path):
-    store = zarr.open_group(
-        prepare_fmri(demo_root, 1, tmp_path / "s.zarr", repeats="trials", progress=False), mode="r"
-    )
+def test_planted_voxels_are_reliable_and_others_are_noise(demo_root, demo_fmri):
+    store = zarr.open_group(demo_fmri(repeats="trials"), mode="r")
     r = _repeat_reliability(store)
     prf = store["voxels/prf-visualrois"][:] > 0
     floc = np.any([store[f"voxels/floc-{n}"][:] > 0 for n in ("faces", "bodies", "places", "words")], axis=0)

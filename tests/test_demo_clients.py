@@ -43,12 +43,12 @@ def nsda_module(monkeypatch: pytest.MonkeyPatch):
     return nsda
 
 
-def test_nsd_access_reads_the_demo_as_prepare_fmri_does(demo_root, nsda_module, tmp_path):
+def test_nsd_access_reads_the_demo_as_prepare_fmri_does(demo_root, demo_fmri, nsda_module, tmp_path):
     nsda = nsda_module.NSDAccess(str(demo_root))
     nsd = NSD(demo_root)
     raw = zarr.open_group(prepare_fmri(demo_root, 1, tmp_path / "raw.zarr", zscore="none", repeats="trials",
                                        beta_format="nifti", progress=False), mode="r")
-    mean = zarr.open_group(prepare_fmri(demo_root, 1, tmp_path / "z.zarr", progress=False), mode="r")
+    mean = zarr.open_group(demo_fmri(), mode="r")
 
     # voxels and ROIs: the nsdgeneral mask, every ROI's labels and its .ctab names (from fsaverage/label)
     general, mapping = nsda.read_atlas_results("subj01", "nsdgeneral", data_format="func1pt8mm")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _builders import decoded_ridge_run
 
+from _builders import decoded_ridge_run, tiny_text_tower, tiny_unclip
 from pipeline.decoding import decode
 from pipeline.decoding.run import decode_run
 from pipeline.evaluation import metrics as M
@@ -23,9 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def run(demo_root, tmp_path_factory) -> Path:
-    """A decoded ridge run (image_embeds) of the demo's subject 1."""
-    return decoded_ridge_run(demo_root, tmp_path_factory.mktemp("evalrun"), ["image_embeds", "text_embeds"])
+def run(demo_root, demo_fmri, demo_clip, tmp_path_factory) -> Path:
+    """A decoded ridge run (image_embeds, text_embeds) of the demo's subject 1."""
+    return decoded_ridge_run(demo_fmri(), demo_clip(), demo_root, tmp_path_factory.mktemp("evalrun") / "run",
+                             ["image_embeds", "text_embeds"])
 
 
 def _copy(run: Path, dest: Path) -> Path:
@@ -107,7 +108,6 @@ def test_drop_rois_on_a_ridge_run_removes_the_roi_voxels(run, demo_root, tmp_pat
     assert out["drop_rois"]["floc"]["dropped_voxels"] == int(floc.sum()) > 0
 
 def test_unclip_decoder_settings_reach_metrics_json(run, demo_root, tmp_path):
-    from test_decode import tiny_text_tower, tiny_unclip
 
     model = tmp_path / "tiny-unclip"
     tower = tmp_path / "tower"

@@ -18,14 +18,13 @@ import pytest
 import scipy.io
 import torch
 import zarr
-from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from _builders import hooked_forward, images_of, tree
 from cli import app
 from pipeline.data.demo import DemoConfig
 from pipeline.errors import UserError
-from pipeline.features import clip
 from pipeline.features.cache import filled_rows, open_cache
 from pipeline.features.extract import extract_clip, select_images
 
@@ -51,33 +50,6 @@ def store_path(demo_root, weights, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def store(store_path) -> zarr.Group:
     return zarr.open_group(store_path, mode="r")
-
-
-def images_of(root: Path, rows) -> np.ndarray:
-    import h5py
-
-    with h5py.File(root / "nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5", "r") as f:
-        return f["imgBrick"][()][rows]
-
-
-def hooked_forward(weights: Path, images: np.ndarray):
-    """Block outputs from forward hooks and encode_image, on the model's own open_clip transform."""
-    loaded = clip.load_model("nsd-tiny-vit", str(weights))
-    pixels = torch.stack([loaded.preprocess(Image.fromarray(im)) for im in images])
-    blocks = {}
-    hooks = [
-        blk.register_forward_hook(lambda mod, args, out, k=k: blocks.__setitem__(k, out.detach()))
-        for k, blk in enumerate(loaded.model.visual.transformer.resblocks, start=1)
-    ]
-    with torch.no_grad():
-        embeds = loaded.model.encode_image(pixels)
-    for h in hooks:
-        h.remove()
-    return loaded, {k: v.numpy() for k, v in blocks.items()}, embeds.numpy()
-
-
-def tree(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def test_tokens_embeds_and_captions_match_independent_references(demo_root, weights, store):

@@ -19,7 +19,6 @@ import zarr
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.data.fmri import prepare_fmri
 from pipeline.decoding.run import decode_run
 from pipeline.errors import UserError
 from pipeline.evaluation.runs import evaluate_run
@@ -34,12 +33,8 @@ RIDGE = {"alphas": [1.0, 10.0, 100.0, 1000.0, 10000.0], "cv": 3}
 
 
 @pytest.fixture(scope="module")
-def stores(demo_root, tmp_path_factory) -> tuple[Path, Path]:
-    base = tmp_path_factory.mktemp("fit")
-    fmri = prepare_fmri(demo_root, 1, base / "subj01.zarr", progress=False)
-    clip = extract_clip(demo_root, base / "clip.zarr", model="nsd-tiny-vit", layers="2-4:mean,6",
-                        pretrained=str(demo_root / "demo/nsd-tiny-vit.safetensors"), progress=False)
-    return fmri, clip
+def stores(demo_fmri, demo_clip) -> tuple[Path, Path]:
+    return demo_fmri(), demo_clip()
 
 
 def _fit(stores, out, **kw) -> dict:
@@ -176,10 +171,11 @@ def test_decode_and_evaluate_refuse_test_images_of_unfinished_shards(stores, dem
 
 
 # ---- repeats: train on trials, test on images --------------------------------------------------------
-def test_trial_stores_give_one_prediction_and_reconstruction_per_test_image(stores, demo_root, tmp_path, monkeypatch):
+def test_trial_stores_give_one_prediction_and_reconstruction_per_test_image(stores, demo_root, demo_fmri, tmp_path,
+                                                                           monkeypatch):
     import pipeline.fitting.adapters.ridge as ridge_module
 
-    trials = prepare_fmri(demo_root, 1, tmp_path / "trials.zarr", repeats="trials", progress=False)
+    trials = demo_fmri(repeats="trials")
     g = zarr.open_group(trials, mode="r")
     real, folds = ridge_module.grouped_folds, []
 
@@ -227,10 +223,10 @@ def _fit_mclip(fmri, clip, out, **train) -> dict:
                         train={**MCLIP_TRAIN, **train}, progress=False)
 
 
-def test_kill_9_during_mclip_fit_and_rerun_match_an_uninterrupted_fit(stores, demo_root, tmp_path):
+def test_kill_9_during_mclip_fit_and_rerun_match_an_uninterrupted_fit(stores, demo_fmri, tmp_path):
     from safetensors.numpy import load_file
 
-    fmri = prepare_fmri(demo_root, 1, tmp_path / "tt.zarr", repeats="train-trials", progress=False)
+    fmri = demo_fmri(repeats="train-trials")
     _fit_mclip(fmri, stores[1], tmp_path / "straight")  # in this process, one torch thread (conftest)
 
     run = tmp_path / "run"
@@ -258,11 +254,10 @@ def test_kill_9_during_mclip_fit_and_rerun_match_an_uninterrupted_fit(stores, de
         np.testing.assert_array_equal(pa[key][:], pb[key][:])
 
 
-def test_resume_against_other_data_is_refused(stores, demo_root, tmp_path, monkeypatch):
+def test_resume_against_other_data_is_refused(stores, demo_fmri, tmp_path, monkeypatch):
     import pipeline.fitting.train as train_module
 
-    fmri = prepare_fmri(demo_root, 1, tmp_path / "a.zarr", repeats="train-trials", progress=False)
-    other = prepare_fmri(demo_root, 1, tmp_path / "b.zarr", repeats="train-trials", zscore="none", progress=False)
+    fmri, other = demo_fmri(repeats="train-trials"), demo_fmri(repeats="train-trials", zscore="none")
     real, calls = train_module.evaluate_loss, []
 
     def interrupt_in_epoch_2(*args, **kwargs):

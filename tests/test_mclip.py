@@ -1,25 +1,20 @@
 """BrainMCLIP and Lite-Mind on the demo: losses against numpy references, learning the planted model,
 exact reload, and clear errors for bad input.
 
-The CLIP cache is built here with the tiny demo ViT (the contract's array names and dtypes), so these
-tests do not depend on the extract-clip stage. The demo plants prf-visualrois voxels on block-3 tokens
-and floc-* voxels on the final embedding; the detail target ``layers/2-4_mean`` contains block 3.
+The caches are conftest's session caches of the demo (tiny ViT). The demo plants prf-visualrois voxels
+on block-3 tokens and floc-* voxels on the final embedding; the detail target ``layers/2-4_mean``
+contains block 3.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import zarr
 
-from pipeline.data.fmri import prepare_fmri
-from pipeline.data.nsd import NSD
 from pipeline.errors import UserError
 from pipeline.evaluation.metrics import retrieval_top1
-from pipeline.features import clip as clip_lib
 from pipeline.fitting.adapters.base import FLOC, roi_indices
 from pipeline.fitting.adapters.litemind import FrequencyBlock, drop_path
 from pipeline.fitting.adapters.losses import caption_mean, info_nce, token_cosine
@@ -34,32 +29,10 @@ TINY_LITEMIND = {"targets": [DETAIL, SEMANTIC], "patch_size": 32, "dims": [64, 3
 FAST = {"epochs": 30, "batch_size": 16, "lr": 3e-3, "patience": None, "progress": False}
 
 
-def write_clip_cache(root: Path, out: Path) -> None:
-    """What extract-clip writes, for the whole demo pool: layers/<name> (N, T, C) float16,
-    image_embeds (N, D), text_embeds (N, K, D) (zero rows where an image has fewer captions)."""
-    nsd = NSD(root)
-    loaded = clip_lib.load_model("nsd-tiny-vit", str(root / "demo" / "nsd-tiny-vit.safetensors"))
-    layers = clip_lib.parse_layers("2-4:mean,6", loaded.n_blocks)
-    with nsd.stimuli() as stimuli:
-        images = stimuli[...]
-    tokens, embeds = clip_lib.encode_layers(
-        loaded, clip_lib.preprocess_batch(loaded, images), layers, clip_lib.TokenMode("all")
-    )
-    text = clip_lib.encode_captions(loaded, nsd.captions(np.arange(len(images))))
-    group = zarr.open_group(out, mode="w", zarr_format=3)
-    arrays = {f"layers/{k}": v for k, v in tokens.items()} | {SEMANTIC: embeds, TEXT: text}
-    for name, value in arrays.items():
-        data = value.numpy().astype(np.float16)
-        group.create_array(name, data=data, chunks=(32, *data.shape[1:]))
-
-
-
-@pytest.fixture(scope="session")
-def caches(demo_root, tmp_path_factory) -> tuple[zarr.Group, zarr.Group]:
-    base = tmp_path_factory.mktemp("adapters")
-    fmri = zarr.open_group(prepare_fmri(demo_root, 1, base / "subj01.zarr", progress=False), mode="r")
-    write_clip_cache(demo_root, base / "clip.zarr")
-    return fmri, zarr.open_group(base / "clip.zarr", mode="r")
+@pytest.fixture(scope="module")
+def caches(demo_fmri, demo_clip) -> tuple[zarr.Group, zarr.Group]:
+    """The demo's subject 1 and its CLIP cache (extract-clip of the tiny ViT: layers 2-4:mean and 6)."""
+    return zarr.open_group(demo_fmri(), mode="r"), zarr.open_group(demo_clip(), mode="r")
 
 
 def true_rows(clip: zarr.Group, name: str, ids: np.ndarray) -> np.ndarray:

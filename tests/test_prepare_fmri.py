@@ -49,9 +49,8 @@ def reference(root: Path, subject: int, zscore: bool = True) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def subj01(demo_root, tmp_path_factory) -> zarr.Group:
-    out = prepare_fmri(demo_root, 1, tmp_path_factory.mktemp("fmri") / "subj01.zarr", progress=False)
-    return zarr.open_group(out, mode="r")
+def subj01(demo_fmri) -> zarr.Group:
+    return zarr.open_group(demo_fmri(), mode="r")
 
 
 def test_repeat_averaging_split_and_zscore_match_reference(demo_root, subj01):
@@ -113,9 +112,9 @@ def test_no_averaging_keeps_trials_in_chronological_order(demo_root, tmp_path):
         )
 
 
-def test_train_trials_store_matches_reference(demo_root, tmp_path):
+def test_train_trials_store_matches_reference(demo_root, demo_fmri):
     """Train rows per trial (chronological), test rows per image (mean of its trials, sorted by id)."""
-    g = zarr.open_group(prepare_fmri(demo_root, 1, tmp_path / "tt.zarr", repeats="train-trials", progress=False))
+    g = zarr.open_group(demo_fmri(repeats="train-trials"), mode="r")
     ref = reference(demo_root, 1)
     betas = ref.drop(columns=["image", "test"]).to_numpy()
     trials = np.flatnonzero(~ref["test"].to_numpy())

@@ -18,11 +18,9 @@ from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.data.fmri import prepare_fmri
 from pipeline.decoding.run import decode_run
 from pipeline.errors import UserError
 from pipeline.evaluation.runs import evaluate_run
-from pipeline.features.extract import extract_clip
 from pipeline.fitting.adapters.subjects import SubjectAdapter
 from pipeline.fitting.cohort import MultiSubjectDataset
 from pipeline.fitting.fit import fit_adapters
@@ -36,12 +34,10 @@ SUBJ = {"width": 16, "roi_width": 4}
 
 
 @pytest.fixture(scope="module")
-def stores(demo_root, tmp_path_factory) -> dict:
-    base = tmp_path_factory.mktemp("subjects")
-    out = {s: prepare_fmri(demo_root, s, base / f"subj{s:02d}.zarr", progress=False) for s in (1, 2, 7)}
-    out["7_1sess"] = prepare_fmri(demo_root, 7, base / "subj07_1sess.zarr", train_sessions=1, progress=False)
-    out["clip"] = extract_clip(demo_root, base / "clip.zarr", model="nsd-tiny-vit", layers="2-4:mean,6",
-                               pretrained=str(demo_root / "demo/nsd-tiny-vit.safetensors"), progress=False)
+def stores(demo_fmri, demo_clip) -> dict:
+    out = {s: demo_fmri(subject=s) for s in (1, 2, 7)}
+    out["7_1sess"] = demo_fmri(subject=7, train_sessions=1)
+    out["clip"] = demo_clip()
     return out
 
 
@@ -232,10 +228,10 @@ def _cli(*args: str):
     return CliRunner().invoke(app, ["fit-adapters", *args])
 
 
-def test_bad_input_is_one_line_and_leaves_no_run(stores, pretrained, demo_root, tmp_path):
+def test_bad_input_is_one_line_and_leaves_no_run(stores, pretrained, demo_fmri, demo_clip, tmp_path):
     clip = str(stores["clip"])
-    other = prepare_fmri(demo_root, 2, tmp_path / "s2_trials.zarr", repeats="trials", progress=False)
-    nozs = prepare_fmri(demo_root, 7, tmp_path / "s7_raw.zarr", zscore="none", train_sessions=1, progress=False)
+    other = demo_fmri(subject=2, repeats="trials")
+    nozs = demo_fmri(subject=7, zscore="none", train_sessions=1)
     cases = [
         ([f"{stores[1]},{stores[1]}"], "subject 1 is given twice"),
         ([f"{stores[1]},{other}"], "was made with repeats='trials'"),
@@ -252,8 +248,7 @@ def test_bad_input_is_one_line_and_leaves_no_run(stores, pretrained, demo_root, 
         assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error:"), result.output
         assert message in lines[0], lines[0]
         assert not out.exists() and not list(tmp_path.glob(f"run{i}.*"))
-    other_clip = extract_clip(demo_root, tmp_path / "clip2.zarr", model="nsd-tiny-vit", layers="2-4:mean,6",
-                              tokens="cls", pretrained=str(demo_root / "demo/nsd-tiny-vit.safetensors"), progress=False)
+    other_clip = demo_clip(tokens="cls")
     with pytest.raises(UserError, match="another CLIP cache"):
         _fit([stores["7_1sess"]], other_clip, tmp_path / "x", init=pretrained)
     assert not (tmp_path / "x").exists()

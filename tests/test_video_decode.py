@@ -14,9 +14,9 @@ import pytest
 import torch
 import zarr
 from scipy.ndimage import gaussian_filter
-from test_decode import tiny_text_tower, tiny_unclip
 from typer.testing import CliRunner
 
+from _builders import tiny_text_tower, tiny_unclip
 from cli import app
 from pipeline.data.demo_video import tiny_animatediff, tiny_animatediff_components
 from pipeline.decoding import video

@@ -13,9 +13,9 @@ import pytest
 import torch
 import zarr
 from PIL import Image
-from test_extract import tree
 from typer.testing import CliRunner
 
+from _builders import tree
 from cli import app
 from pipeline.data.demo_video import DEMO_DESIGN
 from pipeline.features import clip

@@ -65,7 +65,14 @@ _LAYER_RE = re.compile(r"^(\d+)(?:-(\d+):(mean)|:(proj))?$")
 
 
 def parse_layers(spec: str, n_blocks: int) -> list[LayerSpec]:
-    """Parse ``"8,16,24,11-20:mean,24:proj"`` and check every block against the model's 1..n_blocks."""
+    """Parse ``"8,16,24,11-20:mean,24:proj"`` and check every block against the model's 1..n_blocks.
+
+    >>> [layer.name for layer in parse_layers("8,16,24,11-20:mean,24:proj", 24)]
+    ['8', '16', '24', '11-20_mean', '24_proj']
+    >>> parse_layers("25", 24)
+    Traceback (most recent call last):
+    pipeline.errors.UserError: --layers: '25' is out of range; this model has blocks 1..24 (1-based)
+    """
     layers: list[LayerSpec] = []
     for item in (s.strip() for s in spec.split(",")):
         m = _LAYER_RE.match(item)

@@ -33,7 +33,11 @@ FLOC = ("floc-bodies", "floc-faces", "floc-places", "floc-words")
 
 
 def prediction_shape(name: str, row_shape: Sequence[int]) -> tuple[int, ...]:
-    """Shape of one predicted row: the cache row's shape, except (K, D) captions -> (D,)."""
+    """Shape of one predicted row: the cache row's shape, except (K, D) captions -> (D,).
+
+    >>> prediction_shape("layers/6", (17, 64)), prediction_shape("text_embeds", (5, 32))
+    ((17, 64), (32,))
+    """
     return tuple(row_shape[1:]) if name == CAPTIONS else tuple(row_shape)
 
 
@@ -99,7 +103,11 @@ class Standardizer(nn.Module):
 
 
 def module_key(name: str) -> str:
-    """A module name for a target name (``layers/11-20_mean`` -> ``layers|11-20_mean``)."""
+    """A module name for a target name: ``torch.nn.ModuleDict`` keys may hold neither ``/`` nor ``.``.
+
+    >>> module_key("layers/11-20_mean"), module_key("layers/1.5")
+    ('layers|11-20_mean', 'layers|1,5')
+    """
     return name.replace("/", "|").replace(".", ",")
 
 
