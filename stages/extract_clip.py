@@ -12,7 +12,8 @@ import typer
 
 from pipeline.errors import UserError
 
-from .params import device_option, require, resolve, section, user_errors
+from .params import device_option, user_errors
+from .settings import require, resolve, section
 
 
 def default_out(model: str, pretrained: str) -> Path:

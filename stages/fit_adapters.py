@@ -22,7 +22,8 @@ import typer
 
 from pipeline.errors import UserError
 
-from .params import comma_list, device_option, require, resolve, section, user_errors
+from .params import device_option, user_errors
+from .settings import comma_list, require, resolve, section
 
 
 def _several(fmri, *multi_options) -> bool:

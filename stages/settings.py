@@ -1,0 +1,102 @@
+"""Stage settings resolved once, with one precedence; no typer here, so it is testable on its own.
+
+Precedence, highest first: **command-line option > experiment entry > params.yaml section > code
+default**. ``None`` means "not given" at every level; any other value (``0``, ``False``, ``""``)
+overrides the levels below it (``--experts 0`` switches experts off even when the experiment sets 2).
+
+A stage's settings come from two places in params.yaml:
+
+- its own section (``extract_clip``, ``fit_adapters``, ...): what changes its outputs. dvc.yaml lists
+  these keys as the stage's params, so changing one reruns the stage;
+- its entry in the ``execution`` section (``execution.extract_clip.device``, ``batch_size``,
+  ``loader_workers``, ``workers``, ``scheduler``, ``memory_gb``): how it runs. No dvc.yaml stage lists
+  ``execution``, so changing the device or the batch size reruns nothing (tests/test_dvc.py checks it).
+
+A key belongs to one of the two; :func:`resolve` reads both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import UserError
+
+PARAMS_FILE = Path("params.yaml")
+EXECUTION = "execution"
+"""The params.yaml section of execution-only settings, one entry per stage; no DVC stage lists it."""
+EXECUTION_KEYS = frozenset({"device", "batch_size", "loader_workers", "workers", "scheduler", "memory_gb"})
+"""Settings that change how a stage runs, never what it writes."""
+
+
+def load_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
+    """The whole params file as a mapping, or {} when there is none."""
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: must be a mapping of sections")
+    return data
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"{where} must be a mapping")
+    return value
+
+
+def section(name: str, path: Path = PARAMS_FILE) -> dict[str, Any]:
+    """One top-level section of params.yaml, or {} when it (or the file) is absent."""
+    return _mapping(load_params(path).get(name), f"{path}: section {name!r}")
+
+
+def execution(stage: str, path: Path = PARAMS_FILE) -> dict[str, Any]:
+    """The execution-only settings of ``stage`` (params.yaml ``execution.<stage>``), or {}."""
+    return _mapping(section(EXECUTION, path).get(stage), f"{path}: {EXECUTION}.{stage}")
+
+
+def first(*values: Any) -> Any:
+    """The first value that is not None (the highest level that gives one), else None."""
+    return next((v for v in values if v is not None), None)
+
+
+def layered(*levels: Mapping[str, Any] | None, keys: Iterable[str] | None = None) -> dict[str, Any]:
+    """Merge settings levels given highest precedence first: per key, the first value that is not None.
+
+    ``keys`` limits the result to those keys (default: every key of every level); keys no level
+    sets are dropped, so the callee's own default applies.
+    """
+    present = [level or {} for level in levels]
+    names = list(keys) if keys is not None else list(dict.fromkeys(k for level in present for k in level))
+    merged = {k: first(*(level.get(k) for level in present)) for k in names}
+    return {k: v for k, v in merged.items() if v is not None}
+
+
+def resolve(name: str, **options: Any) -> dict[str, Any]:
+    """Command-line ``options`` (None: not given) over params.yaml section ``name`` and its
+    ``execution`` entry, limited to the keys of ``options``; unset keys are dropped."""
+    return layered(options, section(name), execution(name), keys=options)
+
+
+def require(params: Mapping[str, Any], name: str, *keys: str) -> None:
+    """Fail with one line (a :class:`UserError`, exit 1) when a setting :func:`resolve` returned
+    has neither a command-line option nor a value in params.yaml section ``name``."""
+    for key in keys:
+        if params.get(key) is None:
+            raise UserError(f"give --{key.replace('_', '-')} or set {name}.{key} in params.yaml")
+
+
+def comma_list(value: Any) -> list[str] | None:
+    """A list option given as ``"a,b"`` on the command line or as a YAML list/scalar; None when empty."""
+    if value is None:
+        return None
+    items = value if isinstance(value, list) else str(value).split(",")
+    return [str(v).strip() for v in items if str(v).strip()] or None
