@@ -1,8 +1,9 @@
 """Stage settings resolved once, with one precedence; no typer here, so it is testable on its own.
 
 Precedence, highest first: **command-line option > experiment entry > params.yaml section > code
-default**. ``None`` means "not given" at every level; any other value (``0``, ``False``, ``""``)
-overrides the levels below it (``--experts 0`` switches experts off even when the experiment sets 2).
+default**. A command-line option left ``None`` is not given; any other value (``0``, ``False``,
+``""``) overrides the levels below it (``--experts 0`` switches experts off even when the experiment
+sets 2). A params.yaml key is given when present, even as null (:func:`layered`).
 
 A stage's settings come from two places in params.yaml:
 
@@ -68,22 +69,29 @@ def first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
 
-def layered(*levels: Mapping[str, Any] | None, keys: Iterable[str] | None = None) -> dict[str, Any]:
-    """Merge settings levels given highest precedence first: per key, the first value that is not None.
+def given(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The command-line options that were given (typer leaves the others None)."""
+    return {k: v for k, v in options.items() if v is not None}
 
-    ``keys`` limits the result to those keys (default: every key of every level); keys no level
-    sets are dropped, so the callee's own default applies.
+
+def layered(*levels: Mapping[str, Any] | None, keys: Iterable[str] | None = None) -> dict[str, Any]:
+    """Merge settings levels, highest precedence first: per key, the value of the first level that
+    has the key. A params.yaml key set to null is given (null is then the setting's own "none", e.g.
+    ``patience: null`` = never stop early); pass command-line options through :func:`given`.
+
+    ``keys`` limits the result to those keys (default: every key of every level).
     """
     present = [level or {} for level in levels]
     names = list(keys) if keys is not None else list(dict.fromkeys(k for level in present for k in level))
-    merged = {k: first(*(level.get(k) for level in present)) for k in names}
-    return {k: v for k, v in merged.items() if v is not None}
+    return {k: next(level[k] for level in present if k in level) for k in names if any(k in lv for lv in present)}
 
 
 def resolve(name: str, **options: Any) -> dict[str, Any]:
     """Command-line ``options`` (None: not given) over params.yaml section ``name`` and its
-    ``execution`` entry, limited to the keys of ``options``; unset keys are dropped."""
-    return layered(options, section(name), execution(name), keys=options)
+    ``execution`` entry, limited to the keys of ``options``; keys left None are dropped, so the
+    callee's own default applies."""
+    merged = layered(given(options), section(name), execution(name), keys=options)
+    return {k: v for k, v in merged.items() if v is not None}
 
 
 def require(params: Mapping[str, Any], name: str, *keys: str) -> None:

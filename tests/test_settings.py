@@ -1,0 +1,93 @@
+"""Stage settings: the one precedence (CLI > experiment > section > defaults), typed fit settings, and
+execution settings kept out of the DVC params (changing the device or the batch size reruns nothing)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.errors import UserError
+from stages.settings import EXECUTION, EXECUTION_KEYS, first, given, layered, resolve
+from stages.specs import fit_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_settings_resolve_without_typer():
+    code = "import sys, stages.settings, stages.specs; assert 'typer' not in sys.modules, 'typer imported'"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_precedence_highest_level_that_gives_a_value_wins():
+    cli, exp, sec, default = {"a": None, "b": 0}, {"a": 2, "c": False}, {"a": 3, "b": 5, "d": None}, {"e": 1}
+    assert layered(given(cli), exp, sec, default) == {"a": 2, "b": 0, "c": False, "d": None, "e": 1}
+    assert layered(given(cli), exp, sec, keys=["a", "z"]) == {"a": 2}
+    assert first(None, 0, 5) == 0 and first(None, None) is None
+
+
+def _params(tmp_path, monkeypatch, data: dict) -> None:
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    monkeypatch.chdir(tmp_path)
+
+
+FIT = {
+    "fit_adapters": {
+        "fmri": "f.zarr", "clip": "c.zarr", "seed": 3,
+        "subjects": {"width": 8, "experts": 0},
+        "mclip": {"width": 4, "train": {"epochs": 5, "patience": None}},
+        "experiments": {"x": {"method": "mclip", "experts": 2, "fmri": ["a.zarr", "b.zarr"], "train": {"lr": 0.1}}},
+    },
+    EXECUTION: {"fit_adapters": {"device": "cuda:1", "memory_gb": 2.0}},
+}
+
+
+def test_fit_spec_zero_overrides_the_experiment(tmp_path, monkeypatch):
+    """``--experts 0`` is an override, not "not given" (the stage's three idioms disagreed on it)."""
+    _params(tmp_path, monkeypatch, FIT)
+    spec, _ = fit_spec("fit_adapters", "x", {"experts": None, "epochs": None})
+    assert spec.experts == 2 and spec.subjects == {"width": 8, "experts": 0}
+    spec, _ = fit_spec("fit_adapters", "x", {"experts": 0})
+    assert spec.experts == 0 and spec.subjects is not None  # still two stores: multi-subject
+    spec, _ = fit_spec("fit_adapters", "x", {"experts": 0, "fmri": "a.zarr"})
+    assert spec.fmri == ["a.zarr"] and spec.experts == 0 and spec.subjects is None  # one store, no experts
+
+
+def test_fit_spec_levels(tmp_path, monkeypatch):
+    _params(tmp_path, monkeypatch, FIT)
+    spec, run = fit_spec("fit_adapters", "x", {"epochs": 7, "seed": None, "device": None, "lora_rank": 4})
+    assert spec.train == {"epochs": 7, "memory_gb": 2.0, "lr": 0.1, "patience": None}  # null is a value
+    assert spec.params == {"width": 4} and spec.seed == 3 and spec.out == Path("runs/x")
+    assert spec.subjects["lora_rank"] == 4 and run.device == "cuda:1"
+    assert fit_spec("fit_adapters", None, {"method": "ridge", "device": "cpu"})[1].device == "cpu"
+    with pytest.raises(UserError, match="no experiment 'y'"):
+        fit_spec("fit_adapters", "y", {})
+    with pytest.raises(UserError, match="give --method"):
+        fit_spec("fit_adapters", None, {})
+
+
+def test_stages_read_execution_settings(tmp_path, monkeypatch):
+    _params(tmp_path, monkeypatch, {"decode": {"target": "t"}, EXECUTION: {"decode": {"device": "cpu"}}})
+    assert resolve("decode", target=None, device=None) == {"target": "t", "device": "cpu"}
+    assert resolve("decode", device="cuda")["device"] == "cuda"
+
+
+def test_no_stage_lists_an_execution_setting_as_a_dvc_param():
+    """Changing the device, batch size or workers in params.yaml ``execution`` reruns no DVC stage."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, body in stages.items():
+        for entry in (body.get("do", body)).get("params", []):
+            keys = [entry] if isinstance(entry, str) else list(entry)
+            for key in keys:
+                parts = key.split(".")
+                assert parts[0] != EXECUTION and not EXECUTION_KEYS & set(parts), f"{name} lists {key}"
+                value = params
+                for part in parts:  # a whole section listed: none of its own keys is an execution one
+                    value = value.get(part) if isinstance(value, dict) and "$" not in part else None
+                if isinstance(value, dict):
+                    assert not EXECUTION_KEYS & set(value), f"{name}: {key} holds {EXECUTION_KEYS & set(value)}"
+    assert set(params[EXECUTION]) <= {s for s in params}, "every execution entry names a params.yaml stage section"
