@@ -14,6 +14,7 @@ from stages import (
     make_demo,
     make_demo_video,
     prepare_fmri,
+    preset,
     prepare_video_fmri,
 )
 
@@ -36,6 +37,7 @@ app.command("prepare-video-fmri")(prepare_video_fmri.command)
 app.command("decode-video")(decode_video.command)
 app.command("evaluate-video")(evaluate_video.command)
 app.command("compare")(compare.command)
+app.command("preset")(preset.command)
 
 if __name__ == "__main__":
     app()

@@ -108,3 +108,31 @@ def comma_list(value: Any) -> list[str] | None:
         return None
     items = value if isinstance(value, list) else str(value).split(",")
     return [str(v).strip() for v in items if str(v).strip()] or None
+
+
+PRESETS = Path(__file__).resolve().parents[1] / "presets"
+"""Named settings (``presets/<name>.yaml``): ``demo`` (what params.yaml holds) and ``nsd`` (real data)."""
+
+
+def apply_preset(params: Mapping[str, Any], preset: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` with a preset applied: mappings merge key by key, any other value replaces; the
+    preset's ``unset`` list of dotted keys removes settings, so the code's own defaults apply."""
+    preset = dict(preset)
+    unset = preset.pop("unset", None) or []
+    merged = _merge(params, preset)
+    for key in unset:
+        *parents, last = str(key).split(".")
+        node = merged
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return merged
+
+
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in base.items()}
+    for key, value in over.items():
+        both = isinstance(value, Mapping) and isinstance(out.get(key), Mapping)
+        out[key] = _merge(out[key], value) if both else value
+    return out
