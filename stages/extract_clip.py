@@ -1,7 +1,9 @@
 """DVC stages ``extract_clip`` and ``extract_video``: every stimulus -> per-layer CLIP tokens in
 ``cache/clip/<model>__<pretrained>.zarr`` (see :mod:`pipeline.features.extract`), or, with ``--video``,
 every (segment, TR) clip of a cc2017 movie folder -> ``cache/clip/cc2017__<model>__<pretrained>.zarr``
-(see :mod:`pipeline.features.video`; settings from params.yaml ``extract_video`` and ``cc2017_design``)."""
+(see :mod:`pipeline.features.video`; settings from params.yaml ``extract_video`` and ``cc2017_design``).
+The store's settings (:class:`pipeline.features.spec.ClipSpec`) come from the stage's section, how it
+runs (:class:`pipeline.features.spec.Execution`: batch size, device, workers) from ``execution``."""
 
 from __future__ import annotations
 

@@ -8,7 +8,9 @@ targets, ROIs); each method's own settings sit in a section named after it (``ri
 sub-section with :class:`pipeline.fitting.train.TrainConfig` fields). Multi-subject runs: an
 experiment's ``fmri`` (a list of stores), ``align``, ``experts``, ``init``, ``finetune`` and
 ``train`` override, and ``fit_adapters.subjects`` holds the
-:class:`pipeline.fitting.adapters.subjects.SubjectConfig` defaults. Runs unchanged under
+:class:`pipeline.fitting.adapters.subjects.SubjectConfig` defaults. The device and the memory budget
+are ``execution.fit_adapters`` (no DVC param). Settings are resolved once by
+:func:`stages.specs.fit_spec` (command line > experiment > section > defaults). Runs unchanged under
 ``torchrun --nproc-per-node N cli.py fit-adapters ...``.
 """
 
