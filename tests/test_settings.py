@@ -142,3 +142,21 @@ def test_no_function_in_stages_is_longer_than_60_lines():
                 if body > 60:
                     long.append(f"{path.name}:{node.name} ({body} lines)")
     assert not long, long
+
+
+def test_extract_clip_reads_execution_settings(tmp_path, monkeypatch):
+    """The stage still reads the batch size and device that DVC no longer tracks; the command line wins."""
+    from typer.testing import CliRunner
+
+    import pipeline.features.extract as extract
+    from cli import app
+
+    _params(tmp_path, monkeypatch, {"extract_clip": {"stimuli": "s.hdf5", "model": "m", "layers": "6"},
+                                    EXECUTION: {"extract_clip": {"batch_size": 7, "device": "cpu"}}})
+    calls = []
+    monkeypatch.setattr(extract, "extract_clip", lambda stimuli, out, spec, run, **kw: calls.append((spec, run)) or out)
+    for args, batch in (([], 7), (["--batch-size", "9"], 9)):
+        result = CliRunner().invoke(app, ["extract-clip", *args])
+        assert result.exit_code == 0, result.output
+        spec, run = calls[-1]
+        assert (run.batch_size, run.device, spec.model, spec.layers, spec.pretrained) == (batch, "cpu", "m", "6", "openai")
