@@ -15,6 +15,7 @@ from stages import (
     make_demo,
     make_demo_video,
     prepare_fmri,
+    preset,
     prepare_video_fmri,
 )
 
@@ -38,6 +39,7 @@ app.command("decode-video")(decode_video.command)
 app.command("evaluate-video")(evaluate_video.command)
 app.command("compare")(compare.command)
 app.command("fetch-nsd")(fetch_nsd.command)
+app.command("preset")(preset.command)
 
 if __name__ == "__main__":
     app()

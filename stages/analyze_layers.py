@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from .params import comma_list, device_option, require, resolve, user_errors
+from .params import device_option, user_errors
+from .settings import comma_list, require, resolve
 
 
 @user_errors
@@ -30,9 +31,7 @@ def command(
     p = resolve("analyze_layers", clip=clip, layers=layers, rois=rois, features=features, min_voxels=None,
                 encoding=None, recommend=None)
     require(p, "analyze_layers", "clip")
-    encoding = dict(p.get("encoding") or {})
-    if device is not None:
-        encoding["device"] = device
+    encoding = {**dict(p.get("encoding") or {}), **resolve("analyze_layers", device=device)}  # execution.analyze_layers
     out = out or Path("runs") / f"alignment_{fmri.stem}"
     result = analyze_layers(
         fmri, p["clip"], out, layers=comma_list(p.get("layers")), rois=comma_list(p.get("rois")),

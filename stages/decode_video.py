@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from .params import device_option, require, resolve, user_errors
+from .params import device_option, user_errors
+from .settings import require, resolve
 
 
 @user_errors

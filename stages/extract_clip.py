@@ -1,18 +1,22 @@
 """DVC stages ``extract_clip`` and ``extract_video``: every stimulus -> per-layer CLIP tokens in
 ``cache/clip/<model>__<pretrained>.zarr`` (see :mod:`pipeline.features.extract`), or, with ``--video``,
 every (segment, TR) clip of a cc2017 movie folder -> ``cache/clip/cc2017__<model>__<pretrained>.zarr``
-(see :mod:`pipeline.features.video`; settings from params.yaml ``extract_video`` and ``cc2017_design``)."""
+(see :mod:`pipeline.features.video`; settings from params.yaml ``extract_video`` and ``cc2017_design``).
+The store's settings (:class:`pipeline.features.spec.ClipSpec`) come from the stage's section, how it
+runs (:class:`pipeline.features.spec.Execution`: batch size, device, workers) from ``execution``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
 from pipeline.errors import UserError
 
-from .params import device_option, require, resolve, section, user_errors
+from .params import device_option, user_errors
+from .settings import require, resolve, section
 
 
 def default_out(model: str, pretrained: str) -> Path:
@@ -70,39 +74,43 @@ def command(
                                       "(folder or hub id, or a Stable Diffusion pipeline with a vae/)."),
 ) -> None:
     """Cache per-layer CLIP tokens, image and caption embeddings of every stimulus (resumable)."""
-    from pipeline.features.extract import extract_clip  # imports torch: only when run
-
     common = dict(out=out, model=model, pretrained=pretrained, activation=activation, layers=layers, tokens=tokens,
                   batch_size=batch_size, device=device, dtype=dtype, shard_rows=shard_rows, chunk_rows=chunk_rows,
                   loader_workers=loader_workers, workers=workers, scheduler=scheduler)
+    report = lambda line: typer.echo(line, err=True)  # noqa: E731
     if video is not None:
-        _extract_video(video, overwrite, common, stimuli=stimuli, images=images, captions=captions, fps=fps,
-                       keyframe=keyframe, frame_size=frame_size, vae=vae)
-        return
-    if any(v is not None for v in (fps, keyframe, frame_size, vae)):
-        raise UserError("--fps, --keyframe, --frame-size and --vae apply to --video")
-    p = resolve("extract_clip", stimuli=stimuli, images=images, captions=captions, **common)
+        for name, value in (("stimuli", stimuli), ("images", images), ("captions", captions)):
+            if value is not None:
+                raise UserError(f"--{name} applies to NSD images, not to --video")
+        target = _extract_video(video, overwrite, report, **common, fps=fps, keyframe=keyframe, frame_size=frame_size,
+                                vae=vae)
+    else:
+        if any(v is not None for v in (fps, keyframe, frame_size, vae)):
+            raise UserError("--fps, --keyframe, --frame-size and --vae apply to --video")
+        target = _extract_images(overwrite, report, **common, stimuli=stimuli, images=images, captions=captions)
+    typer.echo(f"wrote {target}")
+
+
+def _extract_images(overwrite: bool, report: Callable[[str], None], **options: Any) -> Path:
+    from pipeline.features.extract import extract_clip  # imports torch: only when run
+    from pipeline.features.spec import ClipSpec, Execution, pick
+
+    p = resolve("extract_clip", **options)  # params.yaml extract_clip and execution.extract_clip
     require(p, "extract_clip", "stimuli")
-    source = p.pop("stimuli")
-    p.setdefault("model", "ViT-L-14")
-    p.setdefault("pretrained", "openai")
-    target = Path(p.pop("out", None) or default_out(p["model"], p["pretrained"]))
-    extract_clip(source, target, overwrite=overwrite, report=lambda line: typer.echo(line, err=True), **p)
-    typer.echo(f"wrote {target}")
+    spec = pick(ClipSpec, p)
+    target = Path(p.get("out") or default_out(spec.model, spec.pretrained))
+    return extract_clip(p["stimuli"], target, spec, pick(Execution, p), images=p.get("images", "all"),
+                        captions=p.get("captions"), overwrite=overwrite, report=report)
 
 
-def _extract_video(video: Path, overwrite: bool, common: dict, **options) -> None:
+def _extract_video(video: Path, overwrite: bool, report: Callable[[str], None], **options: Any) -> Path:
     from pipeline.data.cc2017 import Design
-    from pipeline.features.video import extract_video  # imports torch: only when run
+    from pipeline.features.spec import ClipSpec, Execution, pick
+    from pipeline.features.video import VideoSpec, extract_video  # imports torch: only when run
 
-    for name in ("stimuli", "images", "captions"):
-        if options.pop(name) is not None:
-            raise UserError(f"--{name} applies to NSD images, not to --video")
-    p = resolve("extract_video", **common, **options)
-    p.setdefault("model", "ViT-L-14")
-    p.setdefault("pretrained", "openai")
-    default = default_out(p["model"], p["pretrained"])
-    target = Path(p.pop("out", None) or default.with_name(f"cc2017__{default.name}"))
-    extract_video(video, target, design=Design.from_params(section("cc2017_design")), overwrite=overwrite,
-                  report=lambda line: typer.echo(line, err=True), **p)
-    typer.echo(f"wrote {target}")
+    p = resolve("extract_video", **options)  # params.yaml extract_video and execution.extract_video
+    spec = pick(ClipSpec, p)
+    default = default_out(spec.model, spec.pretrained)
+    target = Path(p.get("out") or default.with_name(f"cc2017__{default.name}"))
+    return extract_video(video, target, spec, pick(Execution, p), video=pick(VideoSpec, p), overwrite=overwrite,
+                         design=Design.from_params(section("cc2017_design")), report=report)

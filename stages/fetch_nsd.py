@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from .params import comma_list, user_errors
+from .params import user_errors
+from .settings import comma_list
 
 
 @user_errors

@@ -8,7 +8,9 @@ targets, ROIs); each method's own settings sit in a section named after it (``ri
 sub-section with :class:`pipeline.fitting.train.TrainConfig` fields). Multi-subject runs: an
 experiment's ``fmri`` (a list of stores), ``align``, ``experts``, ``init``, ``finetune`` and
 ``train`` override, and ``fit_adapters.subjects`` holds the
-:class:`pipeline.fitting.adapters.subjects.SubjectConfig` defaults. Runs unchanged under
+:class:`pipeline.fitting.adapters.subjects.SubjectConfig` defaults. The device and the memory budget
+are ``execution.fit_adapters`` (no DVC param). Settings are resolved once by
+:func:`stages.specs.fit_spec` (command line > experiment > section > defaults). Runs unchanged under
 ``torchrun --nproc-per-node N cli.py fit-adapters ...``.
 """
 
@@ -20,14 +22,7 @@ from typing import Optional
 
 import typer
 
-from pipeline.errors import UserError
-
-from .params import comma_list, device_option, require, resolve, section, user_errors
-
-
-def _several(fmri, *multi_options) -> bool:
-    """Whether this is a multi-subject run (then ``fit_adapters.subjects`` applies)."""
-    return (isinstance(fmri, list) and len(fmri) > 1) or any(o is not None and o != 0 for o in multi_options)
+from .params import device_option, user_errors
 
 
 @user_errors
@@ -55,41 +50,15 @@ def command(
     and predict the test set."""
     from pipeline.fitting.fit import fit_adapters  # imports torch: only when run
 
-    base = section(params_section)
-    exp = {}
-    if experiment is not None:
-        known = {**(base.get("experiments") or {}), **(base.get("cross_subject") or {})}
-        exp = known.get(experiment)
-        if exp is None:
-            raise UserError(f"params.yaml: no experiment {experiment!r} in {params_section}.experiments or cross_subject")
-    p = resolve(params_section, fmri=comma_list(fmri) or exp.get("fmri"), clip=clip, seed=seed, device=device, subject=subject)
-    chosen = method or exp.get("method")
-    if chosen is None:
-        raise UserError("give --method (ridge, mclip, litemind or perception) or --experiment")
-    settings = dict(base.get(chosen) or {})
-    train = {**dict(settings.pop("train", None) or {}), **dict(exp.get("train") or {})}
-    subjects = {**dict(base.get("subjects") or {}), **dict(exp.get("subjects") or {})}
-    if lora_rank is not None:
-        subjects["lora_rank"] = lora_rank
-    if epochs is not None:
-        train["epochs"] = epochs
-    require(p, params_section, "fmri", "clip")
-    run = out or Path("runs") / (experiment or chosen)
-    report = fit_adapters(
-        p["fmri"], p["clip"], chosen, run,
-        targets=comma_list(targets) or comma_list(exp.get("targets")),
-        rois=comma_list(rois) or comma_list(exp.get("rois")),
-        params={**settings, **(exp.get("params") or {})},
-        train=train, subject=p.get("subject"), seed=p.get("seed", 0), device=p.get("device", "auto"),
-        holdout_categories=comma_list(exp.get("holdout_categories")), nsd_root=base.get("nsd_root"),
-        align=align or exp.get("align"), experts=experts if experts is not None else exp.get("experts"),
-        init=init or exp.get("init"), finetune=finetune or exp.get("finetune"),
-        subjects=subjects if _several(p["fmri"], align or exp.get("align"), experts or exp.get("experts"),
-                                      init or exp.get("init"), finetune or exp.get("finetune")) else None,
-    )
+    from .specs import fit_spec
+
+    spec, run = fit_spec(params_section, experiment, dict(
+        fmri=fmri, clip=clip, method=method, out=out, targets=targets, rois=rois, epochs=epochs, seed=seed,
+        device=device, subject=subject, align=align, experts=experts, init=init, finetune=finetune, lora_rank=lora_rank))
+    report = fit_adapters(spec.fmri, spec.clip, spec.method, spec.out, device=run.device, **spec.options())
     if not report:  # another process of a torchrun run: process 0 writes and reports
         return
     typer.echo(json.dumps({name: {k: round(v, 4) for k, v in r.items()} for name, r in report["targets"].items()}, indent=1))
     if "subjects" in report:
         typer.echo(f"(mean over {', '.join(report['subjects'])})")
-    typer.echo(f"wrote {run}")
+    typer.echo(f"wrote {spec.out}")

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from .params import resolve, user_errors
+from .params import user_errors
+from .settings import resolve
 
 
 @user_errors

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from .params import resolve, section, user_errors
+from .params import user_errors
+from .settings import resolve, section
 
 
 @user_errors

@@ -9,7 +9,8 @@ import typer
 
 from pipeline.errors import UserError
 
-from .params import require, resolve, user_errors
+from .params import user_errors
+from .settings import require, resolve
 
 
 @user_errors

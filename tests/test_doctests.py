@@ -21,7 +21,7 @@ MODULES = sorted(
 
 def test_the_public_helpers_have_examples():
     """The examples this suite guards (a module that loses all of its examples shows up here)."""
-    assert {"pipeline.store", "pipeline.device", "stages.params", "pipeline.fitting.adapters.base",
+    assert {"pipeline.store", "pipeline.device", "stages.settings", "pipeline.fitting.adapters.base",
             "pipeline.features.clip", "pipeline.evaluation.compare"} <= set(MODULES)
 
 

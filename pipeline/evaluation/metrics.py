@@ -434,11 +434,18 @@ def load_openai_clip(path: Path | None = None) -> nn.Module:
     import open_clip
     from huggingface_hub import try_to_load_from_cache
 
-    from ..features.clip import hf_hub_cache, hf_weights, quiet_random_init, resolve_architecture
+    from ..features.clip import (
+        DEFAULT_MODEL,
+        DEFAULT_PRETRAINED,
+        hf_hub_cache,
+        hf_weights,
+        quiet_random_init,
+        resolve_architecture,
+    )
 
-    arch = resolve_architecture("ViT-L-14", "openai")
+    arch = resolve_architecture(DEFAULT_MODEL, DEFAULT_PRETRAINED)
     if path is None:
-        repo, files = hf_weights(arch.name, "openai")
+        repo, files = hf_weights(arch.name, DEFAULT_PRETRAINED)
         hits = [try_to_load_from_cache(repo, name, cache_dir=hf_hub_cache()) for name in files]
         found = [h for h in hits if isinstance(h, str)]
         if not found:

@@ -36,6 +36,9 @@ from PIL import Image
 from ..errors import UserError
 from .merge import merge_tokens
 
+DEFAULT_MODEL = "ViT-L-14"
+"""The CLIP every stage defaults to (and the metrics' CLIP): OpenAI's ViT-L/14, as the NSD literature."""
+DEFAULT_PRETRAINED = "openai"
 MODEL_CONFIG_DIR = Path(__file__).parents[1] / "model_configs"
 """Configs shipped with the project (the demo's tiny ViT), usable by name like open_clip's own."""
 SIZES_SUFFIX = "__sizes"
@@ -384,7 +387,7 @@ def _first_lines(exc: Exception, n: int = 2, limit: int = 300) -> str:
 
 
 def load_model(
-    model: str, pretrained: str | None = "openai", device: str = "cpu", activation: str = "auto"
+    model: str, pretrained: str | None = DEFAULT_PRETRAINED, device: str = "cpu", activation: str = "auto"
 ) -> LoadedModel:
     """Build an open_clip model by name or config and load weights from a tag, a file or none.
 

@@ -21,6 +21,10 @@ from ..errors import UserError
 from . import clip
 from .cache import CAPTIONS_PER_IMAGE, SHARD_ROWS, store_layout
 from .shards import fill_store, layer_outputs, model_attrs, model_settings, setup, versions
+from .spec import ClipSpec, Execution, with_defaults, with_options
+
+BATCH_SIZE = 64
+"""Images per forward pass unless :class:`Execution` says otherwise."""
 
 
 # ---- inputs -----------------------------------------------------------------------------------------
@@ -135,45 +139,33 @@ class _Batches(torch.utils.data.Dataset):
         return i, clip.preprocess_images(self.transform, self._file["imgBrick"][a:b])
 
 
-
 def extract_clip(
     stimuli: Path | str,
     out: Path | str,
+    spec: ClipSpec = ClipSpec(),
+    run: Execution = Execution(),
     *,
-    model: str = "ViT-L-14",
-    pretrained: str = "openai",
-    activation: str = "auto",
-    layers: str = "8,16,24",
-    tokens: str = "all",
     images: str = "all",
-    batch_size: int = 64,
-    device: str = "auto",
-    dtype: str = "auto",
     captions: bool | None = None,
-    shard_rows: int = SHARD_ROWS,
-    chunk_rows: int | None = None,
-    loader_workers: int | None = None,
-    workers: int | None = None,
-    scheduler: str | None = None,
     overwrite: bool = False,
-    progress: bool = True,
     report: Callable[[str], None] = lambda line: None,
+    **options,
 ) -> Path:
     """Fill (or resume) the CLIP cache at ``out``; see the module docstring for the layout.
 
-    ``activation``: ``auto`` builds the activation the weights were trained with (QuickGELU for
-    OpenAI's; see :func:`pipeline.features.clip.resolve_architecture`), ``gelu``/``quick_gelu``
-    force one (refused when it contradicts a tag). ``captions``: None = write ``text_embeds`` when the NSD root has the stim-info table and COCO
-    annotations, True = require them, False = skip. ``workers``/``scheduler`` run the shards on
-    dask.distributed (a local cluster of N processes, or a running scheduler whose workers see
-    the same ``stimuli`` and ``out`` paths; ``device=auto`` is then resolved on each worker, so pass
-    ``dtype`` when this process has no GPU but the workers do). ``report`` receives the size
-    projection line.
+    ``spec``: what the store holds (``activation``: ``auto`` builds the activation the weights were
+    trained with, QuickGELU for OpenAI's, see :func:`pipeline.features.clip.resolve_architecture`;
+    ``gelu``/``quick_gelu`` force one, refused when it contradicts a tag). ``run``: how it runs
+    (``workers``/``scheduler`` run the shards on dask.distributed, a local cluster of N processes or
+    a running scheduler whose workers see the same ``stimuli`` and ``out`` paths; ``device=auto`` is
+    then resolved on each worker, so set ``dtype`` when this process has no GPU but the workers do).
+    ``options``: fields of either by name, e.g. ``layers="6", device="cpu"``, over ``spec`` and ``run``.
+    ``captions``: None = write ``text_embeds`` when the NSD root has the stim-info table and COCO
+    annotations, True = require them, False = skip. ``report`` receives the size projection line.
     """
     out = Path(out)
-    st = setup(model=model, pretrained=pretrained, activation=activation, layers=layers, tokens=tokens,
-               batch_size=batch_size, device=device, dtype=dtype, shard_rows=shard_rows,
-               loader_workers=loader_workers, workers=workers, scheduler=scheduler)
+    spec, run = with_options((spec, run), options)
+    st = setup(*with_defaults(spec, run, shard_rows=SHARD_ROWS, batch_size=BATCH_SIZE))
     path, nsd = resolve_stimuli(stimuli)
     source = describe_source(path)
     n = source["n_images"]
@@ -190,7 +182,8 @@ def extract_clip(
         )
     use_captions = has_captions if captions is None else bool(captions)
 
-    layout = store_layout(st.loaded, st.layers, st.tokens, n, shard_rows, chunk_rows, use_captions)
+    shard_rows = st.spec.shard_rows
+    layout = store_layout(st.loaded, st.layers, st.tokens, n, shard_rows, spec.chunk_rows, use_captions)
     settings = {
         **model_settings(st, layout),
         "captions": use_captions,
@@ -214,4 +207,4 @@ def extract_clip(
 
     requested = np.unique(wanted // shard_rows).tolist()
     return fill_store(out, st, ImageSource(str(path)), layout, settings, attrs, requested, overwrite=overwrite,
-                      captions=caption_table if use_captions else None, progress=progress, report=report)
+                      captions=caption_table if use_captions else None, report=report)

@@ -20,7 +20,7 @@ import multiprocessing
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import Protocol
@@ -45,6 +45,7 @@ from .cache import (
     projected_bytes,
     shard_bounds,
 )
+from .spec import ClipSpec, Execution
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -78,21 +79,14 @@ def layer_outputs(tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @dataclass(frozen=True)
 class Job:
-    """What filling shards needs; plain values, so it pickles to dask workers."""
+    """What filling shards needs: the resolved settings of :func:`setup`; plain values, so it pickles
+    to dask workers."""
 
     out: str
     source: Source
-    model: str
-    pretrained: str
-    activation: str
-    layers: str
-    tokens: str
-    dtype: str
-    device: str
-    batch_size: int
-    shard_rows: int
+    spec: ClipSpec
+    run: Execution
     n_rows: int
-    loader_workers: int
 
 
 @functools.lru_cache(maxsize=2)
@@ -106,7 +100,7 @@ def _loader(job: Job, transform: Callable, spans: list, on_gpu: bool) -> torch.u
 
     A daemonic process (a default dask worker) cannot have children: it reads in-process.
     """
-    workers = 0 if multiprocessing.current_process().daemon else job.loader_workers
+    workers = 0 if multiprocessing.current_process().daemon else job.run.loader_workers
     return torch.utils.data.DataLoader(
         job.source.dataset(spans, transform), batch_size=None, shuffle=False, num_workers=workers,
         pin_memory=on_gpu, prefetch_factor=4 if workers else None,
@@ -179,10 +173,11 @@ def fill_shards(
     ``captions[s]`` holds the (rows, K) captions of shard s when the store has ``text_embeds``.
     Writes run in a background thread while the next shard computes.
     """
-    device = _worker_device(job.device)
-    loaded = cached_model(job.model, job.pretrained, device, job.activation)
-    layers = clip.parse_layers(job.layers, loaded.n_blocks)
-    tokens = clip.TokenMode.parse(job.tokens)
+    spec, rows, batch = job.spec, job.spec.shard_rows, job.run.batch_size
+    device = _worker_device(job.run.device)
+    loaded = cached_model(spec.model, spec.pretrained, device, spec.activation)
+    layers = clip.parse_layers(spec.layers, loaded.n_blocks)
+    tokens = clip.TokenMode.parse(spec.tokens)
     root = Path(job.out)
     group = zarr.open_group(root, mode="r+")
     arrays = {name: node for name, node in sorted(group.members(max_depth=None))
@@ -193,12 +188,12 @@ def fill_shards(
 
     spans = []
     for s in shards:
-        a, b = shard_bounds(s, job.shard_rows, job.n_rows)
-        spans += [(s, lo, min(lo + job.batch_size, b)) for lo in range(a, b, job.batch_size)]
+        a, b = shard_bounds(s, rows, job.n_rows)
+        spans += [(s, lo, min(lo + batch, b)) for lo in range(a, b, batch)]
     on_gpu = torch.device(device).type == "cuda"
     autocast = (
-        torch.autocast(torch.device(device).type, dtype=getattr(torch, job.dtype))
-        if job.dtype != "float32" else contextlib.nullcontext()
+        torch.autocast(torch.device(device).type, dtype=getattr(torch, spec.dtype))
+        if spec.dtype != "float32" else contextlib.nullcontext()
     )
 
     def compute() -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
@@ -207,7 +202,7 @@ def fill_shards(
             with torch.no_grad(), autocast:
                 out = job.source.encode(loaded, inputs, layers, tokens, device)
                 if "text_embeds" in arrays:
-                    s0 = shard_bounds(s, job.shard_rows, job.n_rows)[0]
+                    s0 = shard_bounds(s, rows, job.n_rows)[0]
                     out["text_embeds"] = clip.encode_captions(loaded, captions[s][a - s0 : b - s0], device).float()
             yield i, out
 
@@ -222,7 +217,7 @@ def fill_shards(
         buffers: dict[str, np.ndarray] = {}
         for i, host in _to_host(compute(), device):
             s, a, b = spans[i]
-            s0, s1 = shard_bounds(s, job.shard_rows, job.n_rows)
+            s0, s1 = shard_bounds(s, rows, job.n_rows)
             if a == s0:
                 buffers = {k: np.zeros((s1 - s0, *arr.shape[1:]), arr.dtype) for k, arr in arrays.items()}
             for k, v in host.items():
@@ -240,13 +235,12 @@ def fill_shards(
 
 
 # ---- the driver ------------------------------------------------------------------------------------
-def _run_distributed(
-    job: Job, shards: list[int], captions: dict[int, np.ndarray] | None, scheduler: str | None,
-    workers: int | None, bar: tqdm,
-) -> None:
+def _run_distributed(job: Job, shards: list[int], captions: dict[int, np.ndarray] | None, bar: tqdm) -> None:
     """The same :func:`fill_shards` as dask.distributed tasks, each owning whole shards."""
     import dask
     from distributed import Client, LocalCluster, as_completed
+
+    scheduler, workers = job.run.scheduler, job.run.workers
 
     with contextlib.ExitStack() as stack:
         if scheduler:
@@ -275,58 +269,39 @@ def _run_distributed(
 
 @dataclass(frozen=True)
 class Setup:
-    """The resolved execution and model settings of one extraction (NSD images or movie clips)."""
+    """One extraction's settings, checked and resolved (device, dtype, loader workers), and its model."""
 
     loaded: clip.LoadedModel
     layers: list[clip.LayerSpec]
-    layer_arg: str  # the --layers text the workers parse again
     tokens: clip.TokenMode
-    model: str  # as given (name or config path): what the workers load
-    pretrained: str
-    activation: str
-    device: str
-    dtype: str
-    batch_size: int
-    shard_rows: int
-    loader_workers: int
-    workers: int | None
-    scheduler: str | None
-
-    @property
-    def distributed(self) -> bool:
-        return bool(self.scheduler) or self.workers is not None
+    spec: ClipSpec  # model as given (name or config path): what the workers load
+    run: Execution
 
     def job(self, out: Path, source: Source, n_rows: int) -> Job:
-        return Job(
-            out=str(out), source=source, model=self.model, pretrained=self.pretrained, activation=self.activation,
-            layers=self.layer_arg, tokens=str(self.tokens), dtype=self.dtype,
-            device=self.device, batch_size=self.batch_size, shard_rows=self.shard_rows, n_rows=n_rows,
-            loader_workers=self.loader_workers,
-        )
+        return Job(str(out), source, self.spec, self.run, n_rows)
 
 
-def setup(
-    *, model: str, pretrained: str | None, activation: str, layers: str, tokens: str, batch_size: int, device: str,
-    dtype: str, shard_rows: int, loader_workers: int | None, workers: int | None, scheduler: str | None,
-) -> Setup:
-    """Check the execution options and load the model once (on the CPU when workers will run it)."""
-    pretrained = "none" if pretrained in (None, "") else str(pretrained)
-    token_mode = clip.TokenMode.parse(str(tokens))
-    for name, value in (("--batch-size", batch_size), ("--shard-rows", shard_rows)):
+def setup(spec: ClipSpec, run: Execution) -> Setup:
+    """Check the settings, resolve ``auto`` ones and load the model once (on the CPU when workers
+    will run it). ``spec.shard_rows`` and ``run.batch_size`` must be set (the source's defaults)."""
+    pretrained = "none" if spec.pretrained in (None, "") else str(spec.pretrained)
+    token_mode = clip.TokenMode.parse(str(spec.tokens))
+    for name, value in (("--batch-size", run.batch_size), ("--shard-rows", spec.shard_rows)):
         if int(value) < 1:
             raise UserError(f"{name} must be >= 1, not {value}")
-    if workers is not None and workers < 1:
-        raise UserError(f"--workers must be >= 1, not {workers}")
-    distributed = bool(scheduler) or workers is not None
-    device = str(device) if distributed else str(resolve_device(device))
-    dtype = resolve_dtype(dtype, device)
+    if run.workers is not None and run.workers < 1:
+        raise UserError(f"--workers must be >= 1, not {run.workers}")
+    device = str(run.device) if run.distributed else str(resolve_device(run.device))
+    loader_workers = run.loader_workers
     if loader_workers is None:
-        loader_workers = min(8, (os.cpu_count() or 1) - 1) if "cuda" in device or distributed else 0
-    loaded = cached_model(model, pretrained, "cpu" if distributed else device, activation)
-    layer_specs = clip.parse_layers(str(layers), loaded.n_blocks)
+        loader_workers = min(8, (os.cpu_count() or 1) - 1) if "cuda" in device or run.distributed else 0
+    spec = replace(spec, pretrained=pretrained, layers=str(spec.layers), tokens=str(token_mode),
+                   dtype=resolve_dtype(spec.dtype, device), shard_rows=int(spec.shard_rows))
+    run = replace(run, device=device, batch_size=int(run.batch_size), loader_workers=loader_workers)
+    loaded = cached_model(spec.model, pretrained, "cpu" if run.distributed else device, spec.activation)
+    layer_specs = clip.parse_layers(spec.layers, loaded.n_blocks)
     token_mode.check(loaded.grid_hw)
-    return Setup(loaded, layer_specs, str(layers), token_mode, model, pretrained, activation, device, dtype, int(batch_size),
-                 int(shard_rows), loader_workers, workers, scheduler)
+    return Setup(loaded, layer_specs, token_mode, spec, run)
 
 
 def model_settings(st: Setup, layout: dict) -> dict:
@@ -341,8 +316,8 @@ def model_settings(st: Setup, layout: dict) -> dict:
         "weights": loaded.weights_sha256 or loaded.pretrained,
         "layers": [layer.name for layer in st.layers],
         "tokens": str(st.tokens),
-        "dtype": st.dtype,
-        "shard_rows": st.shard_rows,
+        "dtype": st.spec.dtype,
+        "shard_rows": st.spec.shard_rows,
         "chunk_rows": next(iter(layout.values())).chunk_rows,
     }
 
@@ -352,7 +327,7 @@ def model_attrs(st: Setup, layout: dict) -> dict:
     loaded = st.loaded
     return {
         "model": loaded.name,
-        "model_source": st.model,  # as given: a config JSON's path rebuilds the model, its stem ("model") does not
+        "model_source": st.spec.model,  # as given: a config JSON's path rebuilds the model, its stem ("model") does not
         "pretrained": loaded.pretrained,
         "open_clip_model": loaded.architecture.name,
         "activation": loaded.architecture.activation,
@@ -365,7 +340,7 @@ def model_attrs(st: Setup, layout: dict) -> dict:
         "projection": loaded.projection_note() if any(layer.project for layer in st.layers) else None,
         "tokens": str(st.tokens),
         "token_layout": st.tokens.describe(),
-        "compute_dtype": st.dtype,
+        "compute_dtype": st.spec.dtype,
         "storage_dtypes": {name: spec.dtype for name, spec in layout.items()},
     }
 
@@ -378,7 +353,7 @@ def versions() -> dict:
 def fill_store(
     out: Path, st: Setup, source: Source, layout: dict, settings: dict, attrs: dict, requested: list[int], *,
     overwrite: bool, captions: Callable[[dict[int, tuple[int, int]]], dict[int, np.ndarray]] | None = None,
-    progress: bool = True, report: Callable[[str], None] = lambda line: None, noun: str = "images",
+    report: Callable[[str], None] = lambda line: None, noun: str = "images",
 ) -> Path:
     """Create (or resume) the store at ``out`` and fill the ``requested`` shards that are not done.
 
@@ -387,8 +362,9 @@ def fill_store(
     """
     n = next(iter(layout.values())).shape[0]
     existing = existing_store(out, settings, overwrite)
-    done = existing[DONE][:] if existing is not None else np.zeros(n_shards(n, st.shard_rows), bool)
-    todo = {s: shard_bounds(s, st.shard_rows, n) for s in requested if not done[s]}
+    rows = st.spec.shard_rows
+    done = existing[DONE][:] if existing is not None else np.zeros(n_shards(n, rows), bool)
+    todo = {s: shard_bounds(s, rows, n) for s in requested if not done[s]}
     total = sum(b - a for a, b in todo.values())
     need = projected_bytes(layout, total)
     free = check_disk(out, need)
@@ -403,9 +379,9 @@ def fill_store(
         return out
     job = st.job(out, source, n)
     caption_table = captions(todo) if captions is not None else None
-    with tqdm(total=total, unit=noun[:4], desc="extract-clip", disable=not progress, dynamic_ncols=True) as bar:
-        if st.distributed:
-            _run_distributed(job, list(todo), caption_table, st.scheduler, st.workers, bar)
+    with tqdm(total=total, unit=noun[:4], desc="extract-clip", disable=not st.run.progress, dynamic_ncols=True) as bar:
+        if st.run.distributed:
+            _run_distributed(job, list(todo), caption_table, bar)
         else:
             fill_shards(job, list(todo), caption_table, on_rows=bar.update)
     missing = [s for s in todo if not zarr.open_array(out / DONE, mode="r")[s]]

@@ -36,9 +36,23 @@ from ..videoio import probe, read_frames, square
 from . import clip
 from .cache import ArraySpec, default_chunk_rows, n_shards, store_layout
 from .shards import fill_store, layer_outputs, model_attrs, model_settings, setup, versions
+from .spec import ClipSpec, Execution, with_defaults, with_options
 
 VAE_SCALE = 8
 """Spatial downsampling of the SD VAE (4 levels)."""
+BATCH_SIZE = 16
+"""Clips per forward pass (x frames per clip) unless :class:`Execution` says otherwise."""
+
+
+@dataclass(frozen=True)
+class VideoSpec:
+    """What a video store holds beyond :class:`ClipSpec`: the frames kept per clip and their sizes.
+    ``keyframe`` is 1-based (None: the middle frame); ``vae`` also caches the frames' latents."""
+
+    fps: float = 3.0
+    keyframe: int | None = None
+    frame_size: int = 64
+    vae: str | None = None
 
 
 def frames_per_clip(fps: float, tr: float) -> int:
@@ -196,63 +210,49 @@ def video_layout(base: dict[str, ArraySpec], n: int, per_clip: int, frame_size: 
 def extract_video(
     root: Path | str,
     out: Path | str,
+    spec: ClipSpec = ClipSpec(),
+    run: Execution = Execution(),
     *,
-    fps: float = 3.0,
-    keyframe: int | None = None,
-    frame_size: int = 64,
-    vae: str | None = None,
+    video: VideoSpec = VideoSpec(),
     design: Design = Design(),
-    model: str = "ViT-L-14",
-    pretrained: str = "openai",
-    activation: str = "auto",
-    layers: str = "8,16,24",
-    tokens: str = "all",
-    batch_size: int = 16,
-    device: str = "auto",
-    dtype: str = "auto",
-    shard_rows: int | None = None,
-    chunk_rows: int | None = None,
-    loader_workers: int | None = None,
-    workers: int | None = None,
-    scheduler: str | None = None,
     overwrite: bool = False,
-    progress: bool = True,
     report=lambda line: None,
+    **options,
 ) -> Path:
     """Fill (or resume) the video features cache at ``out`` from the movies under ``root`` (a cc2017
-    root or its ``stimuli/`` folder); see the module docstring. ``keyframe`` is 1-based (None: the
-    middle frame, ceil(F / 2)); ``batch_size`` counts clips. Execution options as in
+    root or its ``stimuli/`` folder); see the module docstring. ``run.batch_size`` counts clips;
+    ``options``: fields of ``spec``, ``run`` or ``video`` by name, as in
     :func:`pipeline.features.extract.extract_clip`."""
     out = Path(out)
+    spec, run, video = with_options((spec, run, video), options)
+    fps, frame_size, vae = video.fps, video.frame_size, video.vae
     per_clip = frames_per_clip(fps, design.tr)
-    keyframe = (per_clip + 1) // 2 if keyframe is None else int(keyframe)
+    keyframe = (per_clip + 1) // 2 if video.keyframe is None else int(video.keyframe)
     if not 1 <= keyframe <= per_clip:
         raise UserError(f"--keyframe {keyframe}: clips have frames 1..{per_clip} at {fps:g} fps")
     if frame_size < 8 or frame_size % 2 or (vae is not None and frame_size % VAE_SCALE):
         raise UserError(f"--frame-size {frame_size}: must be even and >= 8 (a multiple of {VAE_SCALE} with --vae)")
-    shard_rows = design.trs_per_segment if shard_rows is None else shard_rows
     data = CC2017(root, design)
     data.check_videos()
     videos = describe_videos(data, fps)
-    st = setup(model=model, pretrained=pretrained, activation=activation, layers=layers, tokens=tokens,
-               batch_size=batch_size, device=device, dtype=dtype, shard_rows=shard_rows,
-               loader_workers=loader_workers, workers=workers, scheduler=scheduler)
+    st = setup(*with_defaults(spec, run, shard_rows=design.trs_per_segment, batch_size=BATCH_SIZE))
+    shard_rows = st.spec.shard_rows
     latent_channels = None
     if vae is not None:
         latent_channels = int(load_vae(str(vae), "cpu").config.latent_channels)
     n = design.n_clips
-    base = store_layout(st.loaded, st.layers, st.tokens, n, shard_rows, chunk_rows, captions=False)
+    base = store_layout(st.loaded, st.layers, st.tokens, n, shard_rows, spec.chunk_rows, captions=False)
     layout = video_layout(base, n, per_clip, frame_size, st.loaded.embed_dim, shard_rows, latent_channels)
-    video = {"fps": float(fps), "tr": design.tr, "frames_per_clip": per_clip, "keyframe": keyframe,
-             "frame_size": frame_size, "vae": str(vae) if vae is not None else None,
-             "clip_layout": design.clip_layout()}
-    settings = {**model_settings(st, layout), "video": video,
+    record = {"fps": float(fps), "tr": design.tr, "frames_per_clip": per_clip, "keyframe": keyframe,
+              "frame_size": frame_size, "vae": str(vae) if vae is not None else None,
+              "clip_layout": design.clip_layout()}
+    settings = {**model_settings(st, layout), "video": record,
                 "source": {name: {k: v[k] for k in ("size", "fingerprint")} for name, v in videos.items()}}
     attrs = {
         "settings": settings,
         **model_attrs(st, layout),
         "dataset": "cc2017",
-        "video": {**video, "frame_convention": "frame j of clip t = the frame shown at t * tr + j / fps s into the "
+        "video": {**record, "frame_convention": "frame j of clip t = the frame shown at t * tr + j / fps s into the "
                   "segment; frames are the centre square, bicubic; keyframe is 1-based",
                   "design": design.as_dict()},
         "clip_layout": design.clip_layout(),
@@ -263,5 +263,5 @@ def extract_video(
     source = VideoSource(str(data.stimuli_dir), tuple((s.name, s.first_clip, s.n_clips) for s in design.segments),
                          design.tr, float(fps), keyframe - 1, frame_size, None if vae is None else str(vae))
     requested = list(range(n_shards(n, shard_rows)))
-    return fill_store(out, st, source, layout, settings, attrs, requested, overwrite=overwrite, progress=progress,
-                      report=report, noun="clips")
+    return fill_store(out, st, source, layout, settings, attrs, requested, overwrite=overwrite, report=report,
+                      noun="clips")
