@@ -1,4 +1,6 @@
-"""DVC stage ``prepare_fmri``: one subject's betas -> ``cache/fmri/subjNN.zarr`` (see :mod:`pipeline.data.fmri`)."""
+"""DVC stage ``prepare_fmri``: one subject's betas -> ``cache/fmri/subjNN.zarr`` (see :mod:`pipeline.data.fmri`),
+from the raw NSD (``--source nsd``, the default) or from a release users hold (``--source mindeye2 |
+mindeye1 | brain-diffuser``, :mod:`pipeline.data.releases`): every source writes the same store."""
 
 from __future__ import annotations
 
@@ -16,9 +18,18 @@ from .settings import require, resolve
 @user_errors
 def command(
     subject: int = typer.Option(..., help="NSD subject number (1-based, as in subj01)."),
-    nsd_root: Optional[Path] = typer.Option(None, help="NSD root folder [params: prepare_fmri.nsd_root]."),
+    source: str = typer.Option("nsd", help="nsd (the raw release) | mindeye2 | mindeye1 | brain-diffuser "
+                               "(the preprocessed releases; see README 'Where your data comes from')."),
+    nsd_root: Optional[Path] = typer.Option(None, "--root", "--nsd-root", help="The source's root folder: the NSD "
+                                            "root, MindEye2's folder with wds/, MindEye1's webdataset_avg_split/ or "
+                                            "Brain-Diffuser's data/ [params: prepare_fmri.nsd_root, for nsd]."),
+    rois_from: Optional[Path] = typer.Option(None, help="A release without ROI labels: raw NSD root whose ROI "
+                                             "NIfTIs add voxels/<roi> labels and voxels/ijk."),
+    test_set: Optional[str] = typer.Option(None, help="--source mindeye2: new (all sessions, default) or old "
+                                           "(the 37-session test set)."),
     out: Optional[Path] = typer.Option(None, help="Output store [default: cache/fmri/subjNN.zarr]."),
-    zscore: Optional[str] = typer.Option(None, help="session (per session, per voxel, population std) or none."),
+    zscore: Optional[str] = typer.Option(None, help="session (per session, per voxel, population std), train (per "
+                                         "voxel, training trials' statistics) or none [a release: its own]."),
     repeats: Optional[str] = typer.Option(
         None, help="mean (one row per image: the mean of its trials), trials (one row per trial) or train-trials "
         "(train rows per trial, test rows per image) [params: prepare_fmri.repeats]."
@@ -39,6 +50,12 @@ def command(
         if repeats not in (None, alias):
             raise UserError(f"--repeats {repeats} contradicts --{'' if average_repeats else 'no-'}average-repeats")
         repeats = alias
+    if source != "nsd":
+        _prepare_release(source, subject, nsd_root, out, zscore=zscore, repeats=repeats, sessions=sessions,
+                         test_set=test_set, rois_from=rois_from, ignored=(train_sessions, beta_format, betas_version))
+        return
+    if rois_from is not None or test_set is not None:
+        raise UserError("--rois-from and --test-set apply to the preprocessed releases (--source mindeye2 | ...)")
     p = resolve(
         "prepare_fmri", nsd_root=nsd_root, zscore=zscore, repeats=repeats,
         sessions=sessions, beta_format=beta_format, betas_version=betas_version,
@@ -50,4 +67,20 @@ def command(
     root = p.pop("nsd_root")
     target = out or Path(f"cache/fmri/subj{subject:02d}.zarr")
     prepare_fmri(root, subject, target, **p)
+    typer.echo(f"wrote {target}")
+
+
+def _prepare_release(source: str, subject: int, root: Optional[Path], out: Optional[Path], *, ignored: tuple,
+                     **options) -> None:
+    """``--source`` a preprocessed release: only what the command line gives applies (params.yaml's
+    prepare_fmri section describes the raw NSD run of the demo)."""
+    from pipeline.data.releases import prepare_release
+
+    if any(v is not None for v in ignored):
+        raise UserError("--train-sessions, --beta-format and --betas-version apply to --source nsd")
+    if root is None:
+        raise UserError(f"--source {source} needs --root (the release's folder)")
+    given = {k: v for k, v in options.items() if v is not None}
+    target = out or Path(f"cache/fmri/{source}_subj{subject:02d}.zarr")
+    prepare_release(source, root, subject, target, **given)
     typer.echo(f"wrote {target}")
