@@ -423,7 +423,8 @@ def load_openai_clip(path: Path | None = None) -> nn.Module:
     import open_clip
     from huggingface_hub import try_to_load_from_cache
 
-    from ..features.clip import hf_hub_cache, hf_weights, quiet_random_init, resolve_architecture
+    from ..features.clip import hf_weights, quiet_random_init, resolve_architecture
+    from ..hub import hf_hub_cache
 
     arch = resolve_architecture("ViT-L-14", "openai")
     if path is None:
