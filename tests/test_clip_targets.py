@@ -18,8 +18,8 @@ from test_extract import hooked_forward, images_of
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.data.demo import DemoConfig
 from pipeline.data.nsd import NSD
+from pipeline.demo.nsd import DemoConfig
 from pipeline.errors import UserError
 from pipeline.features import clip
 from pipeline.features.extract import extract_clip

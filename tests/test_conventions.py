@@ -76,7 +76,7 @@ def resolves(dotted: str) -> bool:
 
 
 def test_resolves_tells_moved_names_apart():
-    assert resolves("pipeline.fitting.adapters.ridge.RidgeAdapter") and resolves("pipeline.data.demo")
+    assert resolves("pipeline.fitting.adapters.ridge.RidgeAdapter") and resolves("pipeline.demo.nsd")
     assert not resolves("pipeline.adapters.ridge") and not resolves("pipeline.store.no_such_helper")
 
 

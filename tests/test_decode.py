@@ -15,9 +15,9 @@ import torch
 import zarr
 from PIL import Image
 
-from pipeline.data.demo import SHAPES, DemoConfig
 from pipeline.data.nsd import NSD
 from pipeline.decoding import decode
+from pipeline.demo.nsd import SHAPES, DemoConfig
 from pipeline.errors import UserError
 from pipeline.evaluation import zeroshot
 from pipeline.features import clip

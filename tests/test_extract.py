@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.data.demo import DemoConfig
+from pipeline.demo.nsd import DemoConfig
 from pipeline.errors import UserError
 from pipeline.features import clip
 from pipeline.features.cache import filled_rows, open_cache
