@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from report import emit  # noqa: E402  (benchmarks/ is the script's folder)
 
-from pipeline.data.demo import DemoConfig, make_images  # noqa: E402
+from pipeline.demo.nsd import DemoConfig, make_images  # noqa: E402
 from pipeline.features import clip  # noqa: E402
 from pipeline.features.extract import extract_clip  # noqa: E402
 from pipeline.device import resolve_device  # noqa: E402

@@ -96,7 +96,7 @@ def part_extract(device: str, quick: bool, work: Path) -> dict:
 
 
 def part_video(device: str, quick: bool, work: Path) -> dict:
-    from pipeline.data.demo_video import DEMO_DESIGN, DemoVideoConfig, make_demo_video
+    from pipeline.demo.video import DEMO_DESIGN, DemoVideoConfig, make_demo_video
     from pipeline.features.video import extract_video
 
     root = make_demo_video(work / "cc2017", DemoVideoConfig(subjects=1))

@@ -53,8 +53,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     import torch
     import zarr
 
-    from pipeline.data.demo import DemoConfig, make_demo
     from pipeline.data.fmri import prepare_fmri
+    from pipeline.demo.nsd import DemoConfig, make_demo
     from pipeline.features.clip import parse_layers
     from pipeline.features.extract import extract_clip
     from pipeline.fitting.fit import fit_adapters

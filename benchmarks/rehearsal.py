@@ -1,6 +1,6 @@
 """Rehearsal at NSD shapes: the real pipeline, stage by stage, on an NSD look-alike of real size.
 
-The look-alike is :func:`pipeline.data.demo.make_demo` with a bigger :class:`DemoConfig`: 81x104x83
+The look-alike is :func:`pipeline.demo.nsd.make_demo` with a bigger :class:`DemoConfig`: 81x104x83
 func1pt8mm volumes with 15,196 nsdgeneral voxels, 750 trials per session, 425-px stimuli, one
 subject with ``--sessions`` sessions and an image pool of ``--images`` (default: the fewest the
 design needs, ``sessions * 750 / 3``), a tenth of them shared (test) images as in NSD. Then, each
@@ -115,7 +115,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
 
-    from pipeline.data.demo import DemoConfig
+    from pipeline.demo.nsd import DemoConfig
 
     n10k = args.sessions * args.trials // 3
     cfg = DemoConfig(
@@ -132,7 +132,7 @@ def main() -> None:
     stages = []
 
     stages.append(run_stage("make-demo (NSD look-alike)", python(
-        "from pipeline.data.demo import DemoConfig, make_demo\n"
+        "from pipeline.demo.nsd import DemoConfig, make_demo\n"
         f"make_demo('nsd', DemoConfig(**{json.dumps({k: v for k, v in asdict(cfg).items()})}))"),
         workdir, ["nsd"], None, env=env))
     stages.append(run_stage("prepare-fmri", cli + ["prepare-fmri", "--subject", "1", "--nsd-root", "nsd",

@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.report import emit  # noqa: E402
-from pipeline.data.demo import DemoConfig, make_demo  # noqa: E402
 from pipeline.data.fmri import prepare_fmri  # noqa: E402
+from pipeline.demo.nsd import DemoConfig, make_demo  # noqa: E402
 from pipeline.features.extract import extract_clip  # noqa: E402
 from pipeline.fitting.fit import fit_adapters  # noqa: E402
 

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from report import emit  # noqa: E402  (benchmarks/ is the script's folder)
 
-from pipeline.data.demo_video import tiny_animatediff, tiny_animatediff_components  # noqa: E402
 from pipeline.decoding import video  # noqa: E402
+from pipeline.demo.video import tiny_animatediff, tiny_animatediff_components  # noqa: E402
 from pipeline.hub import diffusers_module  # noqa: E402
 
 

@@ -4,18 +4,32 @@ Every generative or evaluation model that is not open_clip (Stable unCLIP, the S
 and its MotionAdapter, VideoMAE) is loaded through :func:`load`: a local folder must hold the
 library's config file, a hub id must look like ``owner/name``, nothing is downloaded when
 ``local_files_only`` or ``HF_HUB_OFFLINE=1``, and "not here" becomes a :class:`UserError` naming
-where it was looked for.
+where it was looked for. :func:`hf_hub_cache` and :func:`hf_offline` read the Hugging Face cache
+settings for every loader, open_clip's (:mod:`pipeline.features.clip`) included.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import UserError
-from .features.clip import hf_hub_cache, hf_offline
+
+
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache, read from the environment at call time (``HF_HUB_CACHE``,
+    else ``HF_HOME/hub``)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    return Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub"
+
+
+def hf_offline() -> bool:
+    """Whether the environment forbids Hugging Face downloads (``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE``)."""
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def diffusers_module():

@@ -1,4 +1,4 @@
-"""DVC stage ``make_demo``: write the NSD look-alike (see :mod:`pipeline.data.demo`)."""
+"""DVC stage ``make_demo``: write the NSD look-alike (see :mod:`pipeline.demo.nsd`)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def command(
     noise: Optional[float] = typer.Option(None, help="Trial noise sd relative to the planted signal [params: demo.noise]."),
 ) -> None:
     """Write a miniature NSD look-alike with a planted encoding model (the embedded demo data)."""
-    from pipeline.data.demo import DemoConfig, make_demo  # imports torch: only when run
+    from pipeline.demo.nsd import DemoConfig, make_demo  # imports torch: only when run
     from pipeline.store import atomic_dir
 
     p = resolve("demo", out=out, seed=seed, noise=noise)

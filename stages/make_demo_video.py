@@ -1,4 +1,4 @@
-"""DVC stage ``make_demo_video``: write the cc2017 look-alike (see :mod:`pipeline.data.demo_video`)."""
+"""DVC stage ``make_demo_video``: write the cc2017 look-alike (see :mod:`pipeline.demo.video`)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def command(
 ) -> None:
     """Write a miniature cc2017 look-alike (mp4 movies, CIFTI runs) with a planted encoding model."""
     from pipeline.data.cc2017 import Design
-    from pipeline.data.demo_video import DemoVideoConfig, make_demo_video  # imports torch: only when run
+    from pipeline.demo.video import DemoVideoConfig, make_demo_video  # imports torch: only when run
     from pipeline.store import atomic_dir
 
     p = resolve("demo_video", out=out, seed=seed, noise=noise)

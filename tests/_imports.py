@@ -1,9 +1,11 @@
 """Reading the project's imports from source (no import runs): shared by the tests that check them
-(dvc.yaml deps in test_dvc.py, public names only in test_benchmarks.py and test_conventions.py)."""
+(dvc.yaml deps in test_dvc.py, public names only in test_benchmarks.py and test_conventions.py, the
+layer order in test_conventions.py)."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,4 +60,51 @@ def private_names(path: Path, packages: tuple[str, ...] = PACKAGES) -> list[str]
                 base = base.value
             if isinstance(base, ast.Name) and base.id in bound:
                 found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def layers() -> list[str]:
+    """pipeline's layers in import order, as ``pipeline/__init__.py``'s docstring numbers them: "" (the
+    base modules directly in pipeline/) first, then each ``N. :mod:`pipeline.<layer>``` line's package."""
+    doc = ast.get_docstring(ast.parse((ROOT / "pipeline" / "__init__.py").read_text())) or ""
+    return ["", *re.findall(r"^\d+\. :mod:`pipeline\.(\w+)`", doc, re.MULTILINE)]
+
+
+def layer_of(module: str) -> str:
+    """The layer of a dotted pipeline module: its subpackage (``pipeline.fitting.fit`` -> ``fitting``),
+    or "" for ``pipeline`` itself and the modules directly in it."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and (ROOT / "pipeline" / parts[1]).is_dir() else ""
+
+
+def imported_modules(path: Path) -> list[tuple[int, str]]:
+    """(line, dotted module) of every import in ``path``, at module level or inside functions, relative
+    dots resolved; ``from pkg import name`` gives ``pkg.name`` where that is a project module or
+    package (``from pipeline import hub`` -> ``pipeline.hub``), else ``pkg``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = absolute(node, path)
+            for alias in node.names:
+                sub = ROOT.joinpath(*base.split("."), alias.name)
+                is_module = sub.is_dir() or sub.with_suffix(".py").is_file()
+                found.append((node.lineno, f"{base}.{alias.name}" if is_module else base))
+    return sorted(set(found))
+
+
+def layer_violations(path: Path, outside: set[str]) -> list[str]:
+    """Imports of a pipeline module that go against :func:`layers`: from a later layer (a back-arrow),
+    or of a top-level name in ``outside`` (the stages, cli, benchmarks and tests use pipeline, not
+    the other way round)."""
+    order = layers()
+    own = layer_of(module_name(path))
+    found = []
+    for line, target in imported_modules(path):
+        top = target.split(".")[0]
+        if top in outside:
+            found.append(f"line {line}: imports {target}, which is outside pipeline")
+        elif top == "pipeline" and order.index(layer_of(target)) > order.index(own):
+            found.append(f"line {line}: imports {target} ({layer_of(target)}) into layer {own or 'base'}")
     return found

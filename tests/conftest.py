@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data.demo import DemoConfig, make_demo
+from pipeline.demo.nsd import DemoConfig, make_demo
 
 
 @pytest.fixture(autouse=True)
@@ -91,7 +91,7 @@ def demo_clip(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Call
 @pytest.fixture(scope="session")
 def video_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default cc2017 look-alike (movies, CIFTI runs, tiny weights), written once. Read-only."""
-    from pipeline.data.demo_video import make_demo_video
+    from pipeline.demo.video import make_demo_video
 
     return make_demo_video(tmp_path_factory.mktemp("demo_video") / "cc2017")
 
@@ -99,8 +99,8 @@ def video_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def video_caches(video_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Subject 1's video fMRI cache and the clip cache of the look-alike (tiny ViT, 32 px frames)."""
-    from pipeline.data.demo_video import DEMO_DESIGN
     from pipeline.data.video_fmri import prepare_video_fmri
+    from pipeline.demo.video import DEMO_DESIGN
     from pipeline.features.video import extract_video
 
     out = tmp_path_factory.mktemp("video_caches")

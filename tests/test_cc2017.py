@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 from cli import app
 from pipeline.data.cc2017 import CC2017, Design
-from pipeline.data.demo_video import DEMO_DESIGN, hrf, save_dtseries
 from pipeline.data.video_fmri import prepare_video_fmri
+from pipeline.demo.video import DEMO_DESIGN, hrf, save_dtseries
 from pipeline.errors import UserError
 
 D = DEMO_DESIGN

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 from _builders import hooked_forward, images_of
 from cli import app
-from pipeline.data.demo import DemoConfig
 from pipeline.data.nsd import NSD
+from pipeline.demo.nsd import DemoConfig
 from pipeline.errors import UserError
 from pipeline.features import clip
 from pipeline.features.extract import extract_clip

@@ -76,7 +76,7 @@ def resolves(dotted: str) -> bool:
 
 
 def test_resolves_tells_moved_names_apart():
-    assert resolves("pipeline.fitting.adapters.ridge.RidgeAdapter") and resolves("pipeline.data.demo")
+    assert resolves("pipeline.fitting.adapters.ridge.RidgeAdapter") and resolves("pipeline.demo.nsd")
     assert not resolves("pipeline.adapters.ridge") and not resolves("pipeline.store.no_such_helper")
 
 
@@ -108,3 +108,48 @@ def test_modules_use_only_public_names_of_other_modules():
 
     found = [f"{path.relative_to(ROOT)} {hit}" for path in project_modules() for hit in private_names(path)]
     assert not found, "modules take private names of other modules:\n" + "\n".join(found)
+
+
+def outside_pipeline() -> set[str]:
+    """Top-level import names of the code that uses pipeline: stages, cli, benchmarks, tests (and the
+    modules those folders import by their bare names, such as ``_builders`` or ``report``)."""
+    scripts = [*ROOT.glob("tests/*.py"), *ROOT.glob("benchmarks/*.py")]
+    return {"stages", "cli", "benchmarks", "tests", *(p.stem for p in scripts)}
+
+
+def test_layer_check_sees_function_level_relative_and_package_imports(tmp_path, monkeypatch):
+    import _imports
+
+    monkeypatch.setattr(_imports, "ROOT", tmp_path)
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "pipeline" / "__init__.py").write_text('"""Layers:\n\n1. base\n2. :mod:`pipeline.data`\n'
+                                                       '3. :mod:`pipeline.features` -- the caches\n"""\n')
+    for package in ("data", "features"):
+        (tmp_path / "pipeline" / package).mkdir()
+        (tmp_path / "pipeline" / package / "__init__.py").write_text("")
+    (tmp_path / "pipeline" / "features" / "clip.py").write_text("")
+    code = tmp_path / "pipeline" / "data" / "demo.py"
+    code.write_text("from .. import store\nfrom ..features import clip\nfrom . import nsd\n"
+                    "def f():\n    import pipeline.features.clip\n    from pipeline import features, errors\n"
+                    "    from stages.params import resolve\n")
+    assert _imports.layers() == ["", "data", "features"]
+    assert _imports.layer_violations(code, {"stages"}) == [
+        "line 2: imports pipeline.features.clip (features) into layer data",
+        "line 5: imports pipeline.features.clip (features) into layer data",
+        "line 6: imports pipeline.features (features) into layer data",
+        "line 7: imports stages.params, which is outside pipeline"]
+    assert _imports.layer_violations(tmp_path / "pipeline" / "features" / "clip.py", {"stages"}) == []
+
+
+def test_pipeline_imports_flow_one_way():
+    """Every import in pipeline/, those inside functions included, reads its own layer or an earlier
+    one in the order pipeline/__init__.py numbers them, and nothing of the stages, cli, benchmarks or
+    tests: a shared helper lives in the layer below all its users."""
+    from _imports import layer_violations, layers
+
+    packages = {p.parent.name for p in ROOT.glob("pipeline/*/__init__.py")}
+    assert set(layers()[1:]) == packages, "pipeline/__init__.py must number every subpackage of pipeline as a layer"
+    outside = outside_pipeline()
+    found = [f"{path.relative_to(ROOT)} {hit}" for path in sorted(ROOT.glob("pipeline/**/*.py"))
+             for hit in layer_violations(path, outside)]
+    assert not found, "imports against the layer order of pipeline/__init__.py:\n" + "\n".join(found)

@@ -15,9 +15,9 @@ import zarr
 from PIL import Image
 
 from _builders import D, tiny_text_tower, tiny_unclip
-from pipeline.data.demo import SHAPES, DemoConfig
 from pipeline.data.nsd import NSD
 from pipeline.decoding import decode
+from pipeline.demo.nsd import SHAPES, DemoConfig
 from pipeline.errors import UserError
 from pipeline.evaluation import zeroshot
 from pipeline.features import clip

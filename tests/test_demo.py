@@ -7,9 +7,9 @@ import numpy as np
 import scipy.io
 import zarr
 
-from pipeline.data.demo import DemoConfig, make_demo
-from pipeline.data.demo_tower import TowerTraining
 from pipeline.data.nsd import NSD
+from pipeline.demo.nsd import DemoConfig, make_demo
+from pipeline.demo.tower import TowerTraining
 
 
 def test_formats_dtypes_and_index_bases(demo_root):

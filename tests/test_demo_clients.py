@@ -20,9 +20,9 @@ import pandas as pd
 import pytest
 import zarr
 
-from pipeline.data.demo import COCO_SIZE, ROI_TABLES, SHAPES
 from pipeline.data.fmri import prepare_fmri, zscore_session
 from pipeline.data.nsd import BETA_SCALE, NSD, read_ctab
+from pipeline.demo.nsd import COCO_SIZE, ROI_TABLES, SHAPES
 from pipeline.evaluation.zeroshot import coco_categories
 
 
@@ -126,7 +126,7 @@ def test_coco_files_follow_the_coco_schema(demo_root):
 
 def test_shape_bbox_covers_the_drawn_shape(demo_root):
     """The bbox, mapped back to stimulus pixels, holds the pixels of the foreground colour."""
-    from pipeline.data.demo import COLOURS
+    from pipeline.demo.nsd import COLOURS
 
     nsd = NSD(demo_root)
     i = 1  # a square: a compact shape

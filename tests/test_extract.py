@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from _builders import hooked_forward, images_of, tree
 from cli import app
-from pipeline.data.demo import DemoConfig
+from pipeline.demo.nsd import DemoConfig
 from pipeline.errors import UserError
 from pipeline.features.cache import filled_rows, open_cache
 from pipeline.features.extract import extract_clip, select_images

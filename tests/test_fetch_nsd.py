@@ -23,8 +23,8 @@ from typer.testing import CliRunner
 
 from cli import app
 from pipeline.data import fetch
-from pipeline.data.demo import DemoConfig, make_demo
-from pipeline.data.demo_tower import TowerTraining
+from pipeline.demo.nsd import DemoConfig, make_demo
+from pipeline.demo.tower import TowerTraining
 from pipeline.data.fmri import prepare_fmri
 
 SUBJECTS = (1, 2)

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.data.demo import DemoConfig
 from pipeline.data.nsd import NSD, read_ctab
+from pipeline.demo.nsd import DemoConfig
 from pipeline.errors import UserError
 
 

@@ -15,9 +15,9 @@ import zarr
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.data.demo import DemoConfig
 from pipeline.data.fmri import prepare_fmri, zscore_session
 from pipeline.data.nsd import NSD
+from pipeline.demo.nsd import DemoConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data.demo import DemoConfig, make_demo
 from pipeline.data.fmri import prepare_fmri
 from pipeline.decoding.run import decode_run
+from pipeline.demo.nsd import DemoConfig, make_demo
 from pipeline.evaluation.runs import evaluate_run
 from pipeline.features.extract import extract_clip
 from pipeline.fitting.fit import fit_adapters
@@ -69,8 +69,8 @@ def test_stage_outputs_are_byte_identical_across_folders(tmp_path, monkeypatch):
 
 def run_video_caches(workdir: Path, video_root: Path) -> None:
     """The cc2017 look-alike's two caches, from a copy of it at ``workdir``, with relative paths."""
-    from pipeline.data.demo_video import DEMO_DESIGN
     from pipeline.data.video_fmri import prepare_video_fmri
+    from pipeline.demo.video import DEMO_DESIGN
     from pipeline.features.video import extract_video
 
     shutil.copytree(video_root, workdir / "data/demo_video")

@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 
 from _builders import tiny_text_tower, tiny_unclip
 from cli import app
-from pipeline.data.demo_video import tiny_animatediff, tiny_animatediff_components
 from pipeline.decoding import video
 from pipeline.decoding.video_run import decode_video_run
+from pipeline.demo.video import tiny_animatediff, tiny_animatediff_components
 from pipeline.errors import UserError
 from pipeline.features.video import load_vae
 from pipeline.fitting.fit import fit_adapters

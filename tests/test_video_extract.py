@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from _builders import tree
 from cli import app
-from pipeline.data.demo_video import DEMO_DESIGN
+from pipeline.demo.video import DEMO_DESIGN
 from pipeline.features import clip
 from pipeline.features.cache import filled_rows
 from pipeline.features.video import extract_video, load_vae, vae_encode

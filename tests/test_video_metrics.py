@@ -168,7 +168,7 @@ def test_a_cache_made_from_a_config_file_rebuilds_its_model_or_degrades(video_ro
                                                                           monkeypatch):
     import open_clip
 
-    from pipeline.data.demo_video import DEMO_DESIGN
+    from pipeline.demo.video import DEMO_DESIGN
     from pipeline.features.clip import MODEL_CONFIG_DIR
     from pipeline.features.video import extract_video
 

@@ -1,5 +1,5 @@
 """Look-alikes of the MindEye2, MindEye1 and Brain-Diffuser releases, derived from a raw NSD tree
-(the demo's, :mod:`pipeline.data.demo`) the way those releases derive from NSD: the same file names,
+(the demo's, :mod:`pipeline.demo.nsd`) the way those releases derive from NSD: the same file names,
 keys, columns, dtypes and normalisation, at the raw tree's sizes.
 
 Two miniature conventions stand in for NSD's numbers: the "older" era (37 of 40 sessions in NSD) is

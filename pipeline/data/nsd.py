@@ -1,7 +1,7 @@
 """Read the Natural Scenes Dataset from its on-disk layout (see shared/reference/nsd.md).
 
 Everything here reads; nothing writes. Paths, dtypes, index bases and axis orders follow the
-real release so the same code runs on NSD and on the demo look-alike (:mod:`pipeline.data.demo`):
+real release so the same code runs on NSD and on the demo look-alike (:mod:`pipeline.demo.nsd`):
 
 - ids in ``nsd_expdesign.mat`` and the stim-info rep columns are 1-based; this module returns
   0-based 73k image ids and 0-based global trial indices;

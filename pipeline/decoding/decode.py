@@ -40,7 +40,7 @@ from PIL import Image
 
 from .. import hub, progress
 from ..errors import UserError
-from ..evaluation.metrics import as_float_images
+from ..images import as_float_images
 from ..store import take_rows  # noqa: F401  (part of this module's API)
 
 GUIDANCE = 10.0

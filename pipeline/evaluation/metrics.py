@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..images import as_float_images
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,18 +54,6 @@ PIXEL_SIZE = 425
 
 
 # ---- images -----------------------------------------------------------------------------------------
-def as_float_images(images: np.ndarray, what: str = "images") -> np.ndarray:
-    """(N, H, W, 3) uint8 (0..255) or float (0..1) -> float64 in [0, 1]."""
-    arr = np.asarray(images)
-    if arr.ndim != 4 or arr.shape[-1] != 3:
-        raise UserError(f"{what}: expected (N, H, W, 3) RGB images, got shape {arr.shape}")
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float64) / 255.0
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise UserError(f"{what}: expected uint8 or float images, got {arr.dtype}")
-    return arr.astype(np.float64)
-
-
 def _check_pair(gt: tuple[int, ...], rec: tuple[int, ...]) -> None:
     """Refuse two image arrays of shapes ``gt`` and ``rec`` that differ or are empty."""
     if gt != rec:
@@ -434,14 +423,8 @@ def load_openai_clip(path: Path | None = None) -> nn.Module:
     import open_clip
     from huggingface_hub import try_to_load_from_cache
 
-    from ..features.clip import (
-        DEFAULT_MODEL,
-        DEFAULT_PRETRAINED,
-        hf_hub_cache,
-        hf_weights,
-        quiet_random_init,
-        resolve_architecture,
-    )
+    from ..features.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED, hf_weights, quiet_random_init, resolve_architecture
+    from ..hub import hf_hub_cache
 
     arch = resolve_architecture(DEFAULT_MODEL, DEFAULT_PRETRAINED)
     if path is None:

@@ -92,7 +92,7 @@ def load_videomae(name: str, device: str):
     """VideoMAE classifier and its image processor from a folder or the HF cache; None and the reason if absent."""
     from transformers import VideoMAEForVideoClassification, VideoMAEImageProcessor
 
-    from ..features.clip import hf_hub_cache
+    from ..hub import hf_hub_cache
 
     try:
         kw = {"local_files_only": True, "cache_dir": str(hf_hub_cache())}

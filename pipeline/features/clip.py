@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import UserError
+from ..hub import hf_hub_cache
 from .merge import merge_tokens
 
 DEFAULT_MODEL = "ViT-L-14"
@@ -230,19 +231,6 @@ def _built_activation(net: open_clip.CLIP) -> str | None:
         if isinstance(module, torch.nn.GELU):
             return "gelu"
     return None
-
-
-def hf_hub_cache() -> Path:
-    """The Hugging Face hub cache, read from the environment at call time (``HF_HUB_CACHE``,
-    else ``HF_HOME/hub``)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    return Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub"
-
-
-def hf_offline() -> bool:
-    """Whether the environment forbids Hugging Face downloads (``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE``)."""
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def hf_weights(name: str, tag: str) -> tuple[str, list[str]]:

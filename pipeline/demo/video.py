@@ -1,6 +1,6 @@
 """make-demo-video: a miniature cc2017 look-alike with a planted encoding model of keyframes and motion.
 
-Same layout, file formats and conventions as the real release (:mod:`.cc2017`): H.264 mp4 movie
+Same layout, file formats and conventions as the real release (:mod:`pipeline.data.cc2017`): H.264 mp4 movie
 segments in ``stimuli/``, CIFTI-2 dense time series (``BrainModelAxis`` + ``SeriesAxis``, intent
 ConnDenseSeries) per subject, segment and repetition, with the volume counts of the real runs
 (training and test1: the kept window plus 1 leading and 4 trailing volumes; test2.. : 2 leading),
@@ -38,10 +38,10 @@ import torch
 from nibabel import cifti2
 from safetensors.torch import save_file
 
+from ..data.cc2017 import CC2017, Design
 from ..features import clip
 from ..videoio import write_mp4
-from .cc2017 import CC2017, Design
-from .demo import COLOURS
+from .nsd import COLOURS
 
 DEMO_DESIGN = Design(train_segments=8, test_segments=2, train_repeats=2, test_repeats=10, tr=2.0,
                      trs_per_segment=25, trailing_volumes=4, cortex_grayordinates=300)

@@ -3,7 +3,7 @@
 Same relative paths, file formats, dtypes, 1-based ids and axis orders as the real release
 (shared/reference/nsd.md), only smaller. Betas are generated from CLIP features of the images
 themselves, computed with the project's tiny open_clip ViT (trained contrastively on the demo's own
-images and captions at make-demo time, :mod:`.demo_tower`; weights saved next to the data):
+images and captions at make-demo time, :mod:`.tower`; weights saved next to the data):
 
 - ``prf-visualrois`` voxels respond to the tokens of an intermediate block (``mid_block``),
 - ``floc-*`` voxels respond to the final embedding (``encode_image``),
@@ -43,9 +43,9 @@ import scipy.io
 import torch
 from safetensors.torch import save_file
 
+from ..data.nsd import NSD, NSDLayout
 from ..features import clip
-from .demo_tower import TowerTraining, train_tower
-from .nsd import NSD, NSDLayout
+from .tower import TowerTraining, train_tower
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "stripes", "diamond", "dots")
 COLOURS = {
