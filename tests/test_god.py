@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data.demo_god import GODDemoConfig, make_god_demo
+from pipeline.demo.god import GODDemoConfig, make_god_demo
 from pipeline.data.god import CLASS_TABLE, GOD, ROIS, load_class_table, read_bdata, stimulus_id
 from pipeline.errors import UserError
 from pipeline.evaluation.god_zeroshot import god_zeroshot, held_out_classes

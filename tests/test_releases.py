@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.data.demo_releases import make_brain_diffuser, make_mindeye1, make_mindeye2, old_sessions
+from pipeline.demo.releases import make_brain_diffuser, make_mindeye1, make_mindeye2, old_sessions
 from pipeline.data.fmri import prepare_fmri
 from pipeline.data.nsd import NSD
 from pipeline.data.releases import prepare_release

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from ..store import atomic_dir
-from .god import CLASS_TABLE, ROIS, SPLITS, load_class_table
+from ..data.god import CLASS_TABLE, ROIS, SPLITS, load_class_table
 
 ROI_VOXELS = {"V1": 12, "V2": 10, "V3": 10, "V4": 8, "LOC": 8, "FFA": 6, "PPA": 6}
 """Voxels per primary ROI; LVC = V1-V3, HVC = LOC + FFA + PPA, VC = all seven (as in the release)."""

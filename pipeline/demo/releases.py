@@ -18,8 +18,8 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from .nsd import BETA_SCALE, NSD, NSDLayout
-from .releases import brain_diffuser, mindeye2
+from ..data.nsd import BETA_SCALE, NSD, NSDLayout
+from ..data.releases import brain_diffuser, mindeye2
 
 OLD_SESSIONS = 37 / 40
 
