@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -53,7 +53,6 @@ class Voxels:
         return len(self.ijk) if self.ijk is not None else len(next(iter(self.rois.values())))
 
 
-@runtime_checkable
 class Dataset(Protocol):
     """What a dataset answers; see the module docstring."""
 

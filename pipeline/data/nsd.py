@@ -191,22 +191,18 @@ class NSD(NSDLayout, DatasetBase):
                 raise UserError(f"{path}: no 'imgBrick' dataset (found {sorted(f.keys())})")
             yield f["imgBrick"]
 
-    def _image_rows(self, image_ids: Sequence[int]) -> pd.DataFrame:
-        """``cocoId`` and ``cocoSplit`` of 0-based 73k ids, in their order; unknown ids are an error."""
-        info = self.stim_info
-        ids = np.asarray(image_ids, dtype=np.int64)
-        unknown = np.setdiff1d(ids, info.index.to_numpy())
-        if unknown.size:
-            raise UserError(f"image ids {unknown[:5].tolist()} are not in {self.stim_info_path}")
-        return info.loc[ids, ["cocoId", "cocoSplit"]]
-
     def categories(self, image_ids: Sequence[int]) -> tuple[list[str], np.ndarray]:
         """Category names (K,) and a multi-hot (n, K) bool matrix for 0-based 73k ``image_ids``.
 
         Reads each image's COCO categories from ``instances_<cocoSplit>.json`` (through its
         ``cocoId``); the columns are the union of the files' categories, by category id.
         """
-        rows = self._image_rows(image_ids)
+        info = self.stim_info
+        ids = np.asarray(image_ids, dtype=np.int64)
+        unknown = np.setdiff1d(ids, info.index.to_numpy())
+        if unknown.size:
+            raise UserError(f"image ids {unknown[:5].tolist()} are not in {self.stim_info_path}")
+        rows = info.loc[ids, ["cocoId", "cocoSplit"]]
         names: dict[int, str] = {}
         labels: dict[tuple[str, int], set[int]] = {}
         for split in sorted(rows["cocoSplit"].unique()):
