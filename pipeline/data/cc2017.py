@@ -20,6 +20,10 @@ both record :meth:`Design.clip_layout` so stage 2 can check that they agree.
 
 The sizes are a :class:`Design` (defaults: the real dataset), so the demo look-alike can be
 smaller with the same code.
+
+:class:`CC2017` is a :class:`~pipeline.data.dataset.Dataset` (registered as ``cc2017``) that answers
+its split recipe; its stimuli are movies (read per clip by extract-clip --video) and its runs are
+read by prepare-video-fmri, so the image and trial questions are answered "not this dataset".
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import nibabel as nib
 import numpy as np
 
 from ..errors import UserError
+from .dataset import DatasetBase
 
 CORTEX = ("CIFTI_STRUCTURE_CORTEX_LEFT", "CIFTI_STRUCTURE_CORTEX_RIGHT")
 """Brain structures whose surface vertices are the cortical grayordinates (label 1 = left, 2 = right)."""
@@ -134,8 +139,11 @@ class Run:
     n_grayordinates: int  # all grayordinates in the file, cortical or not
 
 
-class CC2017:
+class CC2017(DatasetBase):
     """Paths of one cc2017 root (see the module docstring) and readers for its runs."""
+
+    name = "cc2017"
+    split_recipe = "train = the seg<k> movie segments (runs kept apart); test = the test<k> segments (runs averaged)"
 
     def __init__(self, root: Path | str, design: Design = Design()):
         self.root = Path(root)

@@ -1,11 +1,11 @@
-"""prepare-fmri: one subject's NSD betas -> ``cache/fmri/subjNN.zarr`` (train/test, per-voxel ROI labels).
+"""prepare-fmri: one subject's betas -> ``cache/fmri/subjNN.zarr`` (train/test, per-voxel ROI labels).
 
+Reads through the :class:`~pipeline.data.dataset.Dataset` protocol (``dataset``, NSD by default).
 Sessions are streamed one at a time, so memory stays at one session plus the per-image sums.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..errors import UserError
 from ..store import atomic_store, compressor
-from .nsd import NSD
+from .dataset import Dataset
+from .registry import DEFAULT, open_dataset
 
 ZSCORE_MODES = ("session", "train", "none")
 """``--zscore`` modes: per session over all its trials (MindEye1), per voxel with the statistics of the
@@ -34,9 +35,6 @@ REPEATS = {
 }
 """``--repeats`` modes. ``train-trials`` is the MindEye / Lite-Mind regime: train on single trials,
 test on image averages."""
-SPLIT_RECIPE = (
-    "test = trials whose masterordering 10k index <= len(sharedix) (the shared images); train = the rest"
-)
 
 
 def zscore_session(betas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -55,52 +53,14 @@ def zscore_session(betas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return z, invalid
 
 
-@dataclass(frozen=True)
-class Trials:
-    """Chronological trial table of the sessions being prepared."""
-
-    image_ids: np.ndarray  # (n,) 0-based 73k ids
-    is_test: np.ndarray  # (n,) bool
-    session_bounds: list[tuple[int, int]]  # [start, stop) global trial range per session
-
-
-def _trial_table(nsd: NSD, subject: int, sessions: list[int], beta_format: str) -> Trials:
-    bounds, start = [], 0
-    for s in sessions:
-        n = nsd.n_trials(subject, s, beta_format)
-        bounds.append((start, start + n))
-        start += n
-    image_ids, is_test = nsd.expdesign.trials(subject, start)
-    return Trials(image_ids, is_test, bounds)
-
-
-def _select_sessions(nsd: NSD, subject: int, sessions: int | None) -> list[int]:
-    present = nsd.sessions(subject)
+def _select_sessions(data: Dataset, subject: int, sessions: int | None) -> list[int]:
+    present = data.sessions(subject)
     if sessions is None:
         return present
     if not 1 <= sessions <= len(present):
-        raise UserError(
-            f"--sessions {sessions}: subject {subject} has sessions 1..{len(present)} "
-            f"in {nsd.betas_dir(subject)}"
-        )
+        raise UserError(f"--sessions {sessions}: subject {subject} has sessions 1..{len(present)} in {data.name} "
+                        f"{data.root}")
     return present[:sessions]
-
-
-def voxel_labels(nsd: NSD, subject: int, rois: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The nsdgeneral mask and every ROI volume, checked to share one (X, Y, Z) shape."""
-    general = nsd.read_roi(subject, "nsdgeneral")
-    mask = general == 1
-    if not mask.any():
-        raise UserError(f"{nsd.roi_path(subject, 'nsdgeneral')}: no voxel has label 1")
-    volumes = {}
-    for name in rois:
-        vol = general if name == "nsdgeneral" else nsd.read_roi(subject, name)
-        if vol.shape != mask.shape:
-            raise UserError(
-                f"{nsd.roi_path(subject, name)}: volume is {vol.shape} but nsdgeneral is {mask.shape}"
-            )
-        volumes[name] = np.maximum(vol[mask], 0)  # -1 (outside cortex) -> 0 (unlabelled)
-    return mask, volumes
 
 
 def prepare_fmri(
@@ -115,8 +75,12 @@ def prepare_fmri(
     betas_version: str | None = None,
     train_sessions: int | None = None,
     progress: bool = True,
+    dataset: str = DEFAULT,
 ) -> Path:
     """Build the fMRI cache of one subject; see shared/DESIGN.md "The fMRI cache" for the layout.
+
+    ``nsd_root``: the root of ``dataset`` (a registered name, :mod:`.registry`); ``beta_format``
+    and ``betas_version`` are NSD's options.
 
     ``repeats``: one of :data:`REPEATS` (how the 1-3 trials of an image become rows, per split).
     ``train_sessions``: training rows come from the first K of the sessions used only, test rows
@@ -127,13 +91,15 @@ def prepare_fmri(
         raise UserError(f"--zscore must be one of {ZSCORE_MODES}, not {zscore!r}")
     if repeats not in REPEATS:
         raise UserError(f"--repeats must be one of {', '.join(REPEATS)}, not {repeats!r}")
-    nsd = NSD(nsd_root, **({"betas": betas_version} if betas_version else {}))
-    nsd.expdesign.trials(subject, 0)  # validates the subject number early
-    used = _select_sessions(nsd, subject, sessions)
-    rois = nsd.available_rois(subject)
-    mask, labels = voxel_labels(nsd, subject, rois)
-    trials = _trial_table(nsd, subject, used, beta_format)
-    n_vox = int(mask.sum())
+    options = {"betas": betas_version} if betas_version else {}  # NSD's options, passed only when set
+    if beta_format != "auto":
+        options["beta_format"] = beta_format
+    data = open_dataset(dataset, nsd_root, **options)
+    data.trials(subject, [])  # validates the subject number early
+    used = _select_sessions(data, subject, sessions)
+    voxels = data.voxels(subject)
+    trials = data.trials(subject, used)
+    n_vox = voxels.n
 
     splits = {"train": ~trials.is_test, "test": trials.is_test}
     if train_sessions is not None:
@@ -148,7 +114,6 @@ def prepare_fmri(
     counts = {k: np.zeros(len(r), np.int64) for k, r in rows.items() if averaged[k]}
     invalid_sessions = np.zeros(n_vox, np.int32)
     train_moments = np.zeros((3, n_vox), np.float64)  # count, sum, sum of squares of the training trials
-    sources = []
 
     out = Path(out)
     with atomic_store(out) as root:
@@ -160,11 +125,10 @@ def prepare_fmri(
             list(zip(used, trials.session_bounds)), desc=f"subj{subject:02d} sessions",
             unit="session", disable=not progress,
         ):
-            fmt = nsd.beta_format(subject, session, beta_format)
-            sources.append(str(nsd.betas_path(subject, session, fmt)))
-            betas = nsd.read_betas(subject, session, mask, fmt)
+            betas = data.read_session(subject, session, voxels)
             if betas.shape[0] != stop - start:
-                raise UserError(f"{sources[-1]}: {betas.shape[0]} trials, header said {stop - start}")
+                raise UserError(f"{data.name} subject {subject} session {session}: {betas.shape[0]} trials in its "
+                                f"betas, {stop - start} in its trial table")
             if zscore == "session":
                 betas, invalid = zscore_session(betas)
             else:
@@ -204,11 +168,12 @@ def prepare_fmri(
                     for lo in range(0, arr.shape[0], arr.chunks[0]):
                         arr[lo : lo + arr.chunks[0]] = standardise(arr[lo : lo + arr.chunks[0]]).astype(np.float32)
 
-        for name, lab in labels.items():
+        for name, lab in voxels.rois.items():
             arr = row_array(root, f"voxels/{name}", (n_vox,), np.int32)
             arr[...] = lab
-            arr.attrs["labels"] = {str(k): v for k, v in nsd.roi_labels(subject, name).items()}  # marks an ROI
-        row_array(root, "voxels/ijk", (n_vox, 3), np.int32)[...] = np.argwhere(mask).astype(np.int32)
+            arr.attrs["labels"] = {str(k): v for k, v in voxels.roi_labels[name].items()}  # marks an ROI
+        if voxels.ijk is not None:
+            row_array(root, "voxels/ijk", (n_vox, 3), np.int32)[...] = voxels.ijk
         row_array(root, "voxels/invalid_sessions", (n_vox,), np.int32)[...] = invalid_sessions
 
         root.attrs.update(
@@ -221,18 +186,9 @@ def prepare_fmri(
                 "zscore_detail": ZSCORE_DETAIL[zscore],
                 "repeats": repeats,
                 "repeats_detail": REPEATS[repeats],
-                "split": SPLIT_RECIPE,
-                "n_shared": nsd.expdesign.n_shared,
-                "volume_shape": list(mask.shape),
-                "voxel_order": "C order over the (X, Y, Z) volume where nsdgeneral == 1",
-                "rois": rois,
-                "betas_version": nsd.betas_version,
-                "sources": {
-                    "nsd_root": str(nsd.root),  # as given: an absolute path would differ between clones
-                    "expdesign": str(nsd.expdesign_path),
-                    "betas": sources,
-                    "rois": [str(nsd.roi_path(subject, r)) for r in rois],
-                },
+                "split": data.split_recipe,
+                **data.store_attrs(subject, used, voxels),
+                **({} if dataset == DEFAULT else {"dataset": dataset}),  # stores without one are NSD's
                 "package_version": __version__,
             }
         )

@@ -8,6 +8,8 @@ real release so the same code runs on NSD and on the demo look-alike (:mod:`pipe
 - NIfTI betas are (X, Y, Z, T) int16, HDF5 betas ``/betas`` are (T, Z, Y, X) int16; both are
   returned as (T, V) float32 percent signal change (int16 / 300) over the voxels of a mask taken
   in C order of the (X, Y, Z) volume.
+
+:class:`NSD` implements the :class:`~pipeline.data.dataset.Dataset` protocol (registered as ``nsd``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import pandas as pd
 import scipy.io
 
 from ..errors import UserError
+from .dataset import DatasetBase, Trials, Voxels
 
 BETA_SCALE = 300.0
 """NSD stores betas as int16 percent signal change times 300."""
@@ -43,6 +46,9 @@ ROI_NAMES: tuple[str, ...] = (
 """The volume ROI files prepare-fmri reads when present (labels per voxel, 0 = unlabelled)."""
 
 DEFAULT_BETAS = "betas_fithrf_GLMdenoise_RR"
+SPLIT_RECIPE = (
+    "test = trials whose masterordering 10k index <= len(sharedix) (the shared images); train = the rest"
+)
 
 
 @dataclass(frozen=True)
@@ -138,11 +144,18 @@ class NSDLayout:
         return self.betas_dir(subject) / f"betas_session{session:02d}.{suffix}"
 
 
-class NSD(NSDLayout):
-    """Lazy reader over an NSD root folder (the real one or the demo look-alike)."""
+class NSD(NSDLayout, DatasetBase):
+    """Lazy reader over an NSD root folder (the real one or the demo look-alike).
 
-    def __init__(self, root: Path | str, betas: str = DEFAULT_BETAS) -> None:
+    ``beta_format``: which beta files the protocol methods read (see :meth:`beta_format`).
+    """
+
+    name = "nsd"
+    split_recipe = SPLIT_RECIPE
+
+    def __init__(self, root: Path | str, betas: str = DEFAULT_BETAS, beta_format: str = "auto") -> None:
         super().__init__(root, betas)
+        self.prefer_format = beta_format
         if not self.root.is_dir():
             raise UserError(f"NSD root not found: {self.root}")
 
@@ -177,6 +190,41 @@ class NSD(NSDLayout):
             if "imgBrick" not in f:
                 raise UserError(f"{path}: no 'imgBrick' dataset (found {sorted(f.keys())})")
             yield f["imgBrick"]
+
+    def categories(self, image_ids: Sequence[int]) -> tuple[list[str], np.ndarray]:
+        """Category names (K,) and a multi-hot (n, K) bool matrix for 0-based 73k ``image_ids``.
+
+        Reads each image's COCO categories from ``instances_<cocoSplit>.json`` (through its
+        ``cocoId``); the columns are the union of the files' categories, by category id.
+        """
+        info = self.stim_info
+        ids = np.asarray(image_ids, dtype=np.int64)
+        unknown = np.setdiff1d(ids, info.index.to_numpy())
+        if unknown.size:
+            raise UserError(f"image ids {unknown[:5].tolist()} are not in {self.stim_info_path}")
+        rows = info.loc[ids, ["cocoId", "cocoSplit"]]
+        names: dict[int, str] = {}
+        labels: dict[tuple[str, int], set[int]] = {}
+        for split in sorted(rows["cocoSplit"].unique()):
+            path = self.annotations_path("instances", split)
+            if not path.is_file():
+                raise UserError(f"COCO instances file not found: {path}")
+            try:
+                doc = json.loads(path.read_text())
+                names.update({int(c["id"]): str(c["name"]) for c in doc["categories"]})
+                for ann in doc["annotations"]:
+                    labels.setdefault((split, int(ann["image_id"])), set()).add(int(ann["category_id"]))
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise UserError(f"{path}: not a COCO instances file ({type(exc).__name__}: {exc})") from None
+        if not names:
+            raise UserError(f"no categories in the COCO instances files under {self.annotations_path('instances', '*').parent}")
+        cat_ids = sorted(names)
+        column = {c: j for j, c in enumerate(cat_ids)}
+        hot = np.zeros((len(rows), len(cat_ids)), bool)
+        for row, (coco_id, split) in enumerate(rows.itertuples(index=False)):
+            for c in labels.get((split, int(coco_id)), ()):
+                hot[row, column[c]] = True
+        return [names[c] for c in cat_ids], hot
 
     def captions(self, image_ids: Sequence[int], per_image: int = 5) -> np.ndarray:
         """Captions of 0-based 73k ids as an (n, per_image) str array, '' where an image has fewer.
@@ -215,6 +263,23 @@ class NSD(NSDLayout):
     def available_rois(self, subject: int) -> list[str]:
         return [n for n in ROI_NAMES if self.roi_path(subject, n).is_file()]
 
+    def voxels(self, subject: int) -> Voxels:
+        """The nsdgeneral voxels (C order) with every present ROI file's labels, checked to share one volume."""
+        general = self.read_roi(subject, "nsdgeneral")
+        mask = general == 1
+        if not mask.any():
+            raise UserError(f"{self.roi_path(subject, 'nsdgeneral')}: no voxel has label 1")
+        rois, names = {}, {}
+        for name in self.available_rois(subject):
+            vol = general if name == "nsdgeneral" else self.read_roi(subject, name)
+            if vol.shape != mask.shape:
+                raise UserError(
+                    f"{self.roi_path(subject, name)}: volume is {vol.shape} but nsdgeneral is {mask.shape}"
+                )
+            rois[name] = np.maximum(vol[mask], 0)  # -1 (outside cortex) -> 0 (unlabelled)
+            names[name] = self.roi_labels(subject, name)
+        return Voxels(ijk=np.argwhere(mask).astype(np.int32), rois=rois, roi_labels=names, mask=mask)
+
     # ---- betas ---------------------------------------------------------------------------------
     def sessions(self, subject: int) -> list[int]:
         """Sessions with a beta file (either format); they must run 1..S without gaps."""
@@ -231,6 +296,37 @@ class NSD(NSDLayout):
         if gaps:
             raise UserError(f"{folder}: sessions {gaps} are missing (found {found})")
         return found
+
+    def trials(self, subject: int, sessions: Sequence[int]) -> Trials:
+        """The trials of ``sessions`` (counted from their beta files' headers) in chronological order."""
+        bounds, start = [], 0
+        for s in sessions:
+            n = self.n_trials(subject, s, self.prefer_format)
+            bounds.append((start, start + n))
+            start += n
+        image_ids, is_test = self.expdesign.trials(subject, start)
+        return Trials(image_ids, is_test, bounds)
+
+    def read_session(self, subject: int, session: int, voxels: Voxels) -> np.ndarray:
+        return self.read_betas(subject, session, voxels.mask, self.prefer_format)
+
+    def store_attrs(self, subject: int, sessions: Sequence[int], voxels: Voxels) -> dict:
+        """What an fMRI store records about where its rows came from (prepare-fmri)."""
+        rois = list(voxels.rois)
+        return {
+            "n_shared": self.expdesign.n_shared,
+            "volume_shape": list(voxels.mask.shape),
+            "voxel_order": "C order over the (X, Y, Z) volume where nsdgeneral == 1",
+            "rois": rois,
+            "betas_version": self.betas_version,
+            "sources": {
+                "nsd_root": str(self.root),  # as given: an absolute path would differ between clones
+                "expdesign": str(self.expdesign_path),
+                "betas": [str(self.betas_path(subject, s, self.beta_format(subject, s, self.prefer_format)))
+                          for s in sessions],
+                "rois": [str(self.roi_path(subject, r)) for r in rois],
+            },
+        }
 
     def beta_format(self, subject: int, session: int, prefer: str = "auto") -> str:
         """Which file to read for a session: ``hdf5`` (preferred by ``auto``: uncompressed) or ``nifti``."""

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from ..data.nsd import NSD
+from ..data.dataset import Dataset
+from ..data.registry import given_root, run_dataset
 from ..device import resolve_device
 from ..errors import UserError
 from ..features.cache import filled_rows, open_cache
@@ -53,12 +54,17 @@ def run_prediction(preds: zarr.Group, run: Path, target: str) -> np.ndarray:
 
 
 def decode_run(
-    run: Path | str, nsd_root: Path | str, *, method: str = "retrieval", target: str = "image_embeds",
+    run: Path | str, root: Path | str | None = None, *, nsd_root: Path | str | None = None,
+    dataset: str | None = None, method: str = "retrieval", target: str = "image_embeds",
     include_test: bool = False, unclip_model: str | None = None, detail_target: str | None = None,
     strength: float = 0.85, steps: int = 20, guidance: float = decode.GUIDANCE, noise_level: int = 0,
     samples: int = 1, seed: int = 0, device: str = "auto",
 ) -> Path:
-    """Reconstruct every test image of a run; returns the ``recon/`` folder."""
+    """Reconstruct every test image of a run; returns the ``recon/`` folder.
+
+    ``root``: the root of the run's dataset (``nsd_root``: its alias), named by ``dataset`` or by
+    the run's fMRI stores (:func:`pipeline.data.registry.run_dataset`).
+    """
     device = str(resolve_device(device))
     if method not in DECODERS:
         raise UserError(f"--method must be one of {', '.join(DECODERS)}, not {method!r}")
@@ -67,14 +73,14 @@ def decode_run(
     all_ids = np.unique(np.concatenate([ids for _, ids in groups.values()]))
     clip = open_cache(Path(info["clip"]), rows=all_ids)
     unfilled = np.flatnonzero(~filled_rows(clip))  # a partial cache: retrieve among extracted images only
-    nsd = NSD(nsd_root)
+    data = run_dataset(info, given_root(root, nsd_root), dataset)
     if method == "unclip" and unclip_model is None:
         raise UserError("--unclip-model: give a hub id or local folder of a Stable unCLIP pipeline")
     pipe = decode.load_unclip(unclip_model, device=device) if method == "unclip" else None
     decoded = {}
     for key, (preds, test_ids) in groups.items():
         exclude = unfilled if include_test else np.union1d(test_ids, unfilled)
-        decoded[key] = _decode_group(run, preds, test_ids, clip, nsd, exclude, pipe, method=method, target=target,
+        decoded[key] = _decode_group(run, preds, test_ids, clip, data, exclude, pipe, method=method, target=target,
                                      detail_target=detail_target, strength=strength, steps=steps,
                                      guidance=guidance, noise_level=noise_level, samples=samples, seed=seed)
     folder = run / "recon"
@@ -94,13 +100,13 @@ def decode_run(
     return folder
 
 
-def _decode_group(run: Path, preds: zarr.Group, test_ids: np.ndarray, clip: zarr.Group, nsd: NSD,
+def _decode_group(run: Path, preds: zarr.Group, test_ids: np.ndarray, clip: zarr.Group, data: Dataset,
                   exclude: np.ndarray, pipe, *, method: str, target: str, detail_target: str | None,
                   strength: float, steps: int, guidance: float, noise_level: int, samples: int,
                   seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(ground-truth images, reconstructions (n, samples, H, W, 3)) of one prediction group."""
     pred = run_prediction(preds, run, target)
-    with nsd.stimuli() as brick:
+    with data.stimuli() as brick:
         gt = decode.take_rows(brick, test_ids)
         if method == "retrieval":
             rows, _ = decode.nearest_rows(pred, clip[target], exclude=exclude, k=samples)

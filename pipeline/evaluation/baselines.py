@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data.nsd import NSD
+from ..data.dataset import Dataset
 from ..decoding import decode
 from ..errors import UserError
 from ..features.cache import open_cache
@@ -87,7 +87,7 @@ def score_lookup(gt, found: np.ndarray, brick, clip, test_ids: np.ndarray, retri
     return out
 
 
-def group_baselines(preds, test_ids: np.ndarray, train_ids: np.ndarray, clip, nsd: NSD, *, target: str,
+def group_baselines(preds, test_ids: np.ndarray, train_ids: np.ndarray, clip, data: Dataset, *, target: str,
                     retrieval_target: str, **protocol: Any) -> dict[str, Any]:
     """The baselines of one subject's predictions."""
     if f"test/{target}" not in preds or target not in clip:
@@ -96,7 +96,7 @@ def group_baselines(preds, test_ids: np.ndarray, train_ids: np.ndarray, clip, ns
     prior = np.full(len(test_ids), category_prior(clip[target], train_ids))
     out: dict[str, Any] = {"target": target, "n_train": int(len(train_ids))}
     protocol["pool"] = min(protocol.get("pool", 300), len(test_ids))
-    with nsd.stimuli() as brick:
+    with data.stimuli() as brick:
         gt = LazyRows(lambda ids: decode.take_rows(brick, ids), test_ids)
         for name, found in (("nearest_training_image", near), ("category_prior", prior)):
             out[name] = score_lookup(gt, found, brick, clip, test_ids, retrieval_target, **protocol)
@@ -107,8 +107,10 @@ def group_baselines(preds, test_ids: np.ndarray, train_ids: np.ndarray, clip, ns
     return out
 
 
-def run_baselines(run: Path, info: dict, groups, nsd_root, *, retrieval_target: str, **protocol: Any) -> dict[str, Any]:
-    """``baselines`` of a run (per subject for a multi-subject run, their mean at the top)."""
+def run_baselines(run: Path, info: dict, groups, data: Dataset, *, retrieval_target: str,
+                  **protocol: Any) -> dict[str, Any]:
+    """``baselines`` of a run (per subject for a multi-subject run, their mean at the top), with the
+    stimuli of ``data``, the run's dataset."""
     from ..fitting.rerun import run_stores
 
     clip_path = Path(info["clip"])
@@ -117,7 +119,6 @@ def run_baselines(run: Path, info: dict, groups, nsd_root, *, retrieval_target: 
     decoded = run / "decode.json"
     target = (json.loads(decoded.read_text()).get("target") if decoded.is_file() else None) or "image_embeds"
     stores = run_stores(info)
-    nsd = NSD(nsd_root)
     per = {}
     for key, (preds, test_ids) in groups.items():
         try:
@@ -126,7 +127,7 @@ def run_baselines(run: Path, info: dict, groups, nsd_root, *, retrieval_target: 
             per[key] = {"unavailable": str(exc)}
             continue
         clip = open_cache(clip_path, rows=np.union1d(train_ids, test_ids))
-        per[key] = group_baselines(preds, test_ids, train_ids, clip, nsd, target=target,
+        per[key] = group_baselines(preds, test_ids, train_ids, clip, data, target=target,
                                    retrieval_target=retrieval_target, **protocol)
     if None in per:
         return per[None]

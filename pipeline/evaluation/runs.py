@@ -36,7 +36,8 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ..data.nsd import NSD
+from ..data.dataset import Dataset
+from ..data.registry import given_root, run_dataset
 from ..decoding import decode
 from ..decoding.run import open_run
 from ..device import resolve_device
@@ -47,16 +48,22 @@ from . import baselines, intervals, metrics
 
 
 def evaluate_run(
-    run: Path | str, nsd_root: Path | str, *, weights: dict[str, str] | None = None, device: str = "auto",
+    run: Path | str, root: Path | str | None = None, *, nsd_root: Path | str | None = None,
+    dataset: str | None = None, weights: dict[str, str] | None = None, device: str = "auto",
     pool: int = 300, draws: int = 30, seed: int = 42, retrieval_target: str = "image_embeds",
     drop_rois: list[str] | None = None,
 ) -> dict[str, Any]:
-    """MindEye2-protocol metrics of a decoded run -> ``metrics.json`` (and ``plots/targets.json``)."""
+    """MindEye2-protocol metrics of a decoded run -> ``metrics.json`` (and ``plots/targets.json``).
+
+    ``root``: the root of the run's dataset (``nsd_root``: its alias), named by ``dataset`` or by
+    the run's fMRI stores (:func:`pipeline.data.registry.run_dataset`).
+    """
     device = str(resolve_device(device))
     run = Path(run)
     info, groups = open_run(run)
     if not (run / "recon").is_dir():
         raise UserError(f"{run}: no recon/ folder; run decode first")
+    data = run_dataset(info, given_root(root, nsd_root), dataset)
     dropped = None
     if drop_rois:
         from ..fitting.rerun import dropped_voxels, run_stores
@@ -68,7 +75,7 @@ def evaluate_run(
         per_image[key] = {}
         targets = fit.get("targets", {}) if key is None else fit.get("subjects", {}).get(key, {}).get("targets", {})
         scored[key] = _evaluate_group(info, preds, test_ids, run / "recon" if key is None else run / "recon" / key,
-                                      nsd_root, targets, weights=weights, device=device, pool=pool, draws=draws,
+                                      data, targets, weights=weights, device=device, pool=pool, draws=draws,
                                       seed=seed, retrieval_target=retrieval_target, per_image=per_image[key])
     if None in scored:
         out = scored[None]
@@ -82,7 +89,7 @@ def evaluate_run(
     test_ids = {key: ids for key, (_, ids) in groups.items()}
     intervals.add_intervals(out, per_image, test_ids)
     intervals.write_per_image(run / "per_image.npz", intervals.flatten(per_image, test_ids))
-    out["baselines"] = baselines.run_baselines(run, info, groups, nsd_root, retrieval_target=retrieval_target,
+    out["baselines"] = baselines.run_baselines(run, info, groups, data, retrieval_target=retrieval_target,
                                                weights=weights, device=device, pool=pool, draws=draws, seed=seed)
     if dropped is not None:
         out["drop_rois"] = {name: _score_without(run, info, groups, {k: d[name] for k, d in dropped.items()})
@@ -112,7 +119,7 @@ def _score_without(run: Path, info: dict, groups, drop: dict) -> dict[str, Any]:
     return {"subjects": per, **metrics.mean_report(list(per.values()))}
 
 
-def _evaluate_group(info: dict, preds: zarr.Group, test_ids: np.ndarray, recon: Path, nsd_root,
+def _evaluate_group(info: dict, preds: zarr.Group, test_ids: np.ndarray, recon: Path, data: Dataset,
                     targets: dict, *, weights, device: str, pool: int, draws: int, seed: int,
                     retrieval_target: str, per_image: dict | None = None) -> dict[str, Any]:
     """The metrics of one subject's predictions and reconstructions."""
@@ -137,14 +144,13 @@ def _evaluate_group(info: dict, preds: zarr.Group, test_ids: np.ndarray, recon: 
             unavailable.update(dict.fromkeys(("retrieval_image_to_brain", "retrieval_brain_to_image"),
                                              f"the run predicted no {retrieval_target}"))
     n = len(test_ids)
-    nsd = NSD(nsd_root)
-    with nsd.stimuli() as brick:
+    with data.stimuli() as brick:
         gt = LazyRows(lambda ids: decode.take_rows(brick, ids), test_ids)
         rec = LazyRows(lambda ids: decode.read_reconstructions(recon, ids), test_ids)
         results = metrics.evaluate(gt, rec, brain=brain, image=image, weights=weights, device=device,
                                    pool=min(pool, n), draws=draws, seed=seed, per_image=per_image)
     results.update({k: {"unavailable": v} for k, v in unavailable.items()})
-    brainclip = brainclip_tasks(preds, info, nsd, test_ids, device, pool=min(pool, n), draws=draws, seed=seed,
+    brainclip = brainclip_tasks(preds, info, data, test_ids, device, pool=min(pool, n), draws=draws, seed=seed,
                                 per_image=per_image)
     missing = {k: v["unavailable"] for k, v in {**results, **brainclip}.items() if isinstance(v, dict) and "unavailable" in v}
     for key in ("retrieval_image_to_brain", "retrieval_brain_to_image"):
@@ -180,7 +186,7 @@ def retrieval_space(clip: zarr.Group, target: str) -> dict[str, Any]:
             "directions": "image_to_brain = MindEye2 code's fwd, brain_to_image = bwd", "comparable_to": comparable}
 
 
-def brainclip_tasks(preds: zarr.Group, info: dict, nsd: NSD, test_ids: np.ndarray, device: str, *,
+def brainclip_tasks(preds: zarr.Group, info: dict, data: Dataset, test_ids: np.ndarray, device: str, *,
                     pool: int, draws: int, seed: int, per_image: dict | None = None) -> dict[str, Any]:
     """Zero-shot category decoding (class-name prompts through the cache's own CLIP text tower)
     from predicted ``image_embeds`` (all test images and categories; and, when the run held
@@ -195,9 +201,9 @@ def brainclip_tasks(preds: zarr.Group, info: dict, nsd: NSD, test_ids: np.ndarra
     held = list(info.get("holdout_categories") or [])
     if "test/image_embeds" in preds:
         try:
-            names, labels = coco_categories(nsd, test_ids)
+            names, labels = coco_categories(data, test_ids)
             loaded = load_cache_model(store.attrs, device)
-        except UserError as exc:  # no COCO instances files, no stim info, no CLIP weights
+        except UserError as exc:  # no categories in the dataset (NSD: no COCO instances files), no CLIP weights
             out["zero_shot"] = {"unavailable": str(exc)}
         else:
             classes = class_embeddings(loaded, names, device=device)

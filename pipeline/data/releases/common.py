@@ -20,7 +20,8 @@ import numpy as np
 from ... import __version__
 from ...errors import UserError
 from ...store import atomic_store
-from ..fmri import REPEATS, SPLIT_RECIPE, ZSCORE_MODES, row_array, voxel_labels
+from ..fmri import REPEATS, SPLIT_RECIPE, ZSCORE_MODES, row_array
+from ..dataset import Voxels
 from ..nsd import NSD
 
 ReadRows = Callable[[np.ndarray], np.ndarray]
@@ -96,20 +97,18 @@ def require(path: Path, what: str) -> Path:
     return path
 
 
-def roi_labels(
-    rois_from: Path | str, subject: int, n_vox: int
-) -> tuple[np.ndarray, dict[str, np.ndarray], NSD, list[str]]:
-    """nsdgeneral mask, per-voxel ROI labels, reader and ROI names of raw NSD's ROI files, checked to
+def roi_labels(rois_from: Path | str, subject: int, n_vox: int) -> tuple[Voxels, NSD]:
+    """Raw NSD's voxels (nsdgeneral mask, per-voxel ROI labels, ijk) and its reader, checked to
     describe the release's ``n_vox`` columns (nsdgeneral voxels in C order)."""
     nsd = NSD(rois_from)
-    rois = nsd.available_rois(subject)
-    mask, labels = voxel_labels(nsd, subject, rois)
+    voxels = nsd.voxels(subject)
+    mask = voxels.mask
     if int(mask.sum()) != n_vox:
         raise UserError(
             f"{nsd.roi_path(subject, 'nsdgeneral')}: {int(mask.sum())} nsdgeneral voxels but the release's "
             f"betas have {n_vox} columns (another subject, or another ROI version?)"
         )
-    return mask, labels, nsd, rois
+    return voxels, nsd
 
 
 def _arrange(trials: Trials, sel: np.ndarray, averaged: bool) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -181,12 +180,13 @@ def write_store(
 
         roi_attrs: dict = {"rois": []}
         if voxels is not None:
-            mask, labels, nsd, rois = voxels
-            for name, lab in labels.items():
+            found, nsd = voxels
+            mask, rois = found.mask, list(found.rois)
+            for name, lab in found.rois.items():
                 arr = row_array(root, f"voxels/{name}", (n_vox,), np.int32)
                 arr[...] = lab
-                arr.attrs["labels"] = {str(k): v for k, v in nsd.roi_labels(subject, name).items()}
-            row_array(root, "voxels/ijk", (n_vox, 3), np.int32)[...] = np.argwhere(mask).astype(np.int32)
+                arr.attrs["labels"] = {str(k): v for k, v in found.roi_labels[name].items()}
+            row_array(root, "voxels/ijk", (n_vox, 3), np.int32)[...] = found.ijk
             roi_attrs = {"rois": rois, "volume_shape": list(mask.shape),
                          "roi_sources": [str(nsd.roi_path(subject, r)) for r in rois]}
         root.attrs.update(
