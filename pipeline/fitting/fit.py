@@ -41,9 +41,9 @@ import zarr
 from .. import __version__
 from ..device import resolve_device
 from ..errors import UserError
-from ..evaluation import metrics
 from ..store import atomic_dir, compressor, write_timings
 from .adapters.base import make_config, roi_indices
+from . import scores
 from .pairs import Pairs, open_pairs, true_targets
 
 METHODS = ("ridge", "mclip", "litemind", "perception")
@@ -190,7 +190,7 @@ def _holdout_rows(
     if nsd_root is None:
         raise UserError("holdout_categories needs the NSD root (fit_adapters.nsd_root) for the COCO categories")
     from ..data.nsd import NSD
-    from ..evaluation.zeroshot import coco_categories
+    from ..data.coco import coco_categories
 
     names, hot = coco_categories(NSD(nsd_root), pairs.image_ids("train"))
     unknown = [c for c in categories if c not in names]
@@ -261,10 +261,10 @@ def target_report(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
     """Predicted vs true test targets: quality, two-way identification, n-way top-1 retrieval."""
     n = len(pred)
     flat_p, flat_t = pred.reshape(n, -1), true.reshape(n, -1)
-    ret = metrics.retrieval_top1(flat_p, flat_t, pool=n, draws=1, seed=0)
+    ret = scores.retrieval_top1(flat_p, flat_t, pool=n, draws=1, seed=0)
     return {
-        **metrics.prediction_quality(flat_p, flat_t),
-        "two_way_identification": metrics.two_way_identification(flat_t, flat_p),
+        **scores.prediction_quality(flat_p, flat_t),
+        "two_way_identification": scores.two_way_identification(flat_t, flat_p),
         "top1_retrieval": ret.brain_to_image,
         "top1_chance": 1.0 / n,
     }

@@ -28,12 +28,12 @@ import zarr
 
 from .. import __version__
 from ..errors import UserError
-from ..evaluation.metrics import mean_report
 from ..store import compressor, write_timings
 from .adapters.base import make_config
 from .adapters.finetune import MODES, apply_finetune, set_trainable
 from .adapters.subjects import SubjectAdapter, SubjectConfig, subject_key
 from .pairs import Pairs, clip_identity, open_cohort, store_settings, true_targets
+from .scores import mean_report
 
 
 def load_init(init: Path | str, method: str, pairs: Pairs, targets: list[str]) -> tuple[SubjectAdapter, dict]:
