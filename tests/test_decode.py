@@ -15,6 +15,7 @@ import torch
 import zarr
 from PIL import Image
 
+from pipeline.data import coco
 from pipeline.data.demo import SHAPES, DemoConfig
 from pipeline.data.nsd import NSD
 from pipeline.decoding import decode
@@ -129,13 +130,13 @@ def test_retrieval_decode_on_the_demo(demo_clip: dict):
 # ---- zero-shot and text targets --------------------------------------------------------------------------
 def test_coco_categories_are_the_planted_classes(demo_clip: dict):
     ids = np.array([0, 9, 13, 200, N - 1])
-    names, labels = zeroshot.coco_categories(demo_clip["nsd"], ids)
+    names, labels = coco.coco_categories(demo_clip["nsd"], ids)
     assert names == list(SHAPES)
     expected = np.zeros((5, len(SHAPES)), bool)
     expected[np.arange(5), ids % len(SHAPES)] = True  # the demo draws shape i % 8 for image i
     np.testing.assert_array_equal(labels, expected)
     with pytest.raises(UserError, match=rf"image ids \[{N}\] are not in .*nsd_stim_info_merged.csv"):
-        zeroshot.coco_categories(demo_clip["nsd"], [3, N])
+        coco.coco_categories(demo_clip["nsd"], [3, N])
 
 
 def test_class_embeddings_use_the_clip_text_tower(demo_clip: dict):

@@ -23,7 +23,7 @@ import zarr
 from pipeline.data.demo import COCO_SIZE, ROI_TABLES, SHAPES
 from pipeline.data.fmri import prepare_fmri, zscore_session
 from pipeline.data.nsd import BETA_SCALE, NSD, read_ctab
-from pipeline.evaluation.zeroshot import coco_categories
+from pipeline.data.coco import coco_categories
 
 
 @pytest.fixture

@@ -186,7 +186,8 @@ def brainclip_tasks(preds: zarr.Group, info: dict, nsd: NSD, test_ids: np.ndarra
     from predicted ``image_embeds`` (all test images and categories; and, when the run held
     categories out at fit time, BrainCLIP's held-out protocol), and fMRI->text retrieval from
     predicted ``text_embeds``; ``per_image`` receives what the bootstrap resamples (``brainclip/...``)."""
-    from .zeroshot import caption_targets, class_embeddings, coco_categories, zero_shot_accuracy
+    from ..data.coco import coco_categories
+    from .zeroshot import caption_targets, class_embeddings, zero_shot_accuracy
 
     out: dict[str, Any] = {}
     store = run_cache(info, test_ids)

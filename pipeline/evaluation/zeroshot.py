@@ -1,9 +1,7 @@
 """BrainCLIP tasks on predicted CLIP embeddings: zero-shot category decoding and fMRI->image/text
 retrieval.
 
-- :func:`coco_categories` reads each image's COCO categories from ``instances_<cocoSplit>.json``
-  (found through the image's ``cocoId``): a multi-hot (n, K) matrix over the union of the files'
-  categories. The demo writes these files with its planted shape classes.
+- :func:`pipeline.data.coco.coco_categories` (data layer) gives each image's COCO categories.
 - :func:`class_embeddings` turns category names into (K, D) text embeddings with the CLIP model's
   own text tower (open_clip tokenizer + ``encode_text``), averaged over prompt templates.
 - :func:`zero_shot_accuracy` ranks the categories by cosine similarity to each predicted image
@@ -15,49 +13,15 @@ retrieval.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 import numpy as np
 
-from ..data.nsd import NSD
 from ..errors import UserError
 from ..features.clip import LoadedModel, encode_captions
 
 TEMPLATES = ("a photo of a {}.",)
 """Prompt templates; CLIP's zero-shot ImageNet set is longer, one keeps the task cheap and clear."""
-
-
-def coco_categories(nsd: NSD, image_ids: Sequence[int]) -> tuple[list[str], np.ndarray]:
-    """Category names (K,) and a multi-hot (n, K) bool matrix for 0-based 73k ``image_ids``."""
-    info = nsd.stim_info
-    ids = np.asarray(image_ids, dtype=np.int64)
-    unknown = np.setdiff1d(ids, info.index.to_numpy())
-    if unknown.size:
-        raise UserError(f"image ids {unknown[:5].tolist()} are not in {nsd.stim_info_path}")
-    rows = info.loc[ids, ["cocoId", "cocoSplit"]]
-    names: dict[int, str] = {}
-    labels: dict[tuple[str, int], set[int]] = {}
-    for split in sorted(rows["cocoSplit"].unique()):
-        path = nsd.annotations_path("instances", split)
-        if not path.is_file():
-            raise UserError(f"COCO instances file not found: {path}")
-        try:
-            doc = json.loads(path.read_text())
-            names.update({int(c["id"]): str(c["name"]) for c in doc["categories"]})
-            for ann in doc["annotations"]:
-                labels.setdefault((split, int(ann["image_id"])), set()).add(int(ann["category_id"]))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise UserError(f"{path}: not a COCO instances file ({type(exc).__name__}: {exc})") from None
-    if not names:
-        raise UserError(f"no categories in the COCO instances files under {nsd.annotations_path('instances', '*').parent}")
-    cat_ids = sorted(names)
-    column = {c: j for j, c in enumerate(cat_ids)}
-    hot = np.zeros((len(ids), len(cat_ids)), bool)
-    for row, (coco_id, split) in enumerate(rows.itertuples(index=False)):
-        for c in labels.get((split, int(coco_id)), ()):
-            hot[row, column[c]] = True
-    return [names[c] for c in cat_ids], hot
 
 
 def class_embeddings(loaded: LoadedModel, names: Sequence[str], templates: Sequence[str] = TEMPLATES,
