@@ -68,7 +68,7 @@ def fit_adapters(
     finetune: str | None = None,
     subjects: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Fit ``method`` and write the run folder; returns the fit report.
+    """Fit ``method`` (a name in :data:`.methods.METHODS`) and write the run folder; returns the fit report.
 
     ``targets``: CLIP-cache arrays to predict. Ridge: any list (default ``image_embeds``).
     litemind: its ``targets``. mclip: ``detail, semantic[, text]`` in that order (default from
@@ -89,8 +89,7 @@ def fit_adapters(
     job = FitJob(seed=seed, device=device, progress=progress, train=train, rois=rois,
                  checkpoints=out.with_name(f"{out.name}.checkpoints"))
     if len(stores) > 1 or align is not None or experts or init is not None or finetune is not None:
-        settings = {**dict(subjects or {}), **({} if align is None else {"align": align}),
-                    **({} if experts is None else {"experts": experts})}
+        settings = {**dict(subjects or {}), **{k: v for k, v in (("align", align), ("experts", experts)) if v is not None}}
         return _fit_several(stores, clip, cls, out, dict(params or {}), targets, job, subject=subject,
                             holdout_categories=holdout_categories, subjects=settings, init=init, finetune=finetune)
     if subjects:
@@ -99,7 +98,7 @@ def fit_adapters(
         raise UserError(f"--rois applies to {_takes_rois()}; set the ROI fields of {method} in params instead")
     params, read = cls.configure(dict(params or {}), targets)
     if not cls.every_process and not is_main():
-        return {}  # a closed-form fit: one process does it
+        return {}  # e.g. a closed-form fit: one process does it
     pairs = open_pairs(stores[0], clip, read, subject)
     job.keep, held = _holdout_rows(pairs, holdout_categories, nsd_root)
     with _run_folder(out) as tmp:
