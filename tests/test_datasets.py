@@ -89,10 +89,10 @@ def test_unregistered_and_unanswered_questions_are_one_line_errors(tiny, tmp_pat
 def test_run_stores_from_two_datasets_are_refused(tiny, tmp_path):
     for name, dataset in (("a", "tiny"), ("b", None)):
         zarr.open_group(tmp_path / name, mode="w").attrs.update({"dataset": dataset} if dataset else {})
-    info = {"fmri": [str(tmp_path / "a"), str(tmp_path / "b")]}
+    stores = [tmp_path / "a", tmp_path / "b"]
     with pytest.raises(UserError, match="different datasets"):
-        registry.run_dataset(info, tmp_path)
-    assert isinstance(registry.run_dataset(info, tmp_path, "tiny"), TinyImages)
+        registry.run_dataset(stores, tmp_path)
+    assert isinstance(registry.run_dataset(stores, tmp_path, "tiny"), TinyImages)
 
 
 def test_nsd_answers_the_protocol_from_the_demo_tree(demo_root):

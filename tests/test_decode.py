@@ -127,13 +127,13 @@ def test_retrieval_decode_on_the_demo(demo: dict):
 # ---- zero-shot and text targets --------------------------------------------------------------------------
 def test_coco_categories_are_the_planted_classes(demo: dict):
     ids = np.array([0, 9, 13, 200, N - 1])
-    names, labels = zeroshot.coco_categories(demo["nsd"], ids)
+    names, labels = demo["nsd"].categories(ids)
     assert names == list(SHAPES)
     expected = np.zeros((5, len(SHAPES)), bool)
     expected[np.arange(5), ids % len(SHAPES)] = True  # the demo draws shape i % 8 for image i
     np.testing.assert_array_equal(labels, expected)
     with pytest.raises(UserError, match=rf"image ids \[{N}\] are not in .*nsd_stim_info_merged.csv"):
-        zeroshot.coco_categories(demo["nsd"], [3, N])
+        demo["nsd"].categories([3, N])
 
 
 def test_class_embeddings_use_the_clip_text_tower(demo: dict):

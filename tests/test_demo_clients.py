@@ -23,7 +23,6 @@ import zarr
 from pipeline.data.fmri import prepare_fmri, zscore_session
 from pipeline.data.nsd import BETA_SCALE, NSD, read_ctab
 from pipeline.demo.nsd import COCO_SIZE, ROI_TABLES, SHAPES
-from pipeline.evaluation.zeroshot import coco_categories
 
 
 @pytest.fixture
@@ -89,7 +88,7 @@ def test_nsd_access_reads_the_demo_as_prepare_fmri_does(demo_root, demo_fmri, ns
     anns = nsda.read_image_coco_info(list(sample), info_type="captions")
     ours = nsd.captions(sample, per_image=6)
     assert [[a["caption"] for a in image] for image in anns] == [[c for c in row if c] for row in ours]
-    names, hot = coco_categories(nsd, sample)
+    names, hot = nsd.categories(sample)
     cats = nsda.read_image_coco_category(list(sample))
     assert cats == [[names[j] for j in np.flatnonzero(row)] for row in hot]
     assert nsda.read_image_coco_info([int(sample[0])], info_type="instances")[0]["bbox"]

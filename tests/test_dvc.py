@@ -160,7 +160,7 @@ def test_import_closure_follows_relative_and_lazy_imports():
     # -> ..features.clip (lazy, inside brainclip_tasks)
     assert {"pipeline/evaluation/runs.py", "pipeline/decoding/decode.py", "pipeline/features/clip.py",
             "pipeline/store.py", "stages/params.py"} <= deps
-    assert "pipeline/fitting/fit.py" in deps  # evaluate --drop-rois re-predicts (lazy, in evaluate_run)
+    assert "pipeline/fitting/methods.py" in deps  # evaluate --drop-rois re-predicts (lazy, in evaluate_run)
     assert "pipeline/analysis/alignment.py" not in deps
 
 

@@ -213,7 +213,7 @@ def test_evaluate_drop_rois_writes_its_entries(stores, pretrained, demo_root, tm
     # an independent re-prediction with those voxels zeroed and the semantic group's missing token
     model = load_adapter(run / "adapters/mclip")
     pred = predict(model, g["test/betas"][:] * ~floc, subject=1, keep=~floc)["image_embeds"]
-    from pipeline.fitting.fit import target_report
+    from pipeline.fitting.run_folder import target_report
 
     clip = zarr.open_group(stores["clip"], mode="r")
     ref = target_report(pred, clip["image_embeds"][:][g["test/image_ids"][:]])
@@ -301,7 +301,7 @@ def slow(write):  # process 0's report takes long; record whether any collective
         return write(*args, **kwargs)
     return wrapped
 
-fit._write_outputs = slow(fit._write_outputs)
+fit.write_outputs = slow(fit.write_outputs)
 fit_subjects.write_subject_outputs = slow(fit_subjects.write_subject_outputs)
 stores, clip, out, mode = sys.argv[1].split(","), sys.argv[2], sys.argv[3], sys.argv[4]
 kw = dict(targets={targets}, params={params}, train={train}, progress=False)

@@ -10,7 +10,7 @@ A run is opened on the dataset its fMRI stores record (:func:`run_dataset`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +43,11 @@ def dataset_name(attrs: Mapping[str, Any]) -> str:
     return str(attrs.get("dataset") or DEFAULT)
 
 
-def run_dataset(info: Mapping[str, Any], root: Path | str, name: str | None = None) -> Dataset:
-    """The dataset of a run (its ``run.json`` as ``info``) over ``root``: ``name`` when given, else
-    the one its fMRI stores record (a store that is gone, or records none, counts as NSD's)."""
+def run_dataset(stores: Iterable[Path | str], root: Path | str, name: str | None = None) -> Dataset:
+    """The dataset of a run whose fMRI stores are ``stores``, over ``root``: ``name`` when given, else
+    the one its stores record (a store that is gone, or records none, counts as NSD's)."""
     if name is None:
-        fmri = info.get("fmri") or []
-        paths = [Path(p) for p in ([fmri] if isinstance(fmri, str) else fmri)]
+        paths = [Path(p) for p in stores]
         names = sorted({dataset_name(zarr.open_group(p, mode="r").attrs) if p.is_dir() else DEFAULT for p in paths})
         if len(names) > 1:
             raise UserError(f"the run's fMRI stores come from different datasets ({', '.join(names)}); "

@@ -18,6 +18,7 @@ from ..device import resolve_device
 from ..errors import UserError
 from ..features.cache import filled_rows, open_cache
 from ..fitting.pairs import row_ids
+from ..fitting.run_folder import RunInfo, read_run_info
 from ..store import atomic_dir, atomic_file, open_existing, write_text
 from . import decode
 
@@ -28,12 +29,10 @@ Groups = dict[str | None, tuple[zarr.Group, np.ndarray]]
 """Per subject (``subjNN``; None for a single-subject run): its predictions group and test image ids."""
 
 
-def open_run(run: Path) -> tuple[dict, Groups]:
+def open_run(run: Path) -> tuple[RunInfo, Groups]:
     """run.json and the prediction groups of a run folder."""
     run = Path(run)
-    info_path = run / "run.json"
-    if not info_path.is_file():
-        raise UserError(f"{run}: no run.json; is it a run folder written by fit-adapters?")
+    info = read_run_info(run)
     preds = open_existing(run / "predictions.zarr", "predictions of the run (run fit-adapters first)")
     keys = list(preds.attrs.get("subjects") or [None])
     groups: Groups = {}
@@ -43,7 +42,7 @@ def open_run(run: Path) -> tuple[dict, Groups]:
         if len(np.unique(ids)) != len(ids):
             raise UserError(f"{run}/predictions.zarr holds repeats of test images; fit the run again (one row per image)")
         groups[key] = (group, ids)
-    return json.loads(info_path.read_text()), groups
+    return info, groups
 
 
 def run_prediction(preds: zarr.Group, run: Path, target: str) -> np.ndarray:
@@ -71,9 +70,9 @@ def decode_run(
     run = Path(run)
     info, groups = open_run(run)
     all_ids = np.unique(np.concatenate([ids for _, ids in groups.values()]))
-    clip = open_cache(Path(info["clip"]), rows=all_ids)
+    clip = open_cache(Path(info.clip), rows=all_ids)
     unfilled = np.flatnonzero(~filled_rows(clip))  # a partial cache: retrieve among extracted images only
-    data = run_dataset(info, given_root(root, nsd_root), dataset)
+    data = run_dataset(info.stores().values(), given_root(root, nsd_root), dataset)
     if method == "unclip" and unclip_model is None:
         raise UserError("--unclip-model: give a hub id or local folder of a Stable unCLIP pipeline")
     pipe = decode.load_unclip(unclip_model, device=device) if method == "unclip" else None

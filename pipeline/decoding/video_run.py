@@ -17,6 +17,7 @@ from ..device import resolve_device
 from ..errors import UserError
 from ..features.cache import open_cache
 from ..features.video import load_vae
+from ..fitting.run_folder import RunInfo
 from ..store import atomic_dir, atomic_file, take_rows, write_text, write_timings
 from ..videoio import square
 from . import decode, video
@@ -27,7 +28,7 @@ KEYFRAMES = ("retrieval", "unclip")
 BLURRY_TARGETS = ("frames", "frame_latents")
 
 
-def _single_subject(run: Path) -> tuple[dict, zarr.Group, np.ndarray]:
+def _single_subject(run: Path) -> tuple[RunInfo, zarr.Group, np.ndarray]:
     """A run's info, predictions group and test clip ids; multi-subject runs are decoded per subject
     only by ``decode`` (images), not here yet."""
     info, groups = open_run(run)
@@ -41,9 +42,9 @@ def _runs(semantic: Path, perception: Path) -> tuple[dict, dict, np.ndarray]:
     """Both runs, checked to predict the same test clips of the same video cache."""
     info_s, preds_s, ids_s = _single_subject(semantic)
     info_p, preds_p, ids_p = _single_subject(perception)
-    if Path(info_s["clip"]).resolve() != Path(info_p["clip"]).resolve():
+    if Path(info_s.clip).resolve() != Path(info_p.clip).resolve():
         raise UserError(f"{semantic} and {perception} were fitted on different CLIP caches "
-                        f"({info_s['clip']} vs {info_p['clip']})")
+                        f"({info_s.clip} vs {info_p.clip})")
     if not np.array_equal(ids_s, ids_p):
         raise UserError(f"{semantic} and {perception} predict different test clips; fit both on the same fMRI cache")
     return {"info": info_s, "preds": preds_s}, {"info": info_p, "preds": preds_p}, ids_s
@@ -69,10 +70,10 @@ def decode_video_run(
         raise UserError("--keyframes unclip: give --unclip-model (a Stable unCLIP hub id or local folder)")
     semantic, perception, out = Path(semantic), Path(perception), Path(out)
     sem, per, ids = _runs(semantic, perception)
-    store = open_cache(sem["info"]["clip"], rows=ids)
+    store = open_cache(sem["info"].clip, rows=ids)
     v = store.attrs.get("video")
     if v is None:
-        raise UserError(f"{sem['info']['clip']} is not a video cache (made by extract-clip --video)")
+        raise UserError(f"{sem['info'].clip} is not a video cache (made by extract-clip --video)")
     targets = [t for t in BLURRY_TARGETS if f"test/{t}" in per["preds"]]
     if not targets:
         raise UserError(f"{perception}/predictions.zarr has no test/frames or test/frame_latents; fit the perception "
@@ -114,7 +115,7 @@ def decode_video_run(
         video.write_video_grid(tmp, gt, videos[: len(gt)])
     record = {
         "method": method, "keyframes": keyframes, "semantic_run": str(semantic), "perception_run": str(perception),
-        "semantic_target": semantic_target, "perception_target": targets[0], "clip": sem["info"]["clip"],
+        "semantic_target": semantic_target, "perception_target": targets[0], "clip": sem["info"].clip,
         "clip_ids": ids.tolist(), "frames_per_clip": v["frames_per_clip"], "fps": v["fps"], "size": size,
         "unclip_model": unclip_model if keyframes == "unclip" else None,
         "video_model": video_model if method == "diffusion" else None,

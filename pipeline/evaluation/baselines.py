@@ -31,6 +31,7 @@ from ..decoding import decode
 from ..errors import UserError
 from ..features.cache import open_cache
 from ..fitting.pairs import row_ids
+from ..fitting.run_folder import RunInfo
 from ..store import LazyRows, open_existing
 from . import bootstrap, intervals, metrics
 
@@ -107,18 +108,16 @@ def group_baselines(preds, test_ids: np.ndarray, train_ids: np.ndarray, clip, da
     return out
 
 
-def run_baselines(run: Path, info: dict, groups, data: Dataset, *, retrieval_target: str,
+def run_baselines(run: Path, info: RunInfo, groups, data: Dataset, *, retrieval_target: str,
                   **protocol: Any) -> dict[str, Any]:
     """``baselines`` of a run (per subject for a multi-subject run, their mean at the top), with the
     stimuli of ``data``, the run's dataset."""
-    from ..fitting.rerun import run_stores
-
-    clip_path = Path(info["clip"])
+    clip_path = Path(info.clip)
     if not clip_path.exists():
         return {"unavailable": f"CLIP cache of the run not found: {clip_path}"}
     decoded = run / "decode.json"
     target = (json.loads(decoded.read_text()).get("target") if decoded.is_file() else None) or "image_embeds"
-    stores = run_stores(info)
+    stores = info.stores()
     per = {}
     for key, (preds, test_ids) in groups.items():
         try:

@@ -43,6 +43,7 @@ from ..decoding.run import open_run
 from ..device import resolve_device
 from ..errors import UserError
 from ..features.cache import load_cache_model, open_cache
+from ..fitting.run_folder import RunInfo
 from ..store import LazyRows, write_text
 from . import baselines, intervals, metrics
 
@@ -63,12 +64,12 @@ def evaluate_run(
     info, groups = open_run(run)
     if not (run / "recon").is_dir():
         raise UserError(f"{run}: no recon/ folder; run decode first")
-    data = run_dataset(info, given_root(root, nsd_root), dataset)
+    data = run_dataset(info.stores().values(), given_root(root, nsd_root), dataset)
     dropped = None
     if drop_rois:
-        from ..fitting.rerun import dropped_voxels, run_stores
+        from ..fitting.rerun import dropped_voxels
 
-        dropped = dropped_voxels(run_stores(info), drop_rois)  # unknown names fail before anything is written
+        dropped = dropped_voxels(info.stores(), drop_rois)  # unknown names fail before anything is written
     fit = json.loads((run / "fit_report.json").read_text()) if (run / "fit_report.json").is_file() else {}
     scored, per_image = {}, {}
     for key, (preds, test_ids) in groups.items():
@@ -80,7 +81,7 @@ def evaluate_run(
     if None in scored:
         out = scored[None]
     else:
-        out = {"method": info.get("method"), "subjects": scored,
+        out = {"method": info.method, "subjects": scored,
                **{k: v for k, v in metrics.mean_report(list(scored.values())).items() if k != "subjects"}}
         out["retrieval"] = {**scored[next(iter(scored))]["retrieval"], **out.get("retrieval", {})}
         out["unavailable"] = scored[next(iter(scored))]["unavailable"]
@@ -101,13 +102,13 @@ def evaluate_run(
     return out
 
 
-def _score_without(run: Path, info: dict, groups, drop: dict) -> dict[str, Any]:
+def _score_without(run: Path, info: RunInfo, groups, drop: dict) -> dict[str, Any]:
     """Per-target scores of the run's model on each subject's test set with ``drop`` voxels removed."""
-    from ..fitting.fit import target_report
     from ..fitting.pairs import true_targets
     from ..fitting.rerun import predict_without
+    from ..fitting.run_folder import target_report
 
-    clip = open_cache(Path(info["clip"]))
+    clip = open_cache(Path(info.clip))
     per = {}
     for key, (_, test_ids) in groups.items():
         preds = predict_without(run, info, key, drop[key])
@@ -119,7 +120,7 @@ def _score_without(run: Path, info: dict, groups, drop: dict) -> dict[str, Any]:
     return {"subjects": per, **metrics.mean_report(list(per.values()))}
 
 
-def _evaluate_group(info: dict, preds: zarr.Group, test_ids: np.ndarray, recon: Path, data: Dataset,
+def _evaluate_group(info: RunInfo, preds: zarr.Group, test_ids: np.ndarray, recon: Path, data: Dataset,
                     targets: dict, *, weights, device: str, pool: int, draws: int, seed: int,
                     retrieval_target: str, per_image: dict | None = None) -> dict[str, Any]:
     """The metrics of one subject's predictions and reconstructions."""
@@ -137,7 +138,7 @@ def _evaluate_group(info: dict, preds: zarr.Group, test_ids: np.ndarray, recon: 
         retrieval = retrieval_space(clip, retrieval_target)
         if f"test/{retrieval_target}" in preds:
             if retrieval_target not in clip:
-                raise UserError(f"evaluate.retrieval_target {retrieval_target!r} is not an array of {info['clip']}")
+                raise UserError(f"evaluate.retrieval_target {retrieval_target!r} is not an array of {info.clip}")
             brain = preds[f"test/{retrieval_target}"][...]
             image = decode.take_rows(clip[retrieval_target], test_ids)
         else:
@@ -156,14 +157,14 @@ def _evaluate_group(info: dict, preds: zarr.Group, test_ids: np.ndarray, recon: 
     for key in ("retrieval_image_to_brain", "retrieval_brain_to_image"):
         retrieval[key.removeprefix("retrieval_")] = results.pop(key)
     numbers = {k: v for k, v in results.items() if not isinstance(v, dict)}
-    return {"method": info.get("method"), "retrieval_pool": min(pool, n), "reconstruction": numbers,
+    return {"method": info.method, "retrieval_pool": min(pool, n), "reconstruction": numbers,
             "retrieval": retrieval, "brainclip": brainclip, "targets": targets, "unavailable": missing}
 
 
-def run_cache(info: dict, test_ids: np.ndarray) -> zarr.Group | str:
+def run_cache(info: RunInfo, test_ids: np.ndarray) -> zarr.Group | str:
     """The run's CLIP cache, checked to hold every test row; the reason it is unavailable when it
     is gone (a cache that exists but misses test rows is refused: its numbers would be wrong)."""
-    path = Path(info["clip"])
+    path = Path(info.clip)
     if not path.exists():
         return f"CLIP cache of the run not found: {path}"
     return open_cache(path, rows=test_ids)
@@ -186,22 +187,22 @@ def retrieval_space(clip: zarr.Group, target: str) -> dict[str, Any]:
             "directions": "image_to_brain = MindEye2 code's fwd, brain_to_image = bwd", "comparable_to": comparable}
 
 
-def brainclip_tasks(preds: zarr.Group, info: dict, data: Dataset, test_ids: np.ndarray, device: str, *,
+def brainclip_tasks(preds: zarr.Group, info: RunInfo, data: Dataset, test_ids: np.ndarray, device: str, *,
                     pool: int, draws: int, seed: int, per_image: dict | None = None) -> dict[str, Any]:
     """Zero-shot category decoding (class-name prompts through the cache's own CLIP text tower)
     from predicted ``image_embeds`` (all test images and categories; and, when the run held
     categories out at fit time, BrainCLIP's held-out protocol), and fMRI->text retrieval from
     predicted ``text_embeds``; ``per_image`` receives what the bootstrap resamples (``brainclip/...``)."""
-    from .zeroshot import caption_targets, class_embeddings, coco_categories, zero_shot_accuracy
+    from .zeroshot import caption_targets, class_embeddings, zero_shot_accuracy
 
     out: dict[str, Any] = {}
     store = run_cache(info, test_ids)
     if isinstance(store, str):
         return {k: {"unavailable": store} for k in ("zero_shot", "fmri_to_text_top1")}
-    held = list(info.get("holdout_categories") or [])
+    held = list(info.extra.get("holdout_categories") or [])
     if "test/image_embeds" in preds:
         try:
-            names, labels = coco_categories(data, test_ids)
+            names, labels = data.categories(test_ids)
             loaded = load_cache_model(store.attrs, device)
         except UserError as exc:  # no categories in the dataset (NSD: no COCO instances files), no CLIP weights
             out["zero_shot"] = {"unavailable": str(exc)}
@@ -221,7 +222,7 @@ def brainclip_tasks(preds: zarr.Group, info: dict, data: Dataset, test_ids: np.n
                 out["zero_shot_heldout"] = heldout_zero_shot(pred, classes, labels, names, held)
     if "test/text_embeds" in preds:
         if "text_embeds" not in store:
-            out["fmri_to_text_top1"] = {"unavailable": f"{info['clip']} has no text_embeds (extract-clip --captions)"}
+            out["fmri_to_text_top1"] = {"unavailable": f"{info.clip} has no text_embeds (extract-clip --captions)"}
         else:
             truth = caption_targets(decode.take_rows(store["text_embeds"], test_ids))
             pred = preds["test/text_embeds"][...]

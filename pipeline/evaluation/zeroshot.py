@@ -1,9 +1,8 @@
 """BrainCLIP tasks on predicted CLIP embeddings: zero-shot category decoding and fMRI->image/text
 retrieval.
 
-- :func:`coco_categories` asks the dataset for each image's categories (NSD: COCO's
-  ``instances_<cocoSplit>.json``, through the image's ``cocoId``): a multi-hot (n, K) matrix over the
-  union of the files' categories. The demo writes these files with its planted shape classes.
+- each image's categories come from the run's dataset (:meth:`pipeline.data.dataset.Dataset.categories`;
+  NSD: COCO's ``instances_<cocoSplit>.json`` through the image's ``cocoId``, as a multi-hot (n, K) matrix).
 - :func:`class_embeddings` turns category names into (K, D) text embeddings with the CLIP model's
   own text tower (open_clip tokenizer + ``encode_text``), averaged over prompt templates.
 - :func:`zero_shot_accuracy` ranks the categories by cosine similarity to each predicted image
@@ -19,18 +18,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..data.dataset import Dataset
 from ..errors import UserError
 from ..features.clip import LoadedModel, encode_captions
 
 TEMPLATES = ("a photo of a {}.",)
 """Prompt templates; CLIP's zero-shot ImageNet set is longer, one keeps the task cheap and clear."""
-
-
-def coco_categories(dataset: Dataset, image_ids: Sequence[int]) -> tuple[list[str], np.ndarray]:
-    """Category names (K,) and a multi-hot (n, K) bool matrix of ``image_ids``, as ``dataset`` labels
-    them (:meth:`pipeline.data.dataset.Dataset.categories`; a dataset without categories is an error)."""
-    return dataset.categories(image_ids)
 
 
 def class_embeddings(loaded: LoadedModel, names: Sequence[str], templates: Sequence[str] = TEMPLATES,

@@ -19,17 +19,12 @@ import numpy as np
 from ..errors import UserError
 from ..store import open_existing
 from .adapters.base import FLOC
-from .adapters.subjects import label_values, subject_key
+from .adapters.subjects import label_values
+from .methods import load_method
 from .pairs import roi_names
+from .run_folder import RunInfo, per_image
 
 ALIASES = {"floc": FLOC}
-
-
-def run_stores(info: Mapping[str, Any]) -> dict[str | None, Path]:
-    """The fMRI store of each subject of a run (key None for a single-subject run)."""
-    if info.get("multi_subject"):
-        return {subject_key(s): Path(p) for s, p in zip(info["subjects"], info["fmri"], strict=True)}
-    return {None: Path(info["fmri"])}
 
 
 def _select(voxels: Any, rois: Sequence[str], name: str) -> np.ndarray | None:
@@ -68,21 +63,9 @@ def dropped_voxels(stores: Mapping[Any, Path], names: Sequence[str]) -> dict[Any
     return out
 
 
-def predict_without(run: Path, info: Mapping[str, Any], key: str | None, drop: np.ndarray) -> dict[str, np.ndarray]:
+def predict_without(run: Path, info: RunInfo, key: str | None, drop: np.ndarray) -> dict[str, np.ndarray]:
     """The run's per-image test predictions for subject ``key`` with the voxels of ``drop`` removed."""
-    from .fit import per_image
-    from .models import load_adapter, predict
-
-    g = open_existing(run_stores(info)[key], "fMRI cache of the run")
+    g = open_existing(info.stores()[key], "fMRI cache of the run")
     betas, ids = g["test/betas"][...], g["test/image_ids"][...]
-    method = info["method"]
-    if method == "ridge":
-        from .adapters.ridge import RidgeAdapter
-
-        idx = np.asarray(info["input_voxels"])
-        preds = RidgeAdapter.load(run / "adapters" / "ridge").predict((betas * ~drop)[:, idx])
-    else:
-        model = load_adapter(run / "adapters" / method)
-        subject = int(key[4:]) if key else None
-        preds = predict(model, betas, subject=subject, keep=~drop)
-    return per_image(ids, preds)[2]
+    subject = int(key[4:]) if key else None
+    return per_image(ids, load_method(run, info).predict(betas, keep=~drop, subject=subject))[2]

@@ -217,6 +217,75 @@ def train(
     fingerprint = _fingerprint(model, cfg, data, val) if ckpt is not None else None
     if device.type == "cuda" and hasattr(data, "to") and data.nbytes_in_memory < torch.cuda.mem_get_info(device)[0] / 2:
         data = data.to(device)  # batches are then gathered on the GPU
+    train_set, val, drop_last, steps = _split(data, val, cfg, n_proc)
+    total = cfg.epochs * steps
+    params, optimizer, scheduler, step = _optimiser(model, cfg, device, several, total)
+    autocast, scaler = _autocast(device, cfg.amp)
+    state = {"epoch": 0, "history": [], "best_val": math.inf, "best_epoch": 0, "best_state": None, "bad": 0,
+             "done": False}
+    parts = (model, optimizer, scheduler, scaler)
+    shard = (rank, n_proc) if several else None
+    resumed_from = None
+    cuda_ids = (
+        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    )
+    with torch.random.fork_rng(devices=cuda_ids):  # the caller's RNG stays put
+        torch.manual_seed(cfg.seed)
+        if ckpt is not None and cfg.resume and ckpt.exists():
+            resumed_from = _load_checkpoint(ckpt, parts, state, fingerprint, device)
+        with tqdm(total=total, initial=state["epoch"] * steps, desc=f"train {model.method}", unit="step",
+                  disable=not cfg.progress) as bar:
+            while not state["done"] and state["epoch"] < cfg.epochs:
+                epoch = state["epoch"] + 1
+                t0 = time.perf_counter()
+                loader = iter_batches(train_set, cfg.batch_size, cfg.seed * 100_003 + epoch, drop_last, shard)
+                terms = _train_epoch(parts, step, params, loader, autocast, device, cfg.grad_clip, bar, epoch, several)
+                record = {"epoch": epoch, **distributed.mean_over_processes(terms, device)}
+                record["lr"] = optimizer.param_groups[0]["lr"]
+                if val is not None and len(val):  # process 0's validation decides for all (early stopping)
+                    losses = evaluate_loss(model, val, cfg.batch_size, device, cfg.amp)
+                    record.update({f"val_{k}": v for k, v in distributed.from_main(losses, device).items()})
+                record["seconds"] = time.perf_counter() - t0
+                _end_epoch(state, record, model, val is None, cfg.patience)
+                bar.set_postfix(
+                    epoch=epoch, loss=f"{record['train_loss']:.4f}", val=f"{record.get('val_loss', math.nan):.4f}"
+                )
+                if ckpt is not None and rank == 0:
+                    _save_checkpoint(ckpt, parts, state, fingerprint, device)
+    model.load_state_dict(state["best_state"])
+    model.eval()
+    return TrainResult(
+        history=state["history"], best_epoch=state["best_epoch"],
+        best_val_loss=state["best_val"] if val is not None else None, epochs_run=state["epoch"],
+        stopped_early=state["done"], resumed_from=resumed_from, n_params=model.n_params,
+        n_trainable=sum(p.numel() for p in params), seconds=time.perf_counter() - start, processes=n_proc,
+    )
+
+
+def _optimiser(model: Adapter, cfg: TrainConfig, device: torch.device, several: bool,
+               total: int) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer, Any, torch.nn.Module]:
+    """(trainable parameters, AdamW, warm-up + cosine schedule over ``total`` steps, the loss module
+    to step: wrapped in DistributedDataParallel under torchrun), with ``model`` moved to ``device``."""
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError("nothing to train: every parameter of the model is frozen")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step = _Loss(model)
+    if several:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None,
+                                       find_unused_parameters=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(total, int(cfg.warmup * total), cfg.min_lr_ratio)
+    )
+    return params, optimizer, scheduler, step
+
+
+def _split(data: Dataset, val: Dataset | None, cfg: TrainConfig, n_proc: int) -> tuple[Dataset, Dataset | None, bool, int]:
+    """(training rows, validation rows, drop the last partial batch?, steps per epoch), checked to
+    batch evenly over ``n_proc`` processes."""
     train_set = data
     if val is None and cfg.val_fraction:
         rows, val_rows = split_by_image(data.image_ids, cfg.val_fraction, cfg.seed)
@@ -229,89 +298,22 @@ def train(
     if rows_per_batch % n_proc:
         raise UserError(f"torchrun with {n_proc} processes: batch_size {cfg.batch_size} (or the {len(train_set)} "
                         f"training rows when fewer) must be a multiple of {n_proc}")
+    return train_set, val, drop_last, steps
 
-    model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise UserError("nothing to train: every parameter of the model is frozen")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step = _Loss(model)
-    if several:
-        from torch.nn.parallel import DistributedDataParallel
 
-        step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None,
-                                       find_unused_parameters=True)
-    total = cfg.epochs * steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total, int(cfg.warmup * total), cfg.min_lr_ratio)
-    )
-    autocast, scaler = _autocast(device, cfg.amp)
-
-    state = {
-        "epoch": 0,
-        "history": [],
-        "best_val": math.inf,
-        "best_epoch": 0,
-        "best_state": None,
-        "bad": 0,
-        "done": False,
-    }
-    parts = (model, optimizer, scheduler, scaler)
-    shard = (rank, n_proc) if several else None
-    resumed_from = None
-    cuda_ids = (
-        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    )
-    with torch.random.fork_rng(devices=cuda_ids):  # the caller's RNG stays put
-        torch.manual_seed(cfg.seed)
-        if ckpt is not None and cfg.resume and ckpt.exists():
-            resumed_from = _load_checkpoint(ckpt, parts, state, fingerprint, device)
-        with tqdm(
-            total=total,
-            initial=state["epoch"] * steps,
-            desc=f"train {model.method}",
-            unit="step",
-            disable=not cfg.progress,
-        ) as bar:
-            while not state["done"] and state["epoch"] < cfg.epochs:
-                epoch = state["epoch"] + 1
-                t0 = time.perf_counter()
-                loader = iter_batches(train_set, cfg.batch_size, cfg.seed * 100_003 + epoch, drop_last, shard)
-                terms = _train_epoch(parts, step, params, loader, autocast, device, cfg.grad_clip, bar, epoch, several)
-                record = {"epoch": epoch, **distributed.mean_over_processes(terms, device)}
-                record["lr"] = optimizer.param_groups[0]["lr"]
-                if val is not None and len(val):  # process 0's validation decides for all (early stopping)
-                    losses = evaluate_loss(model, val, cfg.batch_size, device, cfg.amp)
-                    record.update({f"val_{k}": v for k, v in distributed.from_main(losses, device).items()})
-                record["seconds"] = time.perf_counter() - t0
-                monitored = record.get("val_loss", record["train_loss"])
-                if monitored < state["best_val"] or val is None:
-                    state.update(best_val=monitored, best_epoch=epoch, bad=0)
-                    state["best_state"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-                else:
-                    state["bad"] += 1
-                state["history"].append(record)
-                state["epoch"] = epoch
-                state["done"] = cfg.patience is not None and state["bad"] >= cfg.patience
-                bar.set_postfix(
-                    epoch=epoch, loss=f"{record['train_loss']:.4f}", val=f"{record.get('val_loss', math.nan):.4f}"
-                )
-                if ckpt is not None and rank == 0:
-                    _save_checkpoint(ckpt, parts, state, fingerprint, device)
-    model.load_state_dict(state["best_state"])
-    model.eval()
-    return TrainResult(
-        history=state["history"],
-        best_epoch=state["best_epoch"],
-        best_val_loss=state["best_val"] if val is not None else None,
-        epochs_run=state["epoch"],
-        stopped_early=state["done"],
-        resumed_from=resumed_from,
-        n_params=model.n_params,
-        n_trainable=sum(p.numel() for p in params),
-        seconds=time.perf_counter() - start,
-        processes=n_proc,
-    )
+def _end_epoch(state: dict[str, Any], record: dict[str, Any], model: Adapter, no_val: bool,
+               patience: int | None) -> None:
+    """Record the epoch in ``state``: keep the best weights (by validation loss), count epochs
+    without improvement, and say whether early stopping is due."""
+    monitored = record.get("val_loss", record["train_loss"])
+    if monitored < state["best_val"] or no_val:
+        state.update(best_val=monitored, best_epoch=record["epoch"], bad=0)
+        state["best_state"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    else:
+        state["bad"] += 1
+    state["history"].append(record)
+    state["epoch"] = record["epoch"]
+    state["done"] = patience is not None and state["bad"] >= patience
 
 
 def _train_epoch(

@@ -148,6 +148,11 @@ class Adapter(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def with_targets(cls, params: Mapping[str, Any], targets: Sequence[str]) -> dict[str, Any]:
+        """``params`` with fit-adapters' ``--targets`` folded into this adapter's config fields."""
+        raise UserError(f"--targets is not supported by {cls.method}; set its targets in params")
+
+    @classmethod
     def group_rois(cls, config: Any) -> dict[str, tuple[str, ...] | None]:
         """The voxel groups the model reads, each as the ROI files it selects (None: every voxel)."""
         raise NotImplementedError

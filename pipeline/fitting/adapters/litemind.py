@@ -64,7 +64,7 @@ small widths live in params.yaml.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -244,6 +244,10 @@ class LiteMind(Adapter):
     @classmethod
     def targets_for(cls, config: LiteMindConfig) -> list[str]:
         return list(config.targets)
+
+    @classmethod
+    def with_targets(cls, params: Mapping[str, Any], targets: Sequence[str]) -> dict[str, Any]:
+        return {**params, "targets": list(targets)}
 
     @classmethod
     def group_rois(cls, config: LiteMindConfig) -> dict[str, tuple[str, ...] | None]:

@@ -40,7 +40,7 @@ parameters, 43.1M of them used at inference (the decoders are training-only);
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,6 +178,12 @@ class BrainMCLIP(Adapter):
     @classmethod
     def targets_for(cls, config: MCLIPConfig) -> list[str]:
         return [config.detail_target, config.semantic_target] + ([config.text_target] if config.text_target else [])
+
+    @classmethod
+    def with_targets(cls, params: Mapping[str, Any], targets: Sequence[str]) -> dict[str, Any]:
+        if len(targets) not in (2, 3):
+            raise UserError("--targets for mclip: detail,semantic[,text] (e.g. layers/11-20_mean,image_embeds)")
+        return {**params, **dict(zip(("detail_target", "semantic_target", "text_target"), targets))}
 
     @classmethod
     def group_rois(cls, config: MCLIPConfig) -> dict[str, tuple[str, ...] | None]:

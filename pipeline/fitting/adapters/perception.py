@@ -42,7 +42,7 @@ test-set PixCorr, here on the validation split of the training rows.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,6 +149,12 @@ class Perception(Adapter):
     @classmethod
     def targets_for(cls, config: PerceptionConfig) -> list[str]:
         return [config.target]
+
+    @classmethod
+    def with_targets(cls, params: Mapping[str, Any], targets: Sequence[str]) -> dict[str, Any]:
+        if len(targets) != 1:
+            raise UserError("--targets for perception: one video-cache array (frames or frame_latents)")
+        return {**params, "target": targets[0]}
 
     @classmethod
     def voxel_groups_for(cls, config: PerceptionConfig, voxels: Mapping[str, Any] | None,
