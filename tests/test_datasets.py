@@ -3,7 +3,6 @@ consumers (here evaluate) read its stimuli through the registry instead of NSD's
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +17,7 @@ from pipeline.data.nsd import NSD
 from pipeline.decoding import decode
 from pipeline.errors import UserError
 from pipeline.evaluation.runs import evaluate_run
+from pipeline.fitting.run_folder import RunInfo, write_run_info
 
 IMAGES = np.random.default_rng(0).integers(0, 256, (10, 24, 32, 3), dtype=np.uint8)
 
@@ -50,8 +50,8 @@ def _decoded_run(base: Path, test_ids: np.ndarray, shown: np.ndarray, dataset: s
     run = base / "run"
     preds = zarr.open_group(run / "predictions.zarr", mode="w")
     preds.create_array("test/image_ids", data=test_ids)
-    (run / "run.json").write_text(json.dumps({"method": "ridge", "fmri": str(base / "subj01.zarr"),
-                                              "clip": str(base / "no_clip.zarr")}))
+    write_run_info(run, RunInfo(method="ridge", fmri=str(base / "subj01.zarr"), clip=str(base / "no_clip.zarr"),
+                                targets=["image_embeds"], params={}))
     decode.write_reconstructions(run / "recon", test_ids, IMAGES[shown])
     return run
 
