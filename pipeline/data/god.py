@@ -328,6 +328,8 @@ class GODDataset(DatasetBase):
     def stimulus_ids(self) -> list[str]:
         """Stimulus id of each brick row."""
         with self._brick() as f:
+            if "stimulus_ids" not in f:
+                raise UserError(f"{self.stimuli_path}: no 'stimulus_ids' (not a GOD image brick)")
             return [_text(s) for s in f["stimulus_ids"][()]]
 
     def _brick(self) -> h5py.File:

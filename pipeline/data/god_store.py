@@ -15,14 +15,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from .. import __version__
 from ..errors import UserError
 from ..store import atomic_store
 from .fmri import row_array
-from .god import BRICK, GOD, ROIS, _text, stimulus_order, synset_of
+from .god import BRICK, GOD, ROIS, GODDataset, stimulus_order, synset_of
 
 PRIMARY = ROIS[:7]
 """Non-overlapping ROIs (V1, V2, V3, V4, LOC, FFA, PPA): the labels of ``voxels/god``."""
@@ -55,10 +54,9 @@ def prepare_god(root: Path | str, subject: int, out: Path | str, *, rois: Sequen
     row = {s: i for i, s in enumerate(order)}
     brick = Path(brick) if brick else Path(out).parent / BRICK
     if brick.is_file():
-        with h5py.File(brick, "r") as f:
-            have = [_text(s) for s in f["stimulus_ids"][()]] if "stimulus_ids" in f else None
-        if have != order:
-            raise UserError(f"{brick} holds other GOD stimuli than subject {subject}'s; remove it or give --brick")
+        if GODDataset(brick).stimulus_ids() != order:
+            raise UserError(f"{brick} holds other GOD stimuli than subject {subject}'s; remove it or write the store "
+                            "elsewhere")
     else:
         god.write_image_brick(order, brick)
     data = god.bdata(subject)
