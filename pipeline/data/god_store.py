@@ -6,8 +6,9 @@ Rows: ``train`` = the training perception samples (one row per sample, as the pa
 (sorted training ids, then sorted test ids), the rows of the image brick
 (:data:`pipeline.data.god.BRICK`, written beside the store's folder unless given) and so of the CLIP
 cache extract-clip makes from it. The store's attrs record ``dataset: god``, ``stimulus_ids`` (row ->
-GOD id), the normalisation and the ROIs; ``voxels/god`` labels each voxel with its primary ROI
-(V1..PPA) and ``voxels/xyz`` keeps the release's coordinates.
+GOD id), the normalisation and the ROIs; ``voxels/<ROI>`` (V1 .. VC, 1 = in the ROI; they overlap as
+GOD's do) serve the adapters' ROI options (e.g. mclip ``semantic_rois: [HVC]``) and ``voxels/xyz`` keeps
+the release's coordinates.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ from ..store import atomic_store
 from .fmri import row_array
 from .god import BRICK, GOD, ROIS, GODDataset, stimulus_order, synset_of
 
-PRIMARY = ROIS[:7]
-"""Non-overlapping ROIs (V1, V2, V3, V4, LOC, FFA, PPA): the labels of ``voxels/god``."""
 NORMALIZE_DETAIL = {
     "train": "per voxel, mean and std (ddof=1) of the training samples, applied to every split "
              "(the dataset's own decoders)",
@@ -61,26 +60,24 @@ def prepare_god(root: Path | str, subject: int, out: Path | str, *, rois: Sequen
         god.write_image_brick(order, brick)
     data = god.bdata(subject)
     mask = god.voxels(subject, rois)
-    labels = np.zeros(int(mask.sum()), np.int32)
-    for value, name in reversed(list(enumerate(PRIMARY, 1))):
-        key = f"ROI_{name}"
-        if key in data.keys:
-            labels[data.columns(key)[mask]] = value
+    members = {name: data.columns(f"ROI_{name}")[mask].astype(np.int32) for name in ROIS if f"ROI_{name}" in data.keys}
     counts = np.array([sum(s == t for s in _raw_test(god, subject, rois)) for t in test.stimuli], np.int64)
     with atomic_store(Path(out)) as store:
         for split, part in (("train", train), ("test", test)):
             row_array(store, f"{split}/betas", part.betas.shape, np.float32)[...] = part.betas
             row_array(store, f"{split}/image_ids", (len(part.stimuli),), np.int64)[...] = [row[s] for s in part.stimuli]
         row_array(store, "test/n_repeats", counts.shape, np.int64)[...] = counts
-        arr = row_array(store, "voxels/god", labels.shape, np.int32)
-        arr[...] = labels
-        arr.attrs["labels"] = {str(i): n for i, n in enumerate(PRIMARY, 1)}
-        row_array(store, "voxels/xyz", (len(labels), 3), np.float32)[...] = god.voxel_xyz(subject, rois)
-        row_array(store, "voxels/invalid_sessions", labels.shape, np.int32)[...] = 0
+        n_vox = int(mask.sum())
+        for name, inside in members.items():  # GOD's ROIs overlap (V1 is in LVC and VC): one file each
+            arr = row_array(store, f"voxels/{name}", (n_vox,), np.int32)
+            arr[...] = inside
+            arr.attrs["labels"] = {"1": name}
+        row_array(store, "voxels/xyz", (n_vox, 3), np.float32)[...] = god.voxel_xyz(subject, rois)
+        row_array(store, "voxels/invalid_sessions", (n_vox,), np.int32)[...] = 0
         store.attrs.update({
             "dataset": "god",
             "subject": subject,
-            "rois": ["god"],
+            "rois": list(members),
             "god_rois": list(rois),
             "zscore": normalize,
             "zscore_detail": NORMALIZE_DETAIL[normalize],
