@@ -48,7 +48,7 @@ def test_store_rows_are_the_brick_rows_and_held_out_classes_never_train(god_run)
     group = zarr.open_group(god_run["store"], mode="r")
     ids = list(group.attrs["stimulus_ids"])
     assert group.attrs["dataset"] == "god" and group.attrs["god_rois"] == ["VC"] and group.attrs["zscore"] == "train"
-    assert (group["voxels/VC"][...] == 1).all() and 0 < group["voxels/HVC"][...].sum() < len(group["voxels/VC"])
+    assert (group["voxels/VC"][...] == 1).all() and 0 < group["voxels/HVC"][...].sum() < group["voxels/VC"].shape[0]
     train = {synset_of(ids[i]) for i in group["train/image_ids"][...]}
     test = [ids[i] for i in group["test/image_ids"][...]]
     assert not train & {synset_of(s) for s in test}
