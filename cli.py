@@ -13,6 +13,7 @@ from stages import (
     fetch_nsd,
     fit_adapters,
     make_demo,
+    make_demo_god,
     make_demo_video,
     prepare_fmri,
     preset,
@@ -37,6 +38,7 @@ app.command("make-demo-video")(make_demo_video.command)
 app.command("prepare-video-fmri")(prepare_video_fmri.command)
 app.command("decode-video")(decode_video.command)
 app.command("evaluate-video")(evaluate_video.command)
+app.command("make-demo-god")(make_demo_god.command)
 app.command("compare")(compare.command)
 app.command("fetch-nsd")(fetch_nsd.command)
 app.command("preset")(preset.command)

@@ -24,7 +24,8 @@ def command(
         None, help="Also score the model with these ROIs removed, comma-separated: ROI files (floc-faces), "
         "labels (floc-faces/FFA-1) or floc (every floc-* file) [params: evaluate.drop_rois]."),
 ) -> None:
-    """Score reconstructions with the MindEye2 protocol (metrics without local weights are reported unavailable)."""
+    """Score reconstructions with the MindEye2 protocol (metrics without local weights are reported unavailable);
+    a GOD run with GOD's zero-shot protocol (top-1/top-5 among the held-out classes, fMRI->image retrieval)."""
     from pipeline.evaluation.runs import evaluate_run  # imports torch: only when run
 
     # weights, pool, draws, seed: params.yaml only (resolve reads a key only when it is named)
@@ -36,6 +37,7 @@ def command(
     root = p.pop("nsd_root")
     weights = p.pop("weights", None) or None
     out = evaluate_run(run, root, weights=weights, **p)
-    typer.echo(json.dumps(out["reconstruction"], indent=1))
-    for name, reason in out["unavailable"].items():
+    shown = out.get("reconstruction") or {k: v for k, v in out.items() if isinstance(v, float)}  # GOD: zero-shot
+    typer.echo(json.dumps(shown, indent=1))
+    for name, reason in out.get("unavailable", {}).items():
         typer.echo(f"{name}: unavailable ({reason})")

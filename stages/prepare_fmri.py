@@ -19,7 +19,8 @@ from .settings import require, resolve
 def command(
     subject: int = typer.Option(..., help="NSD subject number (1-based, as in subj01)."),
     source: str = typer.Option("nsd", help="nsd (the raw release) | mindeye2 | mindeye1 | brain-diffuser "
-                               "(the preprocessed releases; see README 'Where your data comes from')."),
+                               "(the preprocessed releases; see README 'Where your data comes from') | god "
+                               "(Generic Object Decoding: Subject{n}.h5 and the image folder)."),
     nsd_root: Optional[Path] = typer.Option(None, "--root", "--nsd-root", help="The source's root folder: the NSD "
                                             "root, MindEye2's folder with wds/, MindEye1's webdataset_avg_split/ or "
                                             "Brain-Diffuser's data/ [params: prepare_fmri.nsd_root, for nsd]."),
@@ -40,6 +41,12 @@ def command(
     sessions: Optional[int] = typer.Option(None, help="Use the first K sessions [default: all present]."),
     train_sessions: Optional[int] = typer.Option(None, help="Training rows from the first K sessions only; test rows from every session used (MindEye2's 1-hour protocol)."),
     beta_format: Optional[str] = typer.Option(None, help="auto (prefer .hdf5), hdf5 or nifti."),
+    rois: Optional[str] = typer.Option(None, help="--source god: ROIs, comma-separated (V1..V4, LOC, FFA, PPA, "
+                                       "LVC, HVC, VC) [default: VC]."),
+    normalize: Optional[str] = typer.Option(None, help="--source god: train (z-score with the training samples' "
+                                            "statistics, the dataset's decoders) | run | none [default: train]."),
+    images: Optional[Path] = typer.Option(None, help="--source god: the folder of <stimulus id>.JPEG images "
+                                          "[default: ROOT/images]."),
     betas_version: Optional[str] = typer.Option(None, help="Beta folder, e.g. betas_fithrf_GLMdenoise_RR."),
 ) -> None:
     """Prepare one subject's fMRI cache: z-scored betas split into train/test, ROI labels per voxel."""
@@ -50,6 +57,12 @@ def command(
         if repeats not in (None, alias):
             raise UserError(f"--repeats {repeats} contradicts --{'' if average_repeats else 'no-'}average-repeats")
         repeats = alias
+    if source == "god":
+        _prepare_god(subject, nsd_root, out, rois=rois, normalize=normalize, images=images,
+                     ignored=(zscore, repeats, sessions, train_sessions, beta_format, betas_version, test_set, rois_from))
+        return
+    if any(v is not None for v in (rois, normalize, images)):
+        raise UserError("--rois, --normalize and --images apply to --source god")
     if source != "nsd":
         _prepare_release(source, subject, nsd_root, out, zscore=zscore, repeats=repeats, sessions=sessions,
                          test_set=test_set, rois_from=rois_from, ignored=(train_sessions, beta_format, betas_version))
@@ -83,4 +96,21 @@ def _prepare_release(source: str, subject: int, root: Optional[Path], out: Optio
     given = {k: v for k, v in options.items() if v is not None}
     target = out or Path(f"cache/fmri/{source}_subj{subject:02d}.zarr")
     prepare_release(source, root, subject, target, **given)
+    typer.echo(f"wrote {target}")
+
+
+def _prepare_god(subject: int, root: Optional[Path], out: Optional[Path], *, rois: Optional[str],
+                 normalize: Optional[str], images: Optional[Path], ignored: tuple) -> None:
+    """``--source god``: the store of :func:`pipeline.data.god_store.prepare_god` and its image brick."""
+    from pipeline.data.god_store import prepare_god
+
+    from .settings import comma_list
+
+    if any(v is not None for v in ignored):
+        raise UserError("--source god takes --root, --subject, --rois, --normalize, --images and --out only")
+    if root is None:
+        raise UserError("--source god needs --root (the folder of Subject{n}.h5)")
+    target = out or Path(f"cache/fmri/god_subj{subject:02d}.zarr")
+    prepare_god(root, subject, target, rois=comma_list(rois) if rois else ("VC",), normalize=normalize or "train",
+                images=images)
     typer.echo(f"wrote {target}")

@@ -31,7 +31,8 @@ data/ImageNetTest_synset.xlsx), so no WordNet download is needed.
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from PIL import Image
 
 from ..errors import UserError
 from ..store import atomic_file
+from .dataset import DatasetBase
 
 ROIS = ("V1", "V2", "V3", "V4", "LOC", "FFA", "PPA", "LVC", "HVC", "VC")
 SPLITS = {"train": 1, "test": 2, "imagery": 3}
@@ -286,9 +288,65 @@ class GOD:
 
     def write_image_brick(self, stimuli: Sequence[str], out: Path, size: int = IMAGE_SIZE) -> Path:
         """An HDF5 file like ``nsd_stimuli.hdf5`` (``imgBrick`` (n, size, size, 3) uint8) plus the
-        ``stimulus_ids`` of its rows, written atomically; extract-clip reads it unchanged."""
+        ``stimulus_ids`` of its rows and their ``captions`` (n, 5): class-name prompts standing in for
+        captions (BrainCLIP's text supervision), written atomically; extract-clip reads it unchanged."""
         images = self.load_images(stimuli, size)
+        names = self.class_names([synset_of(s) for s in stimuli])
         with atomic_file(Path(out)) as tmp, h5py.File(tmp, "w") as f:
             f.create_dataset("imgBrick", data=images, chunks=(1, size, size, 3))
             f.create_dataset("stimulus_ids", data=[s.encode() for s in stimuli])
+            f.create_dataset("captions", data=[[t.format(n).encode() for t in CAPTION_TEMPLATES] for n in names])
         return Path(out)
+
+
+CAPTION_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a photo of the {}.",
+                     "a close-up photo of a {}.")
+"""Five class-name prompts per image, the ``captions`` of the image brick (the cache keeps five per image)."""
+BRICK = "god_stimuli.hdf5"
+"""The image brick's file name: prepare-fmri --source god writes it beside the fMRI store's folder."""
+
+
+def stimulus_order(train: Sequence[str], test: Sequence[str]) -> list[str]:
+    """Row order of the GOD stimulus set (image brick, CLIP cache, store ids): the sorted training
+    image ids, then the sorted test image ids (the same for every subject: all saw the same images)."""
+    return sorted(set(train)) + sorted(set(test))
+
+
+class GODDataset(DatasetBase):
+    """GOD on the :class:`~pipeline.data.dataset.Dataset` protocol: stimuli by row of the image brick
+    (:data:`BRICK` under ``root``, or ``stimuli``), categories = class names of the rows' synsets.
+    Its fMRI stores are written by :func:`pipeline.data.god_store.prepare_god` (samples, not sessions)."""
+
+    name = "god"
+    split_recipe = ("GOD's DataType: training perception (150 categories) = train, test perception (50 other "
+                    "categories, repetitions averaged per image) = test; imagery not used")
+
+    def __init__(self, root: Path | str, stimuli: Path | str | None = None) -> None:
+        self.root = Path(root)
+        self.stimuli_path = Path(stimuli) if stimuli else (self.root if self.root.is_file() else self.root / BRICK)
+
+    def stimulus_ids(self) -> list[str]:
+        """Stimulus id of each brick row."""
+        with self._brick() as f:
+            if "stimulus_ids" not in f:
+                raise UserError(f"{self.stimuli_path}: no 'stimulus_ids' (not a GOD image brick)")
+            return [_text(s) for s in f["stimulus_ids"][()]]
+
+    def _brick(self) -> h5py.File:
+        if not self.stimuli_path.is_file():
+            raise UserError(f"GOD image brick not found: {self.stimuli_path} (prepare-fmri --source god writes it)")
+        return h5py.File(self.stimuli_path, "r")
+
+    @contextmanager
+    def stimuli(self) -> Iterator[h5py.Dataset]:
+        """The brick's ``imgBrick`` (n, H, W, 3) uint8, rows in :func:`stimulus_order`."""
+        with self._brick() as f:
+            yield f["imgBrick"]
+
+    def categories(self, image_ids: Sequence[int]) -> tuple[list[str], np.ndarray]:
+        ids = self.stimulus_ids()
+        of_row = class_names([synset_of(ids[int(i)]) for i in image_ids], load_class_table())
+        names = sorted(set(of_row))
+        labels = np.zeros((len(of_row), len(names)), bool)
+        labels[np.arange(len(of_row)), [names.index(n) for n in of_row]] = True
+        return names, labels

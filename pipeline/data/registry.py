@@ -19,11 +19,13 @@ import zarr
 from ..errors import UserError
 from .cc2017 import CC2017
 from .dataset import Dataset
+from .god import GODDataset
 from .nsd import NSD
 
 DATASETS: dict[str, type] = {
     "nsd": NSD,
     "cc2017": CC2017,
+    "god": GODDataset,
 }
 """Registered datasets: name -> class taking ``(root, **options)``."""
 

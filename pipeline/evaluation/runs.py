@@ -19,7 +19,8 @@ The run (predictions, reconstructions) and the stimuli are required; everything 
 and degrades to ``{"unavailable": reason}``, listed under ``unavailable`` too: a metric's network
 weights, the run's CLIP cache (retrieval, BrainCLIP tasks), the COCO ``instances_*.json`` files or
 the CLIP model's weights (zero-shot categories). ``metrics.json`` also records the decoder the
-reconstructions came from (``decode.json``). Images are read and scored in batches.
+reconstructions came from (``decode.json``). A GOD run (its stores record ``dataset: god``) is scored
+with GOD's zero-shot protocol instead (:mod:`.god_run`). Images are read and scored in batches.
 
 Every metric gets a 95 % bootstrap interval over test images (``ci95``, same key paths; ``bootstrap``
 records draws, unit and seed) and the per-image scores behind it go to ``per_image.npz``, which
@@ -62,9 +63,13 @@ def evaluate_run(
     device = str(resolve_device(device))
     run = Path(run)
     info, groups = open_run(run)
+    data = run_dataset(info.stores().values(), given_root(root, nsd_root), dataset)
+    if data.name == "god":  # zero-shot classification among held-out classes; no reconstructions
+        from .god_run import evaluate_god_run
+
+        return evaluate_god_run(run, info, groups, device)
     if not (run / "recon").is_dir():
         raise UserError(f"{run}: no recon/ folder; run decode first")
-    data = run_dataset(info.stores().values(), given_root(root, nsd_root), dataset)
     dropped = None
     if drop_rois:
         from ..fitting.rerun import dropped_voxels

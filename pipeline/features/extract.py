@@ -104,6 +104,22 @@ def select_images(spec: str, n: int, nsd: NSD | None) -> np.ndarray:
     return ids
 
 
+def brick_captions(path: Path) -> bool:
+    """Whether a stimulus file carries its own ``captions`` (n, 5) strings (GOD's class-name prompts)."""
+    with open_hdf5(path) as f:
+        return "captions" in f
+
+
+def brick_caption_rows(path: Path, rows: np.ndarray) -> np.ndarray:
+    """(len(rows), 5) str captions of a stimulus file that has its own."""
+    with open_hdf5(path) as f:
+        captions = f["captions"]
+        if captions.ndim != 2 or captions.shape[1] != CAPTIONS_PER_IMAGE:
+            raise UserError(f"{path}: 'captions' must be (n, {CAPTIONS_PER_IMAGE}), got {captions.shape}")
+        table = captions[()][rows]
+    return np.vectorize(lambda c: c.decode() if isinstance(c, bytes) else str(c), otypes=[object])(table).astype(str)
+
+
 # ---- reading images -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ImageSource:
@@ -171,14 +187,16 @@ def extract_clip(
     n = source["n_images"]
     wanted = select_images(images, n, nsd)
 
-    has_captions = (
+    own = nsd is None and brick_captions(path)
+    has_captions = own or (
         nsd is not None and nsd.stim_info_path.is_file()
         and nsd.annotations_path("captions", "train2017").parent.is_dir()
     )
     if captions and not has_captions:
         raise UserError(
             f"captions requested but --stimuli {stimuli} is not an NSD root with "
-            "nsddata/experiments/nsd/nsd_stim_info_merged.csv and nsddata_stimuli/stimuli/nsd/annotations/"
+            "nsddata/experiments/nsd/nsd_stim_info_merged.csv and nsddata_stimuli/stimuli/nsd/annotations/ "
+            "nor a stimulus file with its own captions"
         )
     use_captions = has_captions if captions is None else bool(captions)
 
@@ -193,7 +211,8 @@ def extract_clip(
         "settings": settings,
         **model_attrs(st, layout),
         "source": source,
-        "captions": {"per_image": CAPTIONS_PER_IMAGE, "source": "COCO annotations via nsd_stim_info_merged.csv"}
+        "captions": {"per_image": CAPTIONS_PER_IMAGE, "source": f"the 'captions' of {path}" if own
+                     else "COCO annotations via nsd_stim_info_merged.csv"}
         if use_captions else None,
         "N": n,
         "versions": versions(),
@@ -201,7 +220,8 @@ def extract_clip(
 
     def caption_table(todo: dict[int, tuple[int, int]]) -> dict[int, np.ndarray]:
         """Read once here (COCO's json is large), handed to workers shard by shard."""
-        table = nsd.captions(np.concatenate([np.arange(a, b) for a, b in todo.values()]), CAPTIONS_PER_IMAGE)
+        rows = np.concatenate([np.arange(a, b) for a, b in todo.values()])
+        table = brick_caption_rows(path, rows) if own else nsd.captions(rows, CAPTIONS_PER_IMAGE)
         offsets = np.cumsum([0] + [b - a for a, b in todo.values()])
         return {s: table[offsets[k] : offsets[k + 1]] for k, s in enumerate(todo)}
 
