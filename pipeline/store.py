@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import google_crc32c
 import numcodecs.blosc
@@ -140,6 +141,14 @@ def write_text(out: Path, text: str) -> Path:
     with atomic_file(out) as tmp:
         tmp.write_text(text)
     return Path(out)
+
+
+def read_json(path: Path | str) -> Any:
+    """The JSON document at ``path``; a file that is not JSON is a one-line :class:`UserError`."""
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc})") from None
 
 
 @contextmanager

@@ -163,3 +163,17 @@ def test_run_info_round_trips_both_layouts():
     assert RunInfo.from_json(doc) == multi and multi.stores() == {"subj01": Path("a.zarr"), "subj02": Path("b.zarr")}
     with pytest.raises(UserError, match="no 'clip'"):
         RunInfo.from_json({"method": "x"})
+
+
+def test_a_damaged_run_json_or_adapter_spec_is_one_line(tmp_path):
+    """run.json, adapter.json and ridge's config.json go through one reader (pipeline.store.read_json)."""
+    from pipeline.fitting.adapters.ridge import CONFIG, WEIGHTS
+    from pipeline.fitting.models import SPEC_FILE, WEIGHTS_FILE, load_adapter
+
+    (tmp_path / "run.json").write_text("{not json")
+    for name in (SPEC_FILE, WEIGHTS_FILE, CONFIG, WEIGHTS):
+        (tmp_path / name).write_text("{not json")
+    for read in (read_run_info, load_adapter, RidgeAdapter.load):
+        with pytest.raises(UserError, match=r"is not valid JSON") as exc:
+            read(tmp_path)
+        assert "\n" not in str(exc.value)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..errors import UserError
-from ..store import atomic_file
+from ..store import atomic_file, read_json
 from ..device import resolve_device
 from .adapters.base import Adapter, make_config, prediction_shape
 from .adapters.litemind import LiteMind
@@ -203,10 +203,7 @@ def load_adapter(directory: Path | str, device: str = "cpu") -> Adapter | Subjec
     for path in (spec_path, weights_path):
         if not path.is_file():
             raise UserError(f"saved adapter incomplete: {path} not found")
-    try:
-        spec = json.loads(spec_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{spec_path} is not valid JSON ({exc})") from None
+    spec = read_json(spec_path)
     if spec.get("format") != FORMAT:
         raise UserError(
             f"{spec_path}: not a saved adapter of this format (format={spec.get('format')!r}, expected {FORMAT!r})"

@@ -25,7 +25,7 @@ import zarr
 
 from .. import __version__
 from ..errors import UserError
-from ..store import compressor
+from ..store import compressor, read_json
 from . import scores
 from .adapters.subjects import subject_key
 from .pairs import Pairs, true_targets
@@ -91,11 +91,7 @@ def read_run_info(run: Path | str, what: str | None = None) -> RunInfo:
     path = Path(run) / RUN_FILE
     if not path.is_file():
         raise UserError(f"{what or run}: no {RUN_FILE}; is it a run folder written by fit-adapters?")
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc})") from None
-    return RunInfo.from_json(doc, str(path))
+    return RunInfo.from_json(read_json(path), str(path))
 
 
 def target_report(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:

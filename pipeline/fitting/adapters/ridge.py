@@ -75,7 +75,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import UserError
-from ...store import write_text
+from ...store import read_json, write_text
 from ..backend import Backend, get_backend, split_backend
 from .ridge_blocks import RowIndex, TargetLayout, TensorFile, axis1_chunk, block_reader, progress_items, target_layout
 from .ridge_solvers import (
@@ -405,10 +405,7 @@ class RidgeAdapter:
         path = Path(path)
         if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
             raise UserError(f"{path}: not a complete ridge adapter (expected {CONFIG} and {WEIGHTS})")
-        try:
-            config = json.loads((path / CONFIG).read_text())
-        except ValueError as exc:
-            raise UserError(f"{path / CONFIG}: not valid JSON ({exc})") from None
+        config = read_json(path / CONFIG)
         if config.get("method") != "ridge" or config.get("format") != FORMAT:
             raise UserError(f"{path / CONFIG}: not a ridge adapter of format {FORMAT}")
         params = dict(config["params"], **({} if backend is None else {"backend": backend}))
