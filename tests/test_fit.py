@@ -130,7 +130,7 @@ def test_heldout_categories_and_labelled_retrieval_space(stores, demo_root, tmp_
     heldout = out["brainclip"]["zero_shot_heldout"]
     assert heldout["categories"] == held and heldout["n_scored"] == sum(int(i) in shows for i in test_ids)
     assert "BrainCLIP" in heldout["protocol"] and "except the held-out" in out["brainclip"]["zero_shot"]["protocol"]
-    with pytest.raises(UserError, match="no COCO category 'unicorn'"):
+    with pytest.raises(UserError, match="no category 'unicorn'"):
         _fit(stores, tmp_path / "bad", holdout_categories=["unicorn"], nsd_root=demo_root)
 
 
