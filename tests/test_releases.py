@@ -228,7 +228,8 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def test_model_size_release_images_are_only_normalised(releases, demo_root, tiny_model):
     """MindEye2's float16 images at the model's input size skip the transform (no second resize) and
     give the raw stimuli path's features within the resize tolerance."""
-    from pipeline.data.releases.stimuli import input_size, open_stimuli, to_pixels
+    from pipeline.data.releases.stimuli import open_stimuli
+    from pipeline.features.pixels import input_size, to_pixels
     from pipeline.features.clip import preprocess_batch
 
     ids = np.arange(0, 64, 4)
@@ -247,7 +248,8 @@ def test_model_size_release_images_are_only_normalised(releases, demo_root, tiny
 
 
 def test_other_sizes_go_through_the_model_transform(releases, demo_root, tiny_model, tmp_path):
-    from pipeline.data.releases.stimuli import open_stimuli, to_pixels
+    from pipeline.data.releases.stimuli import open_stimuli
+    from pipeline.features.pixels import to_pixels
     from pipeline.features.clip import preprocess_batch
 
     me1 = open_stimuli("mindeye1", releases["mindeye1"], SUBJECT)

@@ -20,9 +20,9 @@ import numpy as np
 from ... import __version__
 from ...errors import UserError
 from ...store import atomic_store
-from ..fmri import REPEATS, SPLIT_RECIPE, ZSCORE_MODES, row_array
+from ..fmri import REPEATS, ZSCORE_MODES, row_array
 from ..dataset import Voxels
-from ..nsd import NSD
+from ..nsd import NSD, SPLIT_RECIPE
 
 ReadRows = Callable[[np.ndarray], np.ndarray]
 """Betas (n, V) float32 of the given row indices of a :class:`Trials` table."""

@@ -4,9 +4,7 @@
 - MindEye1: the 256-px ``jpg`` of each sample of the subject's tars;
 - Brain-Diffuser: ``nsd_{train,test}_stim_subN.npy`` (n, 425, 425, 3), ids from its recipe.
 
-:func:`to_pixels` feeds an image whose size is already the model's input size straight to the
-model's normalisation (open_clip's transform would resize 224 -> 230 -> crop 224, which alone moves
-features past the extraction tolerance); any other size goes through the model's own transform.
+What the CLIP model sees of them is :func:`pipeline.features.pixels.to_pixels`.
 """
 
 from __future__ import annotations
@@ -16,9 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
-from torchvision import transforms
 
 from ...errors import UserError
 from ..nsd import open_hdf5
@@ -102,34 +98,3 @@ def open_stimuli(source: str, path: Path | str, subject: int | None = None) -> R
             raise UserError(f"--source {source}: its images are stored per subject; give --subject")
         return (_mindeye1 if source == "mindeye1" else _brain_diffuser)(path, subject)
     raise UserError(f"--source must be mindeye2, mindeye1 or brain-diffuser, not {source!r}")
-
-
-def _normalize(preprocess) -> transforms.Normalize:
-    steps = getattr(preprocess, "transforms", [])
-    found = [t for t in steps if isinstance(t, transforms.Normalize)]
-    if not found:
-        raise UserError("the model's image transform has no Normalize step")
-    return found[-1]
-
-
-def input_size(loaded) -> int:
-    """The square input size (px) of an open_clip model (``LoadedModel``)."""
-    size = loaded.model.visual.image_size
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
-
-
-def to_pixels(loaded, images: np.ndarray) -> torch.Tensor:
-    """(n, H, W, 3) release images -> (n, 3, S, S) model input.
-
-    Float images in [0, 1] already at the model's input size are only normalised (no resize);
-    everything else is converted to uint8 and goes through the model's transform
-    (:func:`pipeline.features.clip.preprocess_batch`).
-    """
-    from ...features.clip import preprocess_batch
-
-    if images.dtype.kind == "f" and images.shape[1] == images.shape[2] == input_size(loaded):
-        norm = _normalize(loaded.preprocess)
-        return norm(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32)))
-    if images.dtype.kind == "f":
-        images = np.clip(np.rint(images * 255), 0, 255).astype(np.uint8)
-    return preprocess_batch(loaded, images)
