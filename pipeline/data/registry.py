@@ -20,10 +20,14 @@ from ..errors import UserError
 from .cc2017 import CC2017
 from .dataset import Dataset
 from .nsd import NSD
+from .releases.stimuli import BrainDiffuser, MindEye1, MindEye2
 
 DATASETS: dict[str, type] = {
     "nsd": NSD,
     "cc2017": CC2017,
+    "mindeye2": MindEye2,
+    "mindeye1": MindEye1,
+    "brain-diffuser": BrainDiffuser,
 }
 """Registered datasets: name -> class taking ``(root, **options)``."""
 
@@ -45,15 +49,19 @@ def dataset_name(attrs: Mapping[str, Any]) -> str:
 
 def run_dataset(info: Mapping[str, Any], root: Path | str, name: str | None = None) -> Dataset:
     """The dataset of a run (its ``run.json`` as ``info``) over ``root``: ``name`` when given, else
-    the one its fMRI stores record (a store that is gone, or records none, counts as NSD's)."""
+    the one its fMRI stores record (a store that is gone, or records none, counts as NSD's). A
+    dataset whose images are stored per subject is opened on the stores' subjects."""
+    fmri = info.get("fmri") or []
+    paths = [Path(p) for p in ([fmri] if isinstance(fmri, str) else fmri)]
+    stores = [dict(zarr.open_group(p, mode="r").attrs) if p.is_dir() else {} for p in paths]
     if name is None:
-        fmri = info.get("fmri") or []
-        paths = [Path(p) for p in ([fmri] if isinstance(fmri, str) else fmri)]
-        names = sorted({dataset_name(zarr.open_group(p, mode="r").attrs) if p.is_dir() else DEFAULT for p in paths})
+        names = sorted({dataset_name(attrs) for attrs in stores})
         if len(names) > 1:
             raise UserError(f"the run's fMRI stores come from different datasets ({', '.join(names)}); "
                             "name the one whose stimuli to use")
         name = names[0] if names else DEFAULT
+    if name in DATASETS and DATASETS[name].stimuli_per_subject:
+        return open_dataset(name, root, subjects=[int(a["subject"]) for a in stores if "subject" in a])
     return open_dataset(name, root)
 
 
