@@ -13,6 +13,9 @@ subject's trials index the same store):
   an image has fewer), only when captions are used;
 - ``shard_done``     (n_shards,) bool: every array holds the final values of shard s's rows.
 
+A store of a release that holds only some images (MindEye1's and Brain-Diffuser's: each subject's)
+records them in ``attrs["stimulus_ids"]``; the other rows stay 0 and are never filled.
+
 Layers are stored as float16 whatever ``--dtype`` computes in; embeddings as float32. The unit of
 work is the shard (``shard_rows`` consecutive rows; one file per array); the rows of shards not yet
 flagged in ``shard_done`` are 0 and :func:`filled_rows` says which rows are valid. Writing them is
@@ -162,10 +165,15 @@ def clear_shard(root: Path, arrays: dict[str, zarr.Array], s: int) -> None:
 
 # ---- reading a finished store ---------------------------------------------------------------------
 def filled_rows(group: zarr.Group) -> np.ndarray:
-    """(N,) bool: rows whose shard is complete."""
+    """(N,) bool: rows whose shard is complete, and that have an image (``stimulus_ids``: the rows
+    that do, recorded by a store of a release that holds only some of the 73k images)."""
     done = group[DONE]
     n = group["image_embeds"].shape[0]
-    return np.repeat(done[:], done.attrs["shard_rows"])[:n]
+    filled = np.repeat(done[:], done.attrs["shard_rows"])[:n]
+    held = group.attrs.get("stimulus_ids")
+    if held is not None:
+        filled &= np.isin(np.arange(n), held)
+    return filled
 
 
 def _id_ranges(ids: np.ndarray, shard_rows: int, n: int) -> list[tuple[int, int]]:

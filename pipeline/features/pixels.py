@@ -12,7 +12,7 @@ import torch
 from torchvision import transforms
 
 from ..errors import UserError
-from .clip import preprocess_batch
+from .clip import preprocess_images
 
 
 def _normalize(preprocess) -> transforms.Normalize:
@@ -36,9 +36,14 @@ def to_pixels(loaded, images: np.ndarray) -> torch.Tensor:
     everything else is converted to uint8 and goes through the model's transform
     (:func:`pipeline.features.clip.preprocess_batch`).
     """
-    if images.dtype.kind == "f" and images.shape[1] == images.shape[2] == input_size(loaded):
-        norm = _normalize(loaded.preprocess)
+    return transform_pixels(loaded.preprocess, input_size(loaded), images)
+
+
+def transform_pixels(transform, size: int, images: np.ndarray) -> torch.Tensor:
+    """:func:`to_pixels` with the model's transform and input size alone (what a data-loader worker holds)."""
+    if images.dtype.kind == "f" and images.shape[1] == images.shape[2] == size:
+        norm = _normalize(transform)
         return norm(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32)))
     if images.dtype.kind == "f":
         images = np.clip(np.rint(images * 255), 0, 255).astype(np.uint8)
-    return preprocess_batch(loaded, images)
+    return preprocess_images(transform, images)
