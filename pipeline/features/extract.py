@@ -251,20 +251,20 @@ def extract_clip(
     """
     out = Path(out)
     spec, run = with_options((spec, run), options)
-    st = setup(*with_defaults(spec, run, shard_rows=SHARD_ROWS, batch_size=BATCH_SIZE))
     held = None
     if source == "nsd":
         path, nsd = resolve_stimuli(stimuli)
         described = describe_source(path)
         wanted = select_images(images, described["n_images"], nsd)
-        reader: ImageSource = ImageSource(str(path))
-    else:
+    else:  # the release is checked before the model loads
         stim, subject = release_images(source, stimuli, images)
         described, nsd = describe_release(stim, subject), None
         wanted = stim.ids if subject is not None else select_images(images, described["n_images"], None)
         wanted = np.intersect1d(wanted, stim.ids)
         held = stim.ids if len(stim.ids) < described["n_images"] else None
-        reader = ReleaseSource(str(stim.path), source=source, subject=subject, size=input_size(st.loaded))
+    st = setup(*with_defaults(spec, run, shard_rows=SHARD_ROWS, batch_size=BATCH_SIZE))
+    reader = (ImageSource(str(path)) if source == "nsd" else
+              ReleaseSource(str(stim.path), source=source, subject=subject, size=input_size(st.loaded)))
     n = described["n_images"]
 
     has_captions = (
