@@ -387,3 +387,16 @@ def test_release_datasets_are_registered(releases):
     with pytest.raises(UserError, match="stores its images per subject"):
         with open_dataset("mindeye1", releases["mindeye1"]).stimuli():
             pass
+
+
+def test_reading_rows_a_release_has_no_image_for_is_one_line(releases, release_caches):
+    from pipeline.data.releases.stimuli import open_stimuli
+    from pipeline.features.cache import fill_command, open_cache
+
+    path = release_caches["mindeye1"]
+    lacking = int(np.setdiff1d(np.arange(600), open_stimuli("mindeye1", releases["mindeye1"], SUBJECT).ids)[0])
+    with pytest.raises(UserError, match=f"mindeye1 images it was extracted from have no 73k id {lacking}") as err:
+        open_cache(path, rows=[lacking])
+    assert "\n" not in str(err.value)
+    command = fill_command(zarr.open_group(str(path), mode="r"), path, 0, 63)
+    assert "--source mindeye1" in command and f"--images subject:{SUBJECT}" in command

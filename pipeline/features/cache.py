@@ -205,6 +205,11 @@ def fill_command(group: zarr.Group, path: Path | str, first: int, last: int) -> 
         "--dtype": settings["dtype"], "--shard-rows": settings["shard_rows"],
         "--chunk-rows": settings["chunk_rows"], "--images": f"{first}-{last}",
     }
+    release = attrs["source"].get("release")
+    if release is not None:  # extract-clip --source: per-subject releases fill their subject's images
+        args["--source"] = release
+        if attrs["source"].get("subject") is not None:
+            args["--images"] = f"subject:{attrs['source']['subject']}"
     words = ["python", "cli.py", "extract-clip"] + [w for k, v in args.items() for w in (k, shlex.quote(str(v)))]
     return " ".join(words + ["--captions" if settings["captions"] else "--no-captions"])
 
@@ -232,6 +237,10 @@ def require_rows(group: zarr.Group, path: Path | str, rows: Sequence[int] | np.n
     missing = wanted[~filled[wanted]]
     if not len(missing):
         return
+    absent = np.setdiff1d(missing, group.attrs.get("stimulus_ids", missing))
+    if len(absent):
+        raise UserError(f"{path}: the {group.attrs['source'].get('release')} images it was extracted from have no "
+                        f"73k id {int(absent[0])} ({len(absent)} of the {len(wanted)} images this command reads)")
     ranges = _id_ranges(missing, group[DONE].attrs["shard_rows"], len(filled))
     shown = ", ".join(f"{a}-{b}" for a, b in ranges[:4]) + (f" and {len(ranges) - 4} more ranges" if len(ranges) > 4 else "")
     raise UserError(
