@@ -103,9 +103,11 @@ def _extract_images(overwrite: bool, report: Callable[[str], None], **options: A
     require(p, "extract_clip", "stimuli")
     spec = pick(ClipSpec, p)
     target = Path(p.get("out") or default_out(spec.model, spec.pretrained))
-    return extract_clip(p["stimuli"], target, spec, pick(Execution, p), source=p.get("source", "nsd"),
-                        images=p.get("images", "all"),
-                        captions=p.get("captions"), overwrite=overwrite, report=report)
+    source = p.get("source", "nsd")
+    # params.yaml's captions setting is NSD's (COCO annotations); a release takes only the command line's
+    captions = p.get("captions") if source == "nsd" else options.get("captions")
+    return extract_clip(p["stimuli"], target, spec, pick(Execution, p), source=source, images=p.get("images", "all"),
+                        captions=captions, overwrite=overwrite, report=report)
 
 
 def _extract_video(video: Path, overwrite: bool, report: Callable[[str], None], **options: Any) -> Path:

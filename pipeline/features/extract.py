@@ -256,6 +256,8 @@ def extract_clip(
         path, nsd = resolve_stimuli(stimuli)
         described = describe_source(path)
         wanted = select_images(images, described["n_images"], nsd)
+    elif captions:
+        raise UserError(f"--captions: captions come from NSD's COCO annotations; --source {source} writes no text_embeds")
     else:  # the release is checked before the model loads
         stim, subject = release_images(source, stimuli, images)
         described, nsd = describe_release(stim, subject), None
