@@ -31,7 +31,10 @@ def default_out(model: str, pretrained: str) -> Path:
 def command(
     stimuli: Optional[Path] = typer.Option(
         None, help="nsd_stimuli.hdf5, or the NSD root holding it (needed for captions, shared, subject:N) "
-        "(params: extract_clip.stimuli)."),
+        "(params: extract_clip.stimuli); with --source, the release's root or image file."),
+    source: Optional[str] = typer.Option(
+        None, help="nsd | mindeye2 | mindeye1 | brain-diffuser: whose images --stimuli holds; rows stay 0-based "
+        "73k ids; MindEye1 and Brain-Diffuser keep images per subject: --images subject:N (default: nsd)."),
     out: Optional[Path] = typer.Option(None, help="Output store (default: cache/clip/<model>__<pretrained>.zarr)."),
     model: Optional[str] = typer.Option(None, help="open_clip architecture name or a model-config JSON (default: ViT-L-14)."),
     pretrained: Optional[str] = typer.Option(
@@ -79,7 +82,7 @@ def command(
                   loader_workers=loader_workers, workers=workers, scheduler=scheduler)
     report = lambda line: typer.echo(line, err=True)  # noqa: E731
     if video is not None:
-        for name, value in (("stimuli", stimuli), ("images", images), ("captions", captions)):
+        for name, value in (("stimuli", stimuli), ("source", source), ("images", images), ("captions", captions)):
             if value is not None:
                 raise UserError(f"--{name} applies to NSD images, not to --video")
         target = _extract_video(video, overwrite, report, **common, fps=fps, keyframe=keyframe, frame_size=frame_size,
@@ -87,7 +90,8 @@ def command(
     else:
         if any(v is not None for v in (fps, keyframe, frame_size, vae)):
             raise UserError("--fps, --keyframe, --frame-size and --vae apply to --video")
-        target = _extract_images(overwrite, report, **common, stimuli=stimuli, images=images, captions=captions)
+        target = _extract_images(overwrite, report, **common, stimuli=stimuli, source=source, images=images,
+                                  captions=captions)
     typer.echo(f"wrote {target}")
 
 
@@ -99,8 +103,11 @@ def _extract_images(overwrite: bool, report: Callable[[str], None], **options: A
     require(p, "extract_clip", "stimuli")
     spec = pick(ClipSpec, p)
     target = Path(p.get("out") or default_out(spec.model, spec.pretrained))
-    return extract_clip(p["stimuli"], target, spec, pick(Execution, p), images=p.get("images", "all"),
-                        captions=p.get("captions"), overwrite=overwrite, report=report)
+    source = p.get("source", "nsd")
+    # params.yaml's captions setting is NSD's (COCO annotations); a release takes only the command line's
+    captions = p.get("captions") if source == "nsd" else options.get("captions")
+    return extract_clip(p["stimuli"], target, spec, pick(Execution, p), source=source, images=p.get("images", "all"),
+                        captions=captions, overwrite=overwrite, report=report)
 
 
 def _extract_video(video: Path, overwrite: bool, report: Callable[[str], None], **options: Any) -> Path:

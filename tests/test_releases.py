@@ -228,7 +228,8 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def test_model_size_release_images_are_only_normalised(releases, demo_root, tiny_model):
     """MindEye2's float16 images at the model's input size skip the transform (no second resize) and
     give the raw stimuli path's features within the resize tolerance."""
-    from pipeline.data.releases.stimuli import input_size, open_stimuli, to_pixels
+    from pipeline.data.releases.stimuli import open_stimuli
+    from pipeline.features.pixels import input_size, to_pixels
     from pipeline.features.clip import preprocess_batch
 
     ids = np.arange(0, 64, 4)
@@ -247,7 +248,8 @@ def test_model_size_release_images_are_only_normalised(releases, demo_root, tiny
 
 
 def test_other_sizes_go_through_the_model_transform(releases, demo_root, tiny_model, tmp_path):
-    from pipeline.data.releases.stimuli import open_stimuli, to_pixels
+    from pipeline.data.releases.stimuli import open_stimuli
+    from pipeline.features.pixels import to_pixels
     from pipeline.features.clip import preprocess_batch
 
     me1 = open_stimuli("mindeye1", releases["mindeye1"], SUBJECT)
@@ -288,3 +290,113 @@ def test_mindeye1_without_per_repetition_trials_gives_means_only(releases, demo_
     with pytest.raises(UserError, match="no per-trial rows with trial indices"):
         prepare_release("mindeye1", root, SUBJECT, tmp_path / "trials.zarr", repeats="trials")
     assert not (tmp_path / "trials.zarr").exists()
+
+
+# ---- extract-clip, decode and evaluate on a release --------------------------------------------------
+RELEASE_IMAGES = {"mindeye2": "all", "mindeye1": f"subject:{SUBJECT}", "brain-diffuser": f"subject:{SUBJECT}"}
+
+
+@pytest.fixture(scope="module")
+def release_caches(releases, demo_root, tmp_path_factory) -> dict[str, Path]:
+    """extract-clip --source <release> with the settings of ``clip_cache``, once per release."""
+    from pipeline.features.extract import extract_clip
+
+    base = tmp_path_factory.mktemp("release_clip")
+    return {source: extract_clip(releases[source], base / f"{source}.zarr", source=source, images=images,
+                                 model="nsd-tiny-vit", layers="6", progress=False,
+                                 pretrained=str(demo_root / "demo/nsd-tiny-vit.safetensors"))
+            for source, images in RELEASE_IMAGES.items()}
+
+
+@pytest.mark.parametrize("source", list(RELEASE_IMAGES))
+def test_extract_clip_on_release_stimuli_equals_raw(releases, clip_cache, release_caches, tiny_model, source):
+    """Rows are 73k ids; the release's images give the raw stimuli path's features within the resize
+    tolerance: model-size floats exactly their normalised pixels, 256-px jpgs close, native arrays equal."""
+    from pipeline.data.releases.stimuli import open_stimuli
+    from pipeline.features.cache import filled_rows
+    from pipeline.features.pixels import to_pixels
+
+    stim = open_stimuli(source, releases[source], None if source == "mindeye2" else SUBJECT)
+    got = zarr.open_group(str(release_caches[source]), mode="r")
+    raw = zarr.open_group(str(clip_cache), mode="r")
+    filled = np.flatnonzero(filled_rows(got))
+    np.testing.assert_array_equal(filled, stim.ids)  # rows without an image are not counted as extracted
+    assert not got["image_embeds"][...][np.setdiff1d(np.arange(got["image_embeds"].shape[0]), filled)].any()
+    ids = filled
+    ours, theirs = got["image_embeds"][...][ids], raw["image_embeds"][...][ids]
+    cos = _cosine(ours, theirs)
+    if source == "mindeye2":  # no second resize: exactly the normalised release pixels
+        np.testing.assert_allclose(ours, _embeds(tiny_model, to_pixels(tiny_model, stim.read(ids))), atol=1e-5)
+        assert cos.min() > 0.999, cos
+    elif source == "mindeye1":
+        assert cos.min() > 0.99, cos  # 256-px JPEG q95 of the raw image
+    else:  # Brain-Diffuser's arrays hold the native pixels
+        np.testing.assert_allclose(ours, theirs, atol=1e-5)
+        np.testing.assert_allclose(got["layers/6"][ids], raw["layers/6"][ids], atol=2e-3)
+
+
+def test_extract_clip_per_subject_release_needs_a_subject(releases, tmp_path):
+    from pipeline.features.extract import extract_clip
+
+    with pytest.raises(UserError, match="keeps its images per subject: give --images subject:N") as err:
+        extract_clip(releases["mindeye1"], tmp_path / "c.zarr", source="mindeye1", model="nsd-tiny-vit", layers="6")
+    assert "\n" not in str(err.value) and not (tmp_path / "c.zarr").exists()
+
+
+@pytest.mark.parametrize("source", ["mindeye2", "mindeye1"])
+def test_fit_decode_evaluate_on_a_release_store(releases, release_caches, tmp_path, source):
+    """A release store's run decodes and evaluates on the release's own stimuli (native size), and
+    metrics.json says at which size PixCorr/SSIM were computed."""
+    import json
+
+    from _builders import decoded_ridge_run
+    from pipeline.data.registry import run_dataset
+    from pipeline.decoding import decode
+    from pipeline.evaluation.runs import evaluate_run
+
+    store = prepare_release(source, releases[source], SUBJECT, tmp_path / "fmri.zarr")
+    assert zarr.open_group(str(store), mode="r").attrs["dataset"] == source
+    run = decoded_ridge_run(store, release_caches[source], releases[source], tmp_path / "run", ["image_embeds"])
+    info = json.loads((run / "run.json").read_text())
+    data = run_dataset(info, releases[source])
+    test_ids = zarr.open_group(str(store), mode="r")["test/image_ids"][...]
+    recon = decode.read_reconstructions(run / "recon", test_ids)
+    with data.stimuli() as brick:
+        native = brick[test_ids[:1]].shape[1]
+    assert recon.shape[1] == native == (256 if source == "mindeye1" else 32)  # the release's images, not NSD's 64-px
+    out = evaluate_run(run, releases[source])
+    written = json.loads((run / "metrics.json").read_text())
+    assert written["image_metrics_size"]["PixCorr_SSIM_px"] == 425
+    assert written["image_metrics_size"]["ground_truth_px"] == native
+    assert 0 < out["reconstruction"]["SSIM"] <= 1
+    assert "has no category labels" in written["unavailable"]["zero_shot"]
+
+
+def test_release_datasets_are_registered(releases):
+    from pipeline.data.registry import open_dataset
+
+    bd = open_dataset("brain-diffuser", releases["brain-diffuser"], subjects=[SUBJECT])
+    with bd.stimuli() as brick:
+        ids = bd.release_stimuli.ids[:3]
+        assert brick[ids].shape == (3, *brick.shape[1:]) and brick.dtype == np.uint8
+    caps = np.concatenate([np.load(releases["brain-diffuser"] / f"processed_data/subj{SUBJECT:02d}/"
+                                   f"nsd_{s}_cap_sub{SUBJECT}.npy") for s in ("train", "test")])
+    assert set(bd.captions(ids).ravel()) <= set(caps.ravel())
+    with pytest.raises(UserError, match="dataset 'mindeye1' has no captions"):
+        open_dataset("mindeye1", releases["mindeye1"], subjects=[SUBJECT]).captions(ids)
+    with pytest.raises(UserError, match="stores its images per subject"):
+        with open_dataset("mindeye1", releases["mindeye1"]).stimuli():
+            pass
+
+
+def test_reading_rows_a_release_has_no_image_for_is_one_line(releases, release_caches):
+    from pipeline.data.releases.stimuli import open_stimuli
+    from pipeline.features.cache import fill_command, open_cache
+
+    path = release_caches["mindeye1"]
+    lacking = int(np.setdiff1d(np.arange(600), open_stimuli("mindeye1", releases["mindeye1"], SUBJECT).ids)[0])
+    with pytest.raises(UserError, match=f"mindeye1 images it was extracted from have no 73k id {lacking}") as err:
+        open_cache(path, rows=[lacking])
+    assert "\n" not in str(err.value)
+    command = fill_command(zarr.open_group(str(path), mode="r"), path, 0, 63)
+    assert "--source mindeye1" in command and f"--images subject:{SUBJECT}" in command

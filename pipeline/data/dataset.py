@@ -58,6 +58,8 @@ class Dataset(Protocol):
 
     name: ClassVar[str]
     split_recipe: ClassVar[str]
+    image_size: ClassVar[int | None]
+    stimuli_per_subject: ClassVar[bool]
     root: Path
 
     def stimuli(self) -> AbstractContextManager[Any]: ...
@@ -75,6 +77,11 @@ class DatasetBase:
 
     name: ClassVar[str] = "dataset"
     split_recipe: ClassVar[str] = "none: this dataset has no train/test split"
+    image_size: ClassVar[int | None] = None
+    """The size (px) its images are published at, when the dataset fixes one (MindEye2's 224): evaluate
+    then says at which size PixCorr/SSIM were computed. None: not declared (NSD's own, 425 px)."""
+    stimuli_per_subject: ClassVar[bool] = False
+    """True: each subject holds its own images, and the dataset is opened with ``subjects=``."""
     root: Path
 
     def _lacks(self, what: str) -> UserError:

@@ -21,10 +21,14 @@ from .cc2017 import CC2017
 from .dataset import Dataset
 from .god import GODDataset
 from .nsd import NSD
+from .releases.stimuli import BrainDiffuser, MindEye1, MindEye2
 
 DATASETS: dict[str, type] = {
     "nsd": NSD,
     "cc2017": CC2017,
+    "mindeye2": MindEye2,
+    "mindeye1": MindEye1,
+    "brain-diffuser": BrainDiffuser,
     "god": GODDataset,
 }
 """Registered datasets: name -> class taking ``(root, **options)``."""
@@ -47,14 +51,18 @@ def dataset_name(attrs: Mapping[str, Any]) -> str:
 
 def run_dataset(stores: Iterable[Path | str], root: Path | str, name: str | None = None) -> Dataset:
     """The dataset of a run whose fMRI stores are ``stores``, over ``root``: ``name`` when given, else
-    the one its stores record (a store that is gone, or records none, counts as NSD's)."""
+    the one its stores record (a store that is gone, or records none, counts as NSD's). A dataset
+    whose images are stored per subject is opened on the stores' subjects."""
+    paths = [Path(p) for p in stores]
+    stores = [dict(zarr.open_group(p, mode="r").attrs) if p.is_dir() else {} for p in paths]
     if name is None:
-        paths = [Path(p) for p in stores]
-        names = sorted({dataset_name(zarr.open_group(p, mode="r").attrs) if p.is_dir() else DEFAULT for p in paths})
+        names = sorted({dataset_name(attrs) for attrs in stores})
         if len(names) > 1:
             raise UserError(f"the run's fMRI stores come from different datasets ({', '.join(names)}); "
                             "name the one whose stimuli to use")
         name = names[0] if names else DEFAULT
+    if name in DATASETS and DATASETS[name].stimuli_per_subject:
+        return open_dataset(name, root, subjects=[int(a["subject"]) for a in stores if "subject" in a])
     return open_dataset(name, root)
 
 

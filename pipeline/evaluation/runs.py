@@ -90,6 +90,9 @@ def evaluate_run(
                **{k: v for k, v in metrics.mean_report(list(scored.values())).items() if k != "subjects"}}
         out["retrieval"] = {**scored[next(iter(scored))]["retrieval"], **out.get("retrieval", {})}
         out["unavailable"] = scored[next(iter(scored))]["unavailable"]
+    size = image_metrics_size(data)
+    if size is not None:
+        out["image_metrics_size"] = size
     out["decoder"] = (json.loads((run / "decode.json").read_text()) if (run / "decode.json").is_file()
                       else {"unavailable": f"no {run / 'decode.json'}"})
     test_ids = {key: ids for key, (_, ids) in groups.items()}
@@ -105,6 +108,19 @@ def evaluate_run(
         [{"target": t, **{k: v for k, v in r.items() if isinstance(v, float)}} for t, r in out["targets"].items()],
         indent=2))
     return out
+
+
+def image_metrics_size(data: Dataset) -> dict[str, Any] | None:
+    """At which size PixCorr/SSIM were computed, for a dataset whose images are published at another
+    size than NSD's 425 px (MindEye2's 224, MindEye1's 256); None for the others."""
+    if data.image_size in (None, metrics.PIXEL_SIZE):
+        return None
+    with data.stimuli() as brick:
+        native = int(brick.shape[1])
+    return {"PixCorr_SSIM_px": metrics.PIXEL_SIZE, "ground_truth_px": native,
+            "detail": f"the {data.name} ground truth is {native} px, resized to {metrics.EVAL_SIZE} then "
+            f"{metrics.PIXEL_SIZE} px (the protocol's size, defined on NSD's 425-px images): not comparable "
+            "with PixCorr/SSIM published on 425-px ground truth"}
 
 
 def _score_without(run: Path, info: RunInfo, groups, drop: dict) -> dict[str, Any]:

@@ -13,6 +13,9 @@ subject's trials index the same store):
   an image has fewer), only when captions are used;
 - ``shard_done``     (n_shards,) bool: every array holds the final values of shard s's rows.
 
+A store of a release that holds only some images (MindEye1's and Brain-Diffuser's: each subject's)
+records them in ``attrs["stimulus_ids"]``; the other rows stay 0 and are never filled.
+
 Layers are stored as float16 whatever ``--dtype`` computes in; embeddings as float32. The unit of
 work is the shard (``shard_rows`` consecutive rows; one file per array); the rows of shards not yet
 flagged in ``shard_done`` are 0 and :func:`filled_rows` says which rows are valid. Writing them is
@@ -162,10 +165,15 @@ def clear_shard(root: Path, arrays: dict[str, zarr.Array], s: int) -> None:
 
 # ---- reading a finished store ---------------------------------------------------------------------
 def filled_rows(group: zarr.Group) -> np.ndarray:
-    """(N,) bool: rows whose shard is complete."""
+    """(N,) bool: rows whose shard is complete, and that have an image (``stimulus_ids``: the rows
+    that do, recorded by a store of a release that holds only some of the 73k images)."""
     done = group[DONE]
     n = group["image_embeds"].shape[0]
-    return np.repeat(done[:], done.attrs["shard_rows"])[:n]
+    filled = np.repeat(done[:], done.attrs["shard_rows"])[:n]
+    held = group.attrs.get("stimulus_ids")
+    if held is not None:
+        filled &= np.isin(np.arange(n), held)
+    return filled
 
 
 def _id_ranges(ids: np.ndarray, shard_rows: int, n: int) -> list[tuple[int, int]]:
@@ -197,6 +205,11 @@ def fill_command(group: zarr.Group, path: Path | str, first: int, last: int) -> 
         "--dtype": settings["dtype"], "--shard-rows": settings["shard_rows"],
         "--chunk-rows": settings["chunk_rows"], "--images": f"{first}-{last}",
     }
+    release = attrs["source"].get("release")
+    if release is not None:  # extract-clip --source: per-subject releases fill their subject's images
+        args["--source"] = release
+        if attrs["source"].get("subject") is not None:
+            args["--images"] = f"subject:{attrs['source']['subject']}"
     words = ["python", "cli.py", "extract-clip"] + [w for k, v in args.items() for w in (k, shlex.quote(str(v)))]
     return " ".join(words + ["--captions" if settings["captions"] else "--no-captions"])
 
@@ -224,6 +237,10 @@ def require_rows(group: zarr.Group, path: Path | str, rows: Sequence[int] | np.n
     missing = wanted[~filled[wanted]]
     if not len(missing):
         return
+    absent = np.setdiff1d(missing, group.attrs.get("stimulus_ids", missing))
+    if len(absent):
+        raise UserError(f"{path}: the {group.attrs['source'].get('release')} images it was extracted from have no "
+                        f"73k id {int(absent[0])} ({len(absent)} of the {len(wanted)} images this command reads)")
     ranges = _id_ranges(missing, group[DONE].attrs["shard_rows"], len(filled))
     shown = ", ".join(f"{a}-{b}" for a, b in ranges[:4]) + (f" and {len(ranges) - 4} more ranges" if len(ranges) > 4 else "")
     raise UserError(

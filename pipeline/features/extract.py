@@ -1,5 +1,10 @@
 """extract-clip on NSD: per-layer CLIP tokens of every image of ``imgBrick`` -> the features cache (:mod:`.cache`).
 
+``source`` other than ``nsd`` reads a release's images instead (:mod:`pipeline.data.releases.stimuli`):
+rows are still 0-based 73k ids, and 224-px float images reach a 224-px model without a second
+resize (:func:`.pixels.transform_pixels`). Rows a release has no image for stay 0, are never computed,
+and are not counted as filled (``stimulus_ids``, :func:`.cache.filled_rows`).
+
 ``--images`` picks rows and every shard holding one of them is filled whole; shards, resume and
 dask execution are :mod:`.shards`' (the same for the movie clips of :mod:`.video`). Captions
 (``text_embeds``) come from the COCO annotations through ``nsd_stim_info_merged.csv``.
@@ -17,8 +22,10 @@ import numpy as np
 import torch
 
 from ..data.nsd import NSD, NSDLayout, open_hdf5
+from ..data.releases.stimuli import NSD_IMAGES, ReleaseStimuli, open_stimuli
 from ..errors import UserError
 from . import clip
+from .pixels import input_size, transform_pixels
 from .cache import CAPTIONS_PER_IMAGE, SHARD_ROWS, store_layout
 from .shards import fill_store, layer_outputs, model_attrs, model_settings, setup, versions
 from .spec import ClipSpec, Execution, with_defaults, with_options
@@ -155,12 +162,89 @@ class _Batches(torch.utils.data.Dataset):
         return i, clip.preprocess_images(self.transform, self._file["imgBrick"][a:b])
 
 
+@dataclass(frozen=True)
+class ReleaseSource(ImageSource):
+    """A release's images by 73k id (``path``: its root or image file); plain values, opened where read."""
+
+    source: str = "mindeye2"
+    subject: int | None = None
+    size: int = 224  # the model's input size
+
+    def dataset(self, spans: list[tuple[int, int, int]], transform: Callable) -> torch.utils.data.Dataset:
+        return _ReleaseBatches(self, spans, transform)
+
+    def encode(self, loaded: clip.LoadedModel, inputs: tuple[torch.Tensor, torch.Tensor], layers: list[clip.LayerSpec],
+               tokens: clip.TokenMode, device: str) -> dict[str, torch.Tensor]:
+        """Outputs of the rows with an image, 0 for the others (one blank image runs when none has one)."""
+        pixels, held = inputs
+        blank = not bool(held.any())
+        if blank:
+            pixels = torch.zeros((1, 3, self.size, self.size))
+        out = super().encode(loaded, pixels, layers, tokens, device)
+        full = {}
+        for k, v in out.items():
+            full[k] = v.new_zeros((len(held), *v.shape[1:]))
+            if not blank:
+                full[k][held.to(v.device)] = v
+        return full
+
+
+class _ReleaseBatches(torch.utils.data.Dataset):
+    """Item i = (pixels of the rows of batch i that have an image, which rows those are)."""
+
+    def __init__(self, source: ReleaseSource, spans: list[tuple[int, int, int]], transform: Callable) -> None:
+        self.source, self.spans, self.transform = source, spans, transform
+        self._stimuli: ReleaseStimuli | None = None
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def __getitem__(self, i: int) -> tuple[int, tuple[torch.Tensor, torch.Tensor]]:
+        if self._stimuli is None:
+            self._stimuli = open_stimuli(self.source.source, self.source.path, self.source.subject)
+        _, a, b = self.spans[i]
+        rows = np.arange(a, b)
+        held = np.isin(rows, self._stimuli.ids)
+        size = self.source.size
+        pixels = (transform_pixels(self.transform, size, self._stimuli.read(rows[held])) if held.any()
+                  else torch.zeros((0, 3, size, size)))
+        return i, (pixels, torch.from_numpy(held))
+
+
+def describe_release(stim: ReleaseStimuli, subject: int | None, n_samples: int = 64) -> dict:
+    """:func:`describe_source` of a release: its images' shape and a fingerprint (sha256 of its ids and
+    ``n_samples`` evenly spaced images), so a store is resumed from the same images only."""
+    picked = stim.ids[np.unique(np.linspace(0, len(stim.ids) - 1, n_samples).astype(int))]
+    images = stim.read(picked)
+    h = hashlib.sha256(f"{stim.source}:{subject}".encode())
+    h.update(stim.ids.astype(np.int64).tobytes())
+    h.update(np.ascontiguousarray(images).tobytes())
+    return {"path": str(stim.path), "release": stim.source, "subject": subject, "size": None,
+            "n_images": NSD_IMAGES if subject is not None else int(stim.ids.max()) + 1,
+            "n_with_image": int(len(stim.ids)), "image_shape": list(images.shape[1:]),
+            "image_dtype": str(images.dtype), "fingerprint": h.hexdigest()}
+
+
+def release_images(source: str, stimuli: Path | str, images: str) -> tuple[ReleaseStimuli, int | None]:
+    """``--source``'s stimuli at ``--stimuli``; releases that keep images per subject take the
+    subject from ``--images subject:N``."""
+    kind, _, arg = str(images).strip().partition(":")
+    if source in ("mindeye1", "brain-diffuser"):
+        if kind != "subject" or not arg.isdigit():
+            raise UserError(f"--source {source} keeps its images per subject: give --images subject:N")
+        return open_stimuli(source, stimuli, int(arg)), int(arg)
+    if kind == "subject" or images == "shared":
+        raise UserError(f"--images {images} needs NSD's design: with --source {source} use all or A-B")
+    return open_stimuli(source, stimuli), None
+
+
 def extract_clip(
     stimuli: Path | str,
     out: Path | str,
     spec: ClipSpec = ClipSpec(),
     run: Execution = Execution(),
     *,
+    source: str = "nsd",
     images: str = "all",
     captions: bool | None = None,
     overwrite: bool = False,
@@ -178,16 +262,30 @@ def extract_clip(
     ``options``: fields of either by name, e.g. ``layers="6", device="cpu"``, over ``spec`` and ``run``.
     ``captions``: None = write ``text_embeds`` when the NSD root has the stim-info table and COCO
     annotations, True = require them, False = skip. ``report`` receives the size projection line.
+    ``source``: ``nsd`` (``stimuli`` = ``nsd_stimuli.hdf5`` or the NSD root) or a release
+    (``mindeye2``/``mindeye1``/``brain-diffuser``: its root or image file; no captions).
     """
     out = Path(out)
     spec, run = with_options((spec, run), options)
+    held = None
+    if source == "nsd":
+        path, nsd = resolve_stimuli(stimuli)
+        described = describe_source(path)
+        wanted = select_images(images, described["n_images"], nsd)
+    elif captions:
+        raise UserError(f"--captions: captions come from NSD's COCO annotations; --source {source} writes no text_embeds")
+    else:  # the release is checked before the model loads
+        stim, subject = release_images(source, stimuli, images)
+        described, nsd = describe_release(stim, subject), None
+        wanted = stim.ids if subject is not None else select_images(images, described["n_images"], None)
+        wanted = np.intersect1d(wanted, stim.ids)
+        held = stim.ids if len(stim.ids) < described["n_images"] else None
     st = setup(*with_defaults(spec, run, shard_rows=SHARD_ROWS, batch_size=BATCH_SIZE))
-    path, nsd = resolve_stimuli(stimuli)
-    source = describe_source(path)
-    n = source["n_images"]
-    wanted = select_images(images, n, nsd)
+    reader = (ImageSource(str(path)) if source == "nsd" else
+              ReleaseSource(str(stim.path), source=source, subject=subject, size=input_size(st.loaded)))
+    n = described["n_images"]
 
-    own = nsd is None and brick_captions(path)
+    own = source == "nsd" and nsd is None and brick_captions(path)  # a stimulus file with its own captions (GOD)
     has_captions = own or (
         nsd is not None and nsd.stim_info_path.is_file()
         and nsd.annotations_path("captions", "train2017").parent.is_dir()
@@ -205,12 +303,13 @@ def extract_clip(
     settings = {
         **model_settings(st, layout),
         "captions": use_captions,
-        "source": {k: source[k] for k in ("size", "n_images", "image_shape", "fingerprint")},
+        "source": {k: described[k] for k in ("size", "n_images", "image_shape", "fingerprint")},
     }
     attrs = {
         "settings": settings,
         **model_attrs(st, layout),
-        "source": source,
+        "source": described,
+        **({"stimulus_ids": held.tolist()} if held is not None else {}),
         "captions": {"per_image": CAPTIONS_PER_IMAGE, "source": f"the 'captions' of {path}" if own
                      else "COCO annotations via nsd_stim_info_merged.csv"}
         if use_captions else None,
@@ -226,5 +325,5 @@ def extract_clip(
         return {s: table[offsets[k] : offsets[k + 1]] for k, s in enumerate(todo)}
 
     requested = np.unique(wanted // shard_rows).tolist()
-    return fill_store(out, st, ImageSource(str(path)), layout, settings, attrs, requested, overwrite=overwrite,
+    return fill_store(out, st, reader, layout, settings, attrs, requested, overwrite=overwrite,
                       captions=caption_table if use_captions else None, report=report)

@@ -20,7 +20,6 @@ import numpy as np
 from ... import __version__
 from ...errors import UserError
 from ...store import atomic_store
-from ..fmri import REPEATS, ZSCORE_MODES, row_array
 from ..dataset import Voxels
 from ..nsd import NSD, SPLIT_RECIPE
 
@@ -141,7 +140,10 @@ def write_store(
     Everything is checked before the store is opened, which is written atomically: a failure leaves
     no store behind. Without ``rois_from`` the store has no ``voxels/`` labels or ``ijk`` (the release
     has none); ``voxels/invalid_sessions`` is never written (the releases do not reveal it).
+    ``attrs["source"]`` names the release, recorded as the store's ``dataset`` too.
     """
+    from ..fmri import REPEATS, ZSCORE_MODES, row_array  # here: fmri imports the registry, which imports the releases
+
     if zscore not in ZSCORE_MODES:
         raise UserError(f"--zscore must be one of {ZSCORE_MODES}, not {zscore!r}")
     if repeats not in REPEATS:
@@ -201,6 +203,7 @@ def write_store(
                 "split": SPLIT_RECIPE,
                 "voxel_order": "C order over the (X, Y, Z) volume where nsdgeneral == 1",
                 **roi_attrs,
+                "dataset": attrs["source"],
                 **attrs,
                 "package_version": __version__,
             }

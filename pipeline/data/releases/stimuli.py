@@ -4,28 +4,33 @@
 - MindEye1: the 256-px ``jpg`` of each sample of the subject's tars;
 - Brain-Diffuser: ``nsd_{train,test}_stim_subN.npy`` (n, 425, 425, 3), ids from its recipe.
 
-:func:`to_pixels` feeds an image whose size is already the model's input size straight to the
-model's normalisation (open_clip's transform would resize 224 -> 230 -> crop 224, which alone moves
-features past the extraction tolerance); any other size goes through the model's own transform.
+What the CLIP model sees of them is :func:`pipeline.features.pixels.to_pixels`. Each release is
+also a registered :class:`~pipeline.data.dataset.Dataset` (:class:`MindEye2`, :class:`MindEye1`,
+:class:`BrainDiffuser`): its stimuli by 73k id for decode and evaluate, and Brain-Diffuser's captions.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
-import torch
 from PIL import Image
-from torchvision import transforms
 
 from ...errors import UserError
-from ..nsd import open_hdf5
+from ..dataset import DatasetBase
+from ..nsd import SPLIT_RECIPE, open_hdf5
 from . import brain_diffuser, mindeye1
 from .common import require, tar_samples
 
 MINDEYE2_IMAGES = "coco_images_224_float16.hdf5"
+NSD_IMAGES = 73_000
+"""NSD's stimulus set, of which MindEye1's and Brain-Diffuser's files hold each subject's share."""
 
 
 @dataclass
@@ -78,11 +83,16 @@ def _mindeye1(root: Path, subject: int) -> ReleaseStimuli:
     return ReleaseStimuli("mindeye1", root, np.array(sorted(jpgs)), read)
 
 
-def _brain_diffuser(root: Path, subject: int) -> ReleaseStimuli:
+def _brain_diffuser_rows(root: Path, subject: int) -> tuple[dict[str, np.ndarray], dict[int, tuple[str, int]]]:
+    """The subject's stimulus arrays by split and where each 73k id is in them (its recipe)."""
     stims = {s: np.load(require(brain_diffuser.array_path(root, subject, s, "stim"), f"Brain-Diffuser {s} stimuli"),
                         mmap_mode="r") for s in ("train", "test")}
     _, found = brain_diffuser.recipe(root, subject, len(stims["train"]), len(stims["test"]))
-    where = {int(i): (s, k) for s in ("train", "test") for k, i in enumerate(found[s][0])}
+    return stims, {int(i): (s, k) for s in ("train", "test") for k, i in enumerate(found[s][0])}
+
+
+def _brain_diffuser(root: Path, subject: int) -> ReleaseStimuli:
+    stims, where = _brain_diffuser_rows(root, subject)
 
     def read(ids: np.ndarray) -> np.ndarray:
         return np.stack([np.clip(np.rint(stims[where[int(i)][0]][where[int(i)][1]]), 0, 255).astype(np.uint8)
@@ -104,32 +114,110 @@ def open_stimuli(source: str, path: Path | str, subject: int | None = None) -> R
     raise UserError(f"--source must be mindeye2, mindeye1 or brain-diffuser, not {source!r}")
 
 
-def _normalize(preprocess) -> transforms.Normalize:
-    steps = getattr(preprocess, "transforms", [])
-    found = [t for t in steps if isinstance(t, transforms.Normalize)]
-    if not found:
-        raise UserError("the model's image transform has no Normalize step")
-    return found[-1]
+def _union(parts: list[ReleaseStimuli]) -> ReleaseStimuli:
+    """One stimulus set over several subjects' (an id several hold reads from the first)."""
+    if len(parts) == 1:
+        return parts[0]
+    owner = {int(i): k for k in reversed(range(len(parts))) for i in parts[k].ids}
+
+    def read(ids: np.ndarray) -> np.ndarray:
+        out = [None] * len(ids)
+        for k, part in enumerate(parts):
+            mine = [j for j, i in enumerate(ids) if owner[int(i)] == k]
+            if mine:
+                for j, image in zip(mine, part.read(ids[mine])):
+                    out[j] = image
+        return np.stack(out)
+
+    return ReleaseStimuli(parts[0].source, parts[0].path, np.array(sorted(owner)), read)
 
 
-def input_size(loaded) -> int:
-    """The square input size (px) of an open_clip model (``LoadedModel``)."""
-    size = loaded.model.visual.image_size
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
+class ReleaseImages:
+    """A release's stimuli as :meth:`Dataset.stimuli` gives them: indexable by 73k id, (n, H, W, 3)
+    uint8 at the release's native size (floats in [0, 1] rounded to uint8); ids it lacks are a
+    one-line error."""
+
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, stimuli: ReleaseStimuli) -> None:
+        self.release = stimuli
+        first = stimuli.read(stimuli.ids[:1])
+        self.shape = (int(stimuli.ids.max()) + 1, *first.shape[1:])
+
+    def __getitem__(self, ids) -> np.ndarray:
+        ids = np.arange(self.shape[0])[ids] if isinstance(ids, slice) else np.atleast_1d(np.asarray(ids, np.int64))
+        if not ids.size:
+            return np.zeros((0, *self.shape[1:]), np.uint8)
+        images = self.release.read(ids)
+        if images.dtype.kind == "f":
+            images = np.clip(np.rint(images * 255), 0, 255).astype(np.uint8)
+        return images
 
 
-def to_pixels(loaded, images: np.ndarray) -> torch.Tensor:
-    """(n, H, W, 3) release images -> (n, 3, S, S) model input.
+class ReleaseDataset(DatasetBase):
+    """A release as a dataset over its root: stimuli by 73k id (per subject for releases that store
+    them per subject: the ``subjects`` given, those of the run's fMRI stores)."""
 
-    Float images in [0, 1] already at the model's input size are only normalised (no resize);
-    everything else is converted to uint8 and goes through the model's transform
-    (:func:`pipeline.features.clip.preprocess_batch`).
-    """
-    from ...features.clip import preprocess_batch
+    split_recipe = SPLIT_RECIPE
+    stimuli_per_subject: ClassVar[bool] = True
 
-    if images.dtype.kind == "f" and images.shape[1] == images.shape[2] == input_size(loaded):
-        norm = _normalize(loaded.preprocess)
-        return norm(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32)))
-    if images.dtype.kind == "f":
-        images = np.clip(np.rint(images * 255), 0, 255).astype(np.uint8)
-    return preprocess_batch(loaded, images)
+    def __init__(self, root: Path | str, subjects: Sequence[int] | None = None) -> None:
+        self.root = Path(root)
+        self.subjects = sorted(set(subjects or ()))
+        if not self.root.exists():
+            raise UserError(f"{self.name} release root not found: {self.root}")
+
+    @cached_property
+    def release_stimuli(self) -> ReleaseStimuli:
+        """The release's images, opened once per dataset object (MindEye1's tars are read whole)."""
+        if not self.stimuli_per_subject:
+            return open_stimuli(self.name, self.root)
+        if not self.subjects:
+            raise UserError(f"dataset {self.name!r} stores its images per subject: name the subjects")
+        return _union([open_stimuli(self.name, self.root, s) for s in self.subjects])
+
+    @contextmanager
+    def stimuli(self) -> Iterator[ReleaseImages]:
+        yield ReleaseImages(self.release_stimuli)
+
+
+class MindEye2(ReleaseDataset):
+    """MindEye2's release: every 73k image, 224 px float16 (``coco_images_224_float16.hdf5``)."""
+
+    name = "mindeye2"
+    image_size = 224
+    stimuli_per_subject = False
+
+
+class MindEye1(ReleaseDataset):
+    """MindEye1's ``webdataset_avg_split``: each subject's images as 256-px jpgs in its tars."""
+
+    name = "mindeye1"
+    image_size = 256
+
+
+class BrainDiffuser(ReleaseDataset):
+    """Brain-Diffuser's arrays: each subject's images at 425 px, and their captions."""
+
+    name = "brain-diffuser"
+    image_size = 425
+
+    def captions(self, image_ids: Sequence[int], per_image: int = 5) -> np.ndarray:
+        """(n, per_image) str captions from ``nsd_{train,test}_cap_subN.npy``, '' where fewer."""
+        ids = np.asarray(image_ids, np.int64)
+        out = np.full((len(ids), per_image), "", dtype=object)
+        found = np.zeros(len(ids), bool)
+        for subject in self.subjects:
+            _, where = _brain_diffuser_rows(self.root, subject)
+            caps = {s: np.load(require(brain_diffuser.array_path(self.root, subject, s, "cap"),
+                                       f"Brain-Diffuser {s} captions"), allow_pickle=False) for s in ("train", "test")}
+            for j, i in enumerate(ids):
+                if not found[j] and int(i) in where:
+                    split, k = where[int(i)]
+                    row = [str(c).strip() for c in np.atleast_1d(caps[split][k]) if str(c).strip()][:per_image]
+                    out[j, : len(row)] = row
+                    found[j] = True
+        if not found.all():
+            raise UserError(f"{self.root}: no Brain-Diffuser captions for 73k id {int(ids[~found][0])} "
+                            f"(subjects {self.subjects})")
+        return out.astype(str)
