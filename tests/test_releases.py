@@ -357,8 +357,7 @@ def test_fit_decode_evaluate_on_a_release_store(releases, release_caches, tmp_pa
     store = prepare_release(source, releases[source], SUBJECT, tmp_path / "fmri.zarr")
     assert zarr.open_group(str(store), mode="r").attrs["dataset"] == source
     run = decoded_ridge_run(store, release_caches[source], releases[source], tmp_path / "run", ["image_embeds"])
-    info = json.loads((run / "run.json").read_text())
-    data = run_dataset(info, releases[source])
+    data = run_dataset([store], releases[source])
     test_ids = zarr.open_group(str(store), mode="r")["test/image_ids"][...]
     recon = decode.read_reconstructions(run / "recon", test_ids)
     with data.stimuli() as brick:
