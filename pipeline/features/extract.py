@@ -23,10 +23,11 @@ import torch
 
 from ..data.nsd import NSD, NSDLayout, open_hdf5
 from ..data.releases.stimuli import NSD_IMAGES, ReleaseStimuli, open_stimuli
+from ..device import resolve_device
 from ..errors import UserError
 from . import clip
-from .pixels import input_size, transform_pixels
 from .cache import CAPTIONS_PER_IMAGE, SHARD_ROWS, store_layout
+from .pixels import input_size, transform_pixels
 from .shards import fill_store, layer_outputs, model_attrs, model_settings, setup, versions
 from .spec import ClipSpec, Execution, with_defaults, with_options
 
@@ -267,6 +268,8 @@ def extract_clip(
     """
     out = Path(out)
     spec, run = with_options((spec, run), options)
+    if not run.distributed:
+        resolve_device(run.device)  # a device this machine lacks fails before any input is read
     held = None
     if source == "nsd":
         path, nsd = resolve_stimuli(stimuli)
