@@ -34,7 +34,6 @@ def command(
     p = resolve("decode", nsd_root=nsd_root, method=method, target=target, include_test=include_test,
                 samples=samples, unclip_model=unclip_model, detail_target=detail_target, strength=strength,
                 steps=steps, guidance=guidance, noise_level=noise_level, seed=seed, device=device)
-    p.pop("runs", None)
     require(p, "decode", "nsd_root")
     root = p.pop("nsd_root")
     typer.echo(f"wrote {decode_run(run, root, **p)}")

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ..data.god import load_class_table, synset_of
+from ..data.god import load_class_table
 from ..decoding import decode
 from ..errors import UserError
 from ..features.cache import load_cache_model, open_cache

@@ -67,6 +67,9 @@ def evaluate_run(
     if data.name == "god":  # zero-shot classification among held-out classes; no reconstructions
         from .god_run import evaluate_god_run
 
+        if drop_rois:
+            raise UserError("--drop-rois: a GOD run is scored by zero-shot classification, which has no ROI variant")
+
         return evaluate_god_run(run, info, groups, device)
     if not (run / "recon").is_dir():
         raise UserError(f"{run}: no recon/ folder; run decode first")

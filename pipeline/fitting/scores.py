@@ -77,7 +77,7 @@ def two_way_identification(gt_feats: np.ndarray, rec_feats: np.ndarray) -> float
 def two_way_failures(gt_feats: np.ndarray, rec_feats: np.ndarray) -> np.ndarray:
     """(n, n) bool: ``fail[i, j]`` = distractor GT i does not correlate less with rec j than GT j
     does (ties and NaN fail); diagonal False. The per-image form of :func:`two_way_identification`
-    that :mod:`.bootstrap` resamples."""
+    that :mod:`pipeline.evaluation.bootstrap` resamples."""
     g, r = feature_rows(gt_feats, "gt_feats"), feature_rows(rec_feats, "rec_feats")
     check_feats(g, r, min_n=2)
     corr = cross_correlation(g, r)  # corr[i, j] = r(GT_i, rec_j); NaN for constant rows
@@ -159,7 +159,7 @@ def retrieval_top1(
 def retrieval_failures(brain: np.ndarray, image: np.ndarray) -> Retrieval:
     """(n, n) bool failure matrices of both retrieval directions over the whole test set:
     ``fail[i, j]`` = candidate i scores at least as high as item j's own match (diagonal False);
-    :mod:`.bootstrap` turns them into per-image expected top-1 accuracies for any pool size."""
+    :mod:`pipeline.evaluation.bootstrap` turns them into per-image expected top-1 accuracies for any pool size."""
     b = _unit_rows(feature_rows(brain, "brain", np.float64))
     i = _unit_rows(feature_rows(image, "image", np.float64))
     sim = i @ b.T  # rows = images, columns = brain
