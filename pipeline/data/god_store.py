@@ -13,6 +13,7 @@ the release's coordinates.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,7 +62,8 @@ def prepare_god(root: Path | str, subject: int, out: Path | str, *, rois: Sequen
     data = god.bdata(subject)
     mask = god.voxels(subject, rois)
     members = {name: data.columns(f"ROI_{name}")[mask].astype(np.int32) for name in ROIS if f"ROI_{name}" in data.keys}
-    counts = np.array([sum(s == t for s in _raw_test(god, subject, rois)) for t in test.stimuli], np.int64)
+    shown = Counter(_raw_test(god, subject, rois))  # one pass: samples per test image, before averaging
+    counts = np.array([shown[t] for t in test.stimuli], np.int64)
     with atomic_store(Path(out)) as store:
         for split, part in (("train", train), ("test", test)):
             row_array(store, f"{split}/betas", part.betas.shape, np.float32)[...] = part.betas
