@@ -404,3 +404,22 @@ def test_reading_rows_a_release_has_no_image_for_is_one_line(releases, release_c
     assert "\n" not in str(err.value)
     command = fill_command(zarr.open_group(str(path), mode="r"), path, 0, 63)
     assert "--source mindeye1" in command and f"--images subject:{SUBJECT}" in command
+
+
+def test_a_224_px_release_image_is_only_normalised_by_a_real_architecture():
+    """ViT-B-32's own open_clip transform (224 px, OpenAI mean/std): a 224-px float image (MindEye2's
+    release) is normalised with those statistics and never resized; a 256-px one goes through the
+    transform's resize + crop."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    from pipeline.features import clip
+    from pipeline.features.pixels import input_size, to_pixels
+
+    loaded = clip.load_model("ViT-B-32", "none")
+    assert input_size(loaded) == 224
+    images = np.random.default_rng(0).random((2, 224, 224, 3), dtype=np.float32)
+    expected = (images.transpose(0, 3, 1, 2) - np.reshape(OPENAI_DATASET_MEAN, (1, 3, 1, 1))) / np.reshape(
+        OPENAI_DATASET_STD, (1, 3, 1, 1))
+    np.testing.assert_allclose(to_pixels(loaded, images).numpy(), expected, atol=1e-5)
+    larger = np.random.default_rng(1).integers(0, 256, (2, 256, 256, 3), dtype=np.uint8)
+    assert tuple(to_pixels(loaded, larger).shape) == (2, 3, 224, 224)
